@@ -1,0 +1,3 @@
+from raftlb.cli import main
+
+raise SystemExit(main())

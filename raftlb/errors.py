@@ -1,0 +1,126 @@
+"""The exception tree.
+
+RaftLBError
+├── ConfigError            a config file that cannot be used; names the YAML path (exit code 2)
+└── ProxyError             an answer the proxy itself produces; knows its HTTP status and stable code
+    ├── NoLeader           503 no_leader: no live leader within the hold timeout (with Retry-After)
+    ├── HoldQueueFull      503 hold_queue_full: the hold budget (count or bytes) is exhausted
+    ├── OutcomeUnknown     502 outcome_unknown: a non-idempotent write died after it was sent
+    ├── UpstreamFailed     502 upstream_failed: the node failed before anything was written to it, no re-send left
+    ├── UpstreamTimeout    504 upstream_timeout: the node did not answer within the response timeout
+    ├── IndexNotReached    504 index_not_reached: no node reached the requested index in time
+    ├── BadRequest         400 bad_request: malformed or smuggling-prone HTTP
+    ├── RequestTimeout     408 request_timeout: headers or body not received in time
+    ├── PayloadTooLarge    413 payload_too_large
+    ├── HeadersTooLarge    431 headers_too_large
+    └── Overloaded         503 overloaded: connection limit reached
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class RaftLBError(Exception):
+    """Base of every error raftlb raises on purpose."""
+
+
+class ConfigError(RaftLBError):
+    """A configuration that cannot be used. `path` is the YAML path, e.g. `clusters[0].nodes[2].url`."""
+
+    def __init__(self, path: str, message: str, line: int | None = None, file: str | None = None) -> None:
+        self.path = path
+        self.message = message
+        self.line = line
+        self.file = file
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ""
+        if self.file:
+            where = self.file + (f":{self.line}" if self.line else "") + ": "
+        elif self.line:
+            where = f"line {self.line}: "
+        return f"{where}{self.path}: {self.message}" if self.path else f"{where}{self.message}"
+
+
+class ProxyError(RaftLBError):
+    """An error answered to the client as a JSON body with a stable `error` code."""
+
+    status = 500
+    code = "internal_error"
+    retry_after: int | None = None
+
+    def __init__(self, detail: str = "", **extra: object) -> None:
+        self.detail = detail
+        self.extra = extra
+        super().__init__(detail or self.code)
+
+    def body(self) -> bytes:
+        doc: dict[str, object] = {"error": self.code}
+        if self.detail:
+            doc["detail"] = self.detail
+        doc.update(self.extra)
+        return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+
+
+class NoLeader(ProxyError):
+    status = 503
+    code = "no_leader"
+
+    def __init__(self, detail: str = "", retry_after: int = 1, **extra: object) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after = retry_after
+
+
+class HoldQueueFull(NoLeader):
+    code = "hold_queue_full"
+
+
+class OutcomeUnknown(ProxyError):
+    status = 502
+    code = "outcome_unknown"
+
+
+class UpstreamFailed(ProxyError):
+    status = 502
+    code = "upstream_failed"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class IndexNotReached(ProxyError):
+    status = 504
+    code = "index_not_reached"
+
+
+class BadRequest(ProxyError):
+    status = 400
+    code = "bad_request"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    code = "request_timeout"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    code = "payload_too_large"
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+    code = "headers_too_large"
+
+
+class Overloaded(ProxyError):
+    status = 503
+    code = "overloaded"
+
+    def __init__(self, detail: str = "", retry_after: int = 1, **extra: object) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after = retry_after
