@@ -1,0 +1,381 @@
+"""The leader table: which node leads right now, fenced by Raft term.
+
+Pure state: no I/O and no clock of its own (callers pass monotonic `now`). Subscriptions are its only
+writers; the data path asks `leader(now)` on every write, so that answer is cached and recomputed only when
+the state changes or when a live node's liveness deadline passes. `now` must never go backwards.
+
+Decisions taken beyond the rules in DESIGN.md, on purpose:
+
+- Two live nodes claiming leader at the same term cannot both be right (Raft elects at most one leader per
+  term, so one is lying or broken): no leader, writes are held rather than sent to a guess. Only live
+  claims count, so the hold ends when a liar goes silent or down, or when a higher term is announced.
+- Hints are taken from every live non-leader node at the current term (learners too: they receive the
+  leader's appends like followers). If live hints name more than one node, none is used.
+- A hint naming a deposed node is ignored even if that node was re-elected: the hold lasts only until the
+  node announces the new term, which it does at once on a term change.
+- A 421 carries the answering node's own term; a term above the table's raises the table's term exactly
+  as an announcement would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from types import MappingProxyType
+
+ROLES = ("leader", "follower", "candidate", "learner")
+
+
+def _non_negative_int(doc: dict[str, object], name: str, required: bool = False) -> int | None:
+    if name not in doc and required:
+        raise ValueError(f"{name}: is required")
+    value = doc.get(name)
+    if value is None and not required:
+        return None
+    # bool is an int subclass: JSON `true` must not pass for 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: must be a non-negative integer")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """One raft-announce/1 event (or one /raft/status answer) from one node."""
+
+    node: str
+    term: int
+    role: str  # one of ROLES
+    leader: str | None = None  # the node's view of the leader id
+    commit_index: int | None = None
+    applied_index: int | None = None
+    has_quorum: bool | None = None  # the leader's own view; None when not reported
+    seq: int | None = None
+    ts_ms: int | None = None
+
+    @classmethod
+    def from_json(cls, doc: object) -> Announcement:
+        """Validate a decoded JSON object strictly; ValueError names the first bad field.
+
+        Unknown keys (e.g. `sig`, which the subscription checks) are ignored; an empty `leader` means none.
+        """
+        if not isinstance(doc, dict):
+            raise ValueError("announcement: must be a JSON object")
+        node = doc.get("node")
+        if not isinstance(node, str) or not node:
+            raise ValueError("node: must be a non-empty string")
+        term = _non_negative_int(doc, "term", required=True)
+        assert term is not None  # required=True never returns None
+        role = doc.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise ValueError(f"role: must be one of {', '.join(ROLES)}")
+        leader = doc.get("leader")
+        if leader is not None and not isinstance(leader, str):
+            raise ValueError("leader: must be a string or null")
+        has_quorum = doc.get("has_quorum")
+        if has_quorum is not None and not isinstance(has_quorum, bool):
+            raise ValueError("has_quorum: must be a boolean or null")
+        return cls(
+            node=node,
+            term=term,
+            role=role,
+            leader=leader or None,
+            commit_index=_non_negative_int(doc, "commit_index"),
+            applied_index=_non_negative_int(doc, "applied_index"),
+            has_quorum=has_quorum,
+            seq=_non_negative_int(doc, "seq"),
+            ts_ms=_non_negative_int(doc, "ts_ms"),
+        )
+
+    def to_json(self) -> dict[str, object]:
+        """The wire form, omitting fields that are None (the inverse of `from_json`)."""
+        doc = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v for k, v in doc.items() if v is not None}
+
+
+@dataclass(slots=True)
+class NodeView:
+    """What the table knows of one node. Only LeaderTable writes it; the proxy and admin read it."""
+
+    id: str
+    term: int = 0  # the node's own last known term
+    role: str | None = None  # None until heard
+    leader_hint: str | None = None  # the node's view of the leader at `term`
+    commit_index: int | None = None
+    applied_index: int | None = None
+    has_quorum: bool | None = None
+    seq: int | None = None
+    last_heard: float | None = None  # monotonic time of the last announcement
+    down: bool = False  # the subscription says unreachable/silent; cleared by the next announcement
+
+    def is_live(self, now: float, liveness_timeout: float) -> bool:
+        """Heard within the liveness timeout and not reported down."""
+        return not self.down and self.last_heard is not None and now <= self.last_heard + liveness_timeout
+
+    def spoke_at(self, term: int) -> bool:
+        """This node's own word at `term` is known, so it governs over anyone's hint about it."""
+        return self.term == term and self.role is not None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderChange:
+    """The write target changed (or kept its id across a term). Terms are the table's before/after."""
+
+    old_leader: str | None
+    new_leader: str | None
+    old_term: int
+    new_term: int
+    # announced | hint (how the new target was chosen); silent | down | deposed | misdirect | no_quorum |
+    # stepped_down | removed | conflict (why the old target was lost)
+    reason: str
+
+    def __str__(self) -> str:
+        old, new = f"{self.old_leader}@{self.old_term}", f"{self.new_leader}@{self.new_term}"
+        return f"leader {old} -> {new} ({self.reason})"
+
+
+class LeaderTable:
+    """Applies announcements with term fencing and answers "who takes writes now" (see module doc)."""
+
+    def __init__(self, node_ids: Iterable[str], liveness_timeout: float) -> None:
+        if not liveness_timeout > 0:
+            raise ValueError("liveness_timeout: must be positive")
+        self._timeout = liveness_timeout
+        self._nodes: dict[str, NodeView] = {}
+        for node_id in node_ids:
+            self._add(node_id)
+        self._term = 0
+        self._version = 0
+        # The cached decision: correct until _valid_until (the first moment a live node could go silent)
+        # unless a mutation recomputes it first.
+        self._leader: str | None = None
+        self._leader_term: int | None = None
+        self._source = ""  # "announced" or "hint": how _leader was chosen
+        self._valid_until = math.inf
+        # The target last reported in a LeaderChange, so a change first seen by leader() is still reported.
+        self._reported: str | None = None
+        self._reported_term = 0
+
+    def __repr__(self) -> str:
+        return f"<LeaderTable term={self._term} leader={self._leader} [{len(self._nodes)} nodes]>"
+
+    @property
+    def term(self) -> int:
+        """The highest term any node has announced; never decreases."""
+        return self._term
+
+    @property
+    def nodes(self) -> Mapping[str, NodeView]:
+        """Per-node state, read-only, in configuration order."""
+        return MappingProxyType(self._nodes)
+
+    @property
+    def version(self) -> int:
+        """Increases every time the write target (id, or its term) changes, whoever first observes it."""
+        return self._version
+
+    @property
+    def liveness_timeout(self) -> float:
+        """Seconds after its last announcement that a node stops counting as live."""
+        return self._timeout
+
+    @liveness_timeout.setter
+    def liveness_timeout(self, value: float) -> None:
+        if not value > 0:
+            raise ValueError("liveness_timeout: must be positive")
+        self._timeout = value
+        self._valid_until = -math.inf  # liveness changed for everyone: recompute on next read
+
+    # -- writers ---------------------------------------------------------------------------------------
+
+    def apply(self, ann: Announcement, now: float) -> LeaderChange | None:
+        """Record one announcement. ValueError for an unknown node, a bad role, or a term below that node's
+        last term (a stale event from an old stream); a rejected announcement changes nothing."""
+        view = self._view(ann.node)
+        if ann.role not in ROLES:
+            raise ValueError(f"{ann.node}: role must be one of {', '.join(ROLES)}")
+        if ann.term < view.term:
+            raise ValueError(f"{ann.node}: term went backwards ({ann.term} < {view.term})")
+        view.term = ann.term
+        view.role = ann.role
+        view.leader_hint = ann.leader or None
+        view.commit_index = ann.commit_index
+        view.applied_index = ann.applied_index
+        view.has_quorum = ann.has_quorum
+        view.seq = ann.seq
+        view.last_heard = now
+        view.down = False
+        self._term = max(self._term, ann.term)
+        return self._settle(now)
+
+    def node_down(self, node_id: str, now: float) -> LeaderChange | None:
+        """The node's subscription lost it (refused, reset, silent stream) until its next announcement."""
+        self._view(node_id).down = True
+        return self._settle(now)
+
+    def misdirected(
+        self, node_id: str, leader_hint: str | None, term: int | None, now: float
+    ) -> LeaderChange | None:
+        """The node answered 421: it is not the leader at `term` (default: the table's term), and its
+        `X-Raft-Leader` (`leader_hint`, empty or None when unknown) is taken as its hint at that term.
+
+        The node's known term moves up to that term, so its older in-flight announcements are then
+        rejected; a 421 below its known term is stale (a later announcement governs) and ignored. A 421 is
+        not an announcement: it does not make the node live."""
+        view = self._view(node_id)
+        at = self._term if term is None else term
+        if at < view.term:
+            return self._settle(now)
+        self._term = max(self._term, at)
+        view.term = at
+        if view.role in (None, "leader"):
+            view.role = "follower"
+        view.leader_hint = leader_hint or None
+        view.has_quorum = None  # a leader's own view of its quorum; meaningless now
+        return self._settle(now, node_id, "misdirect")
+
+    def expire(self, now: float) -> LeaderChange | None:
+        """Re-evaluate liveness (from a periodic timer); returns the change if the target went silent."""
+        return self._settle(now)
+
+    def add_node(self, node_id: str) -> None:
+        """Add a node on config reload. A hint naming it may now count: the next read recomputes, and the
+        next writer call (or expire) reports any change."""
+        self._add(node_id)
+        self._valid_until = -math.inf
+
+    def remove_node(self, node_id: str, now: float) -> LeaderChange | None:
+        """Forget a node on config reload (its hints go with it). The term stays: it never decreases."""
+        self._view(node_id)
+        del self._nodes[node_id]
+        return self._settle(now)
+
+    # -- readers ---------------------------------------------------------------------------------------
+
+    def leader(self, now: float) -> str | None:
+        """The write target now, or None: hold writes. Hot path: O(1) unless a liveness deadline passed."""
+        if now > self._valid_until:
+            self._recompute(now)
+        return self._leader
+
+    def live_nodes(self, now: float) -> list[str]:
+        """Nodes heard within the liveness timeout and not down, in configuration order."""
+        return [v.id for v in self._nodes.values() if v.is_live(now, self._timeout)]
+
+    def applied_at_least(self, index: int, now: float) -> list[str]:
+        """Live nodes whose last announced applied index is >= `index` (for index-fenced reads)."""
+        return [
+            v.id
+            for v in self._nodes.values()
+            if v.applied_index is not None and v.applied_index >= index and v.is_live(now, self._timeout)
+        ]
+
+    def is_deposed(self, node_id: str) -> bool:
+        """The node last announced role=leader at a term below the table's: it never gets writes."""
+        return self._deposed(self._view(node_id))
+
+    def snapshot(self, now: float) -> dict[str, object]:
+        """JSON-able state for admin: term, leader, version, and per node its fields + live/deposed/age_s."""
+        leader = self.leader(now)
+        nodes: dict[str, object] = {}
+        for v in self._nodes.values():
+            doc = {f.name: getattr(v, f.name) for f in fields(v) if f.name != "last_heard"}
+            doc["live"] = v.is_live(now, self._timeout)
+            doc["deposed"] = self._deposed(v)
+            doc["age_s"] = None if v.last_heard is None else round(now - v.last_heard, 3)
+            nodes[v.id] = doc
+        return {
+            "term": self._term,
+            "leader": leader,
+            "leader_source": self._source if leader is not None else None,
+            "version": self._version,
+            "nodes": nodes,
+        }
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _add(self, node_id: str) -> None:
+        if not node_id:
+            raise ValueError("node id: must be a non-empty string")
+        if node_id in self._nodes:
+            raise ValueError(f"duplicate node {node_id!r}")
+        self._nodes[node_id] = NodeView(node_id)
+
+    def _view(self, node_id: str) -> NodeView:
+        view = self._nodes.get(node_id)
+        if view is None:
+            raise ValueError(f"unknown node {node_id!r}")
+        return view
+
+    def _deposed(self, view: NodeView) -> bool:
+        return view.role == "leader" and view.term < self._term
+
+    def _decide(self, now: float) -> tuple[str | None, str, float]:
+        """(target, how it was chosen, until when this holds), from the current state. O(nodes)."""
+        term, timeout = self._term, self._timeout
+        live = [v for v in self._nodes.values() if v.is_live(now, timeout)]
+        # Liveness only ever lapses as time passes, so the decision holds until the first live node's
+        # deadline (any node: a lapsing hinter or rival claimant changes it as much as the leader does).
+        deadlines = [v.last_heard + timeout for v in live if v.last_heard is not None]
+        valid_until = min(deadlines, default=math.inf)
+        claims = [v for v in live if v.term == term and v.role == "leader"]
+        if claims:
+            # A claim beats any hint; two claims at one term means a liar, so hold (module doc).
+            if len(claims) == 1 and claims[0].has_quorum is not False:
+                return claims[0].id, "announced", valid_until
+            return None, "", valid_until
+        hinted = {v.leader_hint for v in live if v.term == term and v.role != "leader" and v.leader_hint}
+        if len(hinted) != 1:
+            return None, "", valid_until
+        target = self._nodes.get(hinted.pop() or "")
+        if target is None or target.down or self._deposed(target) or target.spoke_at(term):
+            return None, "", valid_until
+        return target.id, "hint", valid_until
+
+    def _recompute(self, now: float) -> None:
+        leader, self._source, self._valid_until = self._decide(now)
+        leader_term = None if leader is None else self._term
+        if (leader, leader_term) != (self._leader, self._leader_term):
+            self._version += 1
+        self._leader, self._leader_term = leader, leader_term
+
+    def _settle(self, now: float, node_id: str | None = None, cause: str = "") -> LeaderChange | None:
+        """Recompute after a mutation and report a change against the last reported target. `cause`
+        names the loss when `node_id` was that target."""
+        self._recompute(now)
+        old, new = self._reported, self._leader
+        if new == old and (new is None or self._term == self._reported_term):
+            self._reported_term = self._term
+            return None
+        if old is not None and old != new and old == node_id and cause:
+            reason = cause
+        elif new is not None:
+            reason = self._source
+        else:
+            reason = self._why_lost(old, now)
+        change = LeaderChange(old, new, self._reported_term, self._term, reason)
+        self._reported, self._reported_term = new, self._term
+        return change
+
+    def _why_lost(self, old: str | None, now: float) -> str:
+        view = self._nodes.get(old or "")
+        if view is None:
+            return "removed"
+        if view.down:
+            return "down"
+        if self._deposed(view):
+            return "deposed"
+        if view.spoke_at(self._term):
+            if view.role != "leader":
+                return "stepped_down"
+            if view.has_quorum is False:
+                return "no_quorum"
+            return "conflict" if view.is_live(now, self._timeout) else "silent"
+        if self._term > self._reported_term:
+            return "deposed"  # a hinted target overtaken by a higher term
+        hinters = [
+            v
+            for v in self._nodes.values()
+            if v.is_live(now, self._timeout) and v.term == self._term and v.role != "leader" and v.leader_hint
+        ]
+        return "conflict" if hinters else "silent"
