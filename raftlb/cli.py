@@ -1,0 +1,108 @@
+"""Command line: argument parsing only; the work happens in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from raftlb import __version__
+
+DESCRIPTION = """\
+raftlb: a leader-aware load balancer for Raft clusters.
+
+It subscribes to every node's heartbeats and term announcements, keeps a term-fenced leader table,
+sends writes to the leader (holding them through an election), and spreads reads across nodes.
+"""
+
+EPILOG = """\
+commands:
+  run -c FILE        serve: listeners, admin, subscriptions (SIGTERM drains, SIGHUP reloads)
+  check -c FILE      validate a config file and exit (0 valid, 2 invalid)
+  demo [--keep]      start a 3-node Raft demo cluster and raftlb, kill the leader under load, report
+  demo-node ...      run one node of the embedded demo cluster (see `raftlb demo-node --help`)
+
+examples:
+  raftlb check -c configs/example.yaml
+  raftlb run -c configs/demo.yaml
+"""
+
+
+def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run on uvloop when it is installed."""
+    try:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main())
+    except ImportError:
+        return asyncio.run(main())
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from raftlb.config import load_config
+    from raftlb.errors import ConfigError
+    from raftlb.logs import setup_logging
+    from raftlb.server import Server
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"raftlb: config error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.logging)
+    return run_async(lambda: Server(config).run())
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from raftlb.config import check_main
+
+    return check_main(args.config)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from raftlb.demo.scenario import main as demo_main
+
+    return demo_main(keep=args.keep, duration=args.duration)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raftlb", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"raftlb {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the proxy", description="Run the proxy until SIGTERM (drains first).")
+    p.add_argument("-c", "--config", required=True, help="YAML config file")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("check", help="validate a config file", description="Validate a config and exit.")
+    p.add_argument("-c", "--config", required=True, help="YAML config file")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("demo", help="run the failover demo on an embedded 3-node Raft cluster",
+                       description="Start three demo nodes and raftlb, write and read through it, kill the "
+                                   "leader, restart it, and report what every client saw.")
+    p.add_argument("--keep", action="store_true", help="leave cluster and proxy running until Ctrl-C")
+    p.add_argument("--duration", type=float, default=12.0, help="seconds of load in the scenario")
+    p.set_defaults(func=_cmd_demo)
+
+    sub.add_parser("demo-node", help="run one node of the demo cluster", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "demo-node":
+        from raftlb.demo.node import main as node_main
+
+        return node_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    result: int = args.func(args)
+    return result

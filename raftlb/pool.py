@@ -1,0 +1,300 @@
+"""Upstream connections: a keep-alive pool per node, responses parsed with httptools.
+
+An `UpstreamConn` carries one request at a time for one `UpstreamListener` (the proxy's per-request state)
+and reports the response through callbacks. A `NodePool` hands out idle connections (LIFO, so the warm
+ones are reused and the cold ones expire), opens new ones when none is idle, and enforces the connect and
+response timeouts from a periodic sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol
+
+import httptools
+
+log = logging.getLogger("raftlb.pool")
+
+
+class UpstreamListener(Protocol):
+    def on_upstream_ready(self, conn: UpstreamConn) -> None: ...
+    def on_upstream_head(self, conn: UpstreamConn, status: int,
+                         headers: list[tuple[bytes, bytes]]) -> None: ...
+    def on_upstream_body(self, data: bytes) -> None: ...
+    def on_upstream_done(self) -> None: ...
+    def on_upstream_error(self, reason: str, written: bool) -> None: ...
+    def on_upstream_pause(self) -> None: ...
+    def on_upstream_resume(self) -> None: ...
+
+
+class UpstreamConn(asyncio.Protocol):
+    """One keep-alive connection to a node."""
+
+    def __init__(self, pool: NodePool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.listener: UpstreamListener | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.written = False
+        self.head_received = False
+        self.head_only = False
+        self.informational = False
+        self.until_close = False
+        self.resp_length: int | None = None
+        self.resp_chunked = False
+        self.keep_alive = True
+        self.closed = False
+        self.deadline = 0.0
+        self.idle_since = 0.0
+        self.requests = 0
+
+    def __repr__(self) -> str:
+        state = "busy" if self.listener is not None else ("closed" if self.closed else "idle")
+        return f"<UpstreamConn node={self.pool.node_id} {state} requests={self.requests}>"
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.pool.write_buffer_high)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool._forget(self)
+        listener = self.listener
+        if listener is None:
+            return
+        self.listener = None
+        if self.head_received and self.until_close:
+            listener.on_upstream_done()
+        else:
+            reason = "connection closed by node" if exc is None else f"connection lost: {exc}"
+            listener.on_upstream_error(reason, self.written)
+
+    def pause_writing(self) -> None:
+        if self.listener is not None:
+            self.listener.on_upstream_pause()
+
+    def resume_writing(self) -> None:
+        if self.listener is not None:
+            self.listener.on_upstream_resume()
+
+    def data_received(self, data: bytes) -> None:
+        if self.listener is None:
+            # Bytes from a node with no request outstanding: the connection cannot be trusted any more.
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(f"malformed response from node: {exc}")
+
+    # -- parser callbacks ---------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:
+            self.informational = True
+            if status == 101:
+                self._fail("node switched protocols")
+            return
+        self.head_received = True
+        self.deadline = 0.0
+        self.keep_alive = self.parser.should_keep_alive()
+        length: int | None = None
+        chunked = False
+        for k, v in self.headers:
+            if k == b"content-length":
+                length = int(v)
+            elif k == b"transfer-encoding":
+                chunked = True
+        self.resp_length = length
+        self.resp_chunked = chunked
+        self.until_close = not chunked and length is None and status not in (204, 304) and not self.head_only
+        listener = self.listener
+        if listener is not None:
+            listener.on_upstream_head(self, status, self.headers)
+        if self.head_only and self.listener is not None:
+            # llhttp does not know the request was HEAD and would wait for a body: finish here and give
+            # the connection a fresh parser.
+            self.parser = httptools.HttpResponseParser(self)
+            self._complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self.listener is not None:
+            self.listener.on_upstream_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            return
+        if self.listener is not None:
+            self._complete()
+
+    # -- request lifecycle --------------------------------------------------------------------------------
+
+    def start(self, listener: UpstreamListener, head_only: bool) -> None:
+        """Bind to a request; the caller writes it with `write`/`writelines` right after."""
+        self.listener = listener
+        self.head_only = head_only
+        self.written = False
+        self.head_received = False
+        self.informational = False
+        self.until_close = False
+        self.requests += 1
+        self.deadline = time.monotonic() + self.pool.response_timeout
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.written = True
+            self.transport.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        if self.transport is not None and not self.closed:
+            self.written = True
+            self.transport.writelines(parts)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def _complete(self) -> None:
+        listener = self.listener
+        self.listener = None
+        self.deadline = 0.0
+        if self.keep_alive and not self.until_close and not self.closed:
+            self.pool.release(self)
+        else:
+            self.close()
+        if listener is not None:
+            listener.on_upstream_done()
+
+    def _fail(self, reason: str) -> None:
+        listener = self.listener
+        self.listener = None
+        self.close()
+        if listener is not None:
+            listener.on_upstream_error(reason, self.written)
+
+    def timed_out(self) -> None:
+        self._fail(f"no response within {self.pool.response_timeout:g}s")
+
+    def abandon(self) -> None:
+        """The request no longer wants this connection (client gone, leader deposed): close it quietly."""
+        self.listener = None
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.pool._forget(self)
+            if self.transport is not None:
+                self.transport.close()
+
+
+class NodePool:
+    """Keep-alive connections to one node."""
+
+    def __init__(self, node_id: str, host: str, port: int, *, connect_timeout: float, response_timeout: float,
+                 max_idle: int, idle_timeout: float, write_buffer_high: int = 256 * 1024) -> None:
+        self.node_id = node_id
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.response_timeout = response_timeout
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.write_buffer_high = write_buffer_high
+        self.idle: list[UpstreamConn] = []
+        self.busy: set[UpstreamConn] = set()
+        self.outstanding = 0  # requests assigned to this node and not finished (the balancer's load)
+        self.connecting = 0
+        self.connect_failures = 0
+        self.closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return (f"<NodePool node={self.node_id} [{len(self.busy)} active, {len(self.idle)} idle, "
+                f"{self.connecting} connecting]>")
+
+    def is_available(self) -> bool:
+        return bool(self.idle)
+
+    def acquire(self, listener: UpstreamListener) -> None:
+        """Give `listener` a connection: now if one is idle, else when a new one is open (or an error)."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                self.busy.add(conn)
+                listener.on_upstream_ready(conn)
+                return
+        self.connecting += 1
+        task = asyncio.get_running_loop().create_task(self._connect(listener))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, listener: UpstreamListener) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, proto = await loop.create_connection(lambda: UpstreamConn(self), self.host, self.port)
+        except (OSError, TimeoutError) as exc:
+            self.connecting -= 1
+            self.connect_failures += 1
+            reason = ("connect timeout" if isinstance(exc, TimeoutError)
+                      else f"connect failed: {exc.strerror or exc}")
+            listener.on_upstream_error(reason, False)
+            return
+        self.connecting -= 1
+        assert isinstance(proto, UpstreamConn)
+        if self.closed:
+            proto.close()
+            listener.on_upstream_error("pool closed", False)
+            return
+        self.busy.add(proto)
+        listener.on_upstream_ready(proto)
+
+    def release(self, conn: UpstreamConn) -> None:
+        self.busy.discard(conn)
+        if self.closed or len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+
+    def _forget(self, conn: UpstreamConn) -> None:
+        self.busy.discard(conn)
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def sweep(self, now: float) -> None:
+        """Response timeouts on busy connections; idle connections past their idle timeout."""
+        for conn in [c for c in self.busy if c.deadline and c.deadline <= now]:
+            conn.timed_out()
+        if self.idle and self.idle[0].idle_since + self.idle_timeout <= now:
+            for conn in [c for c in self.idle if c.idle_since + self.idle_timeout <= now]:
+                conn.close()
+
+    def close(self) -> None:
+        self.closed = True
+        for conn in [*self.idle, *self.busy]:
+            conn.close()
+        for task in self._tasks:
+            task.cancel()

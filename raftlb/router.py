@@ -1,0 +1,77 @@
+"""Pure routing decisions: which class a request falls in, and which node serves it.
+
+No I/O here: the proxy passes values in (method, path, per-node load) and gets decisions out.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from raftlb.config import SUPPORTED_READ_POLICIES, RouteConfig
+
+# RFC 9110 §9.2.2: methods whose repetition has the same effect as one request.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    """How one request is routed. `kind` is "write" or "read"; `policy` applies to reads."""
+
+    kind: str
+    policy: str
+    idempotent: bool  # the route says writes on it may be re-sent after an ambiguous failure
+
+    @property
+    def needs_leader(self) -> bool:
+        return self.kind == "write" or self.policy == "leader"
+
+
+WRITE = RouteDecision("write", "leader", False)
+
+
+class Router:
+    """Classifies requests by the configured routes: first match wins; no match is a write."""
+
+    def __init__(self, routes: Sequence[RouteConfig]) -> None:
+        self.routes = tuple(routes)
+        self._decisions = tuple(RouteDecision(r.kind, r.policy, r.idempotent) for r in self.routes)
+        self._override_cache: dict[tuple[RouteDecision, str], RouteDecision] = {}
+
+    def classify(self, method: str, path: str, consistency: str | None = None) -> RouteDecision:
+        """The decision for a request. `consistency` is the `X-Raft-Consistency` header, if any: it may
+        change a read's policy, never turn a write into a read."""
+        decision = WRITE
+        for route, d in zip(self.routes, self._decisions, strict=True):
+            if route.methods is not None and method not in route.methods:
+                continue
+            if route.path is not None and route.path.search(path) is None:
+                continue
+            decision = d
+            break
+        if consistency is not None and decision.kind == "read":
+            key = (decision, consistency)
+            cached = self._override_cache.get(key)
+            if cached is None:
+                policy = consistency.strip().lower()
+                cached = RouteDecision("read", policy, decision.idempotent) \
+                    if policy in SUPPORTED_READ_POLICIES else decision
+                if len(self._override_cache) < 64:
+                    self._override_cache[key] = cached
+            decision = cached
+        return decision
+
+
+def power_of_two(candidates: Sequence[str], load: Callable[[str], int],
+                 rng: Callable[[], float] = random.random) -> str:
+    """Power-of-two-choices: sample two candidates, take the less loaded one (ties go to the first)."""
+    n = len(candidates)
+    if n == 1:
+        return candidates[0]
+    i = int(rng() * n)
+    j = int(rng() * (n - 1))
+    if j >= i:
+        j += 1
+    a, b = candidates[i], candidates[j]
+    return b if load(b) < load(a) else a

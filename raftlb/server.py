@@ -1,0 +1,140 @@
+"""The composition root: builds the proxies, subscriptions and listeners from a Config, and runs them.
+
+Lifecycle: `start()` → serve until `request_stop()` (SIGTERM/SIGINT) → `stop()`:
+  1. `/readyz` turns 503 so balancers in front stop sending;
+  2. listeners stop accepting; idle client connections close;
+  3. in-flight requests (and held writes) finish, up to `drain_timeout`;
+  4. whatever is left is cut; subscriptions, pools and the admin listener close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+import httpx
+
+from raftlb.config import Config
+from raftlb.http.server import HttpServer
+from raftlb.leader_table import LeaderChange
+from raftlb.proxy import ClusterProxy
+from raftlb.subscriptions import ClusterSubscriptions
+from raftlb.tasks import TaskSet
+
+log = logging.getLogger("raftlb.server")
+
+SWEEP_INTERVAL = 0.02  # leader liveness, hold timeouts, upstream timeouts
+
+
+class Server:
+    """Everything one raftlb process runs."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.tasks = TaskSet("raftlb")
+        self.proxies: dict[str, ClusterProxy] = {}
+        self.subscriptions: dict[str, ClusterSubscriptions] = {}
+        self.listeners: list[HttpServer] = []
+        self.admin: HttpServer | None = None
+        self.draining = False
+        self.started_at = time.time()
+        self.change_listeners: list[Callable[[str, LeaderChange], None]] = []
+        self._client: httpx.AsyncClient | None = None
+        self._stop = asyncio.Event()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return (f"<Server clusters={list(self.proxies)} listeners={len(self.listeners)} "
+                f"draining={self.draining}>")
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._client = ClusterSubscriptions.make_client()
+        for cluster in cfg.clusters:
+            proxy = ClusterProxy(cluster, cfg.limits.write_buffer_high,
+                                 on_change=functools.partial(self._on_change, cluster.name))
+            self.proxies[cluster.name] = proxy
+            subs = ClusterSubscriptions(cluster, proxy.on_announcement, proxy.on_node_down, self.tasks,
+                                        client=self._client)
+            self.subscriptions[cluster.name] = subs
+            subs.start()
+        for lc in cfg.listeners:
+            srv = HttpServer(self.proxies[lc.cluster], cfg.limits, lc.max_connections, name=lc.name)
+            await srv.start(lc.host, lc.port)
+            self.listeners.append(srv)
+            log.info("listener %s on %s:%d fronts cluster %s", lc.name, srv.host, srv.port, lc.cluster)
+        if cfg.admin.enabled:
+            from raftlb.admin import Admin
+
+            self.admin = await Admin(self).start(cfg.admin.host, cfg.admin.port)
+            log.info("admin on %s:%d", self.admin.host, self.admin.port)
+        self._schedule_sweep()
+
+    def _schedule_sweep(self) -> None:
+        self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for proxy in self.proxies.values():
+            try:
+                proxy.sweep(now)
+            except Exception:
+                log.exception("sweep of cluster %s failed", proxy.cluster.name)
+        self._schedule_sweep()
+
+    def _on_change(self, cluster: str, change: LeaderChange) -> None:
+        stats = self.proxies[cluster].stats
+        if change.new_leader is None:
+            log.warning("cluster %s: no leader (was %s at term %d: %s); holding writes",
+                        cluster, change.old_leader, change.old_term, change.reason)
+        else:
+            log.info("cluster %s: leader %s (term %d) -> %s (term %d) [%s]; writes held %d, released %d, "
+                     "expired %d so far", cluster, change.old_leader, change.old_term, change.new_leader,
+                     change.new_term, change.reason, stats.held, stats.released, stats.expired)
+        for cb in self.change_listeners:
+            cb(cluster, change)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        # 1. readiness turns red first, so whoever balances across raftlb replicas moves away.
+        self.draining = True
+        # 2-3. stop accepting, close idle connections, let in-flight requests finish within the drain timeout.
+        results = await asyncio.gather(*(srv.drain(self.config.drain_timeout) for srv in self.listeners))
+        if not all(results):
+            log.warning("drain timeout: cutting %d connections",
+                        sum(len(s.connections) for s in self.listeners))
+        # 4. cut the rest; stop the control plane.
+        for srv in self.listeners:
+            await srv.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for subs in self.subscriptions.values():
+            await subs.stop()
+        for proxy in self.proxies.values():
+            proxy.close()
+        if self.admin is not None:
+            await self.admin.close()
+        await self.tasks.close()
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def run(self) -> int:
+        """For the CLI: start, serve until SIGTERM/SIGINT, drain, exit code 0."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self._stop.wait()
+        log.info("stopping: draining in-flight requests (up to %gs)", self.config.drain_timeout)
+        await self.stop()
+        log.info("stopped")
+        return 0

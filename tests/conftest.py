@@ -1,0 +1,81 @@
+"""Shared fixtures: a raftlb Server running in the test's event loop, and raw-socket helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from raftlb.config import AdminConfig, ClusterConfig, Config, LimitsConfig, ListenerConfig, LoggingConfig
+from raftlb.server import Server
+
+
+def make_config(cluster: ClusterConfig, *, limits: LimitsConfig | None = None, admin: bool = False,
+                **overrides: Any) -> Config:
+    """A Config with one listener on a free port fronting `cluster`."""
+    return Config(
+        listeners=(ListenerConfig(name="main", host="127.0.0.1", port=0, cluster=cluster.name),),
+        clusters=(cluster,),
+        admin=AdminConfig(host="127.0.0.1", port=0, enabled=admin),
+        limits=limits or LimitsConfig(),
+        logging=LoggingConfig(),
+        **overrides,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(cluster: ClusterConfig, **kw: Any) -> AsyncIterator[Server]:
+    """Start a Server for `cluster`; `server.url` is its listener's base URL."""
+    server = Server(make_config(cluster, **kw))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def url_of(server: Server) -> str:
+    srv = server.listeners[0]
+    return f"http://127.0.0.1:{srv.port}"
+
+
+async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.005) -> None:
+    """Wait until predicate() is true; fail the test after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+async def raw_exchange(port: int, data: bytes, *, read_timeout: float = 5.0, half_close: bool = False) -> bytes:
+    """Send raw bytes, return everything the server sends until it closes (or the timeout)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    if half_close:
+        writer.write_eof()
+    chunks = []
+    try:
+        async with asyncio.timeout(read_timeout):
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    except TimeoutError:
+        pass
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+    return b"".join(chunks)
+
+
+@pytest.fixture
+def limits() -> LimitsConfig:
+    return replace(LimitsConfig(), header_timeout=1.0, body_timeout=1.0, idle_timeout=5.0)
