@@ -53,7 +53,8 @@ async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.005
         await asyncio.sleep(interval)
 
 
-async def raw_exchange(port: int, data: bytes, *, read_timeout: float = 5.0, half_close: bool = False) -> bytes:
+async def raw_exchange(port: int, data: bytes, *, read_timeout: float = 5.0,
+                       half_close: bool = False) -> bytes:
     """Send raw bytes, return everything the server sends until it closes (or the timeout)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(data)

@@ -135,7 +135,7 @@ class Exchange:
         """Start receiving the body: buffered chunks are delivered now, the rest as it arrives."""
         self.on_body = on_body
         self.on_body_end = on_end
-        if self.expect_continue and not self.body_received and not self.body_done and not self.response_started:
+        if self.expect_continue and not (self.body_received or self.body_done or self.response_started):
             self.expect_continue = False
             self.conn.write(_CONTINUE)
         if self.body_buf:
@@ -248,6 +248,7 @@ class HttpConnection(asyncio.Protocol):
         self._in_headers = False
         self._header_bytes = 0
         self._header_count = 0
+        self._header_size = 0
         self._received_any = False
         self._url_parts: list[bytes] = []
         self.deadline = 0.0
@@ -323,7 +324,8 @@ class HttpConnection(asyncio.Protocol):
             self._protocol_error(BadRequest(_parser_error_detail(exc)))
             return
         if self._in_headers and self._header_bytes > self.limits.max_header_bytes:
-            self._protocol_error(HeadersTooLarge(f"request headers exceed {self.limits.max_header_bytes} bytes"))
+            limit = self.limits.max_header_bytes
+            self._protocol_error(HeadersTooLarge(f"request headers exceed {limit} bytes"))
 
     # -- parser callbacks ---------------------------------------------------------------------------------
 
@@ -331,19 +333,26 @@ class HttpConnection(asyncio.Protocol):
         self.parsing = Exchange(self)
         self._in_headers = True
         self._header_count = 0
+        self._header_size = 0
         self._url_parts = []
         self._set_deadline(DL_HEADER, self.limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._url_parts.append(url)
+        self._header_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
         assert ex is not None
         self._header_count += 1
+        self._header_size += len(name) + len(value) + 4
         if self._header_count > self.limits.max_headers:
             if ex.error is None:
                 ex.error = HeadersTooLarge(f"more than {self.limits.max_headers} request headers")
+            return
+        if self._header_size > self.limits.max_header_bytes:
+            if ex.error is None:
+                ex.error = HeadersTooLarge(f"request headers exceed {self.limits.max_header_bytes} bytes")
             return
         ex.headers.append((name.lower(), value))
 
