@@ -6,7 +6,7 @@ RaftLBError
     ├── NoLeader           503 no_leader: no live leader within the hold timeout (with Retry-After)
     ├── HoldQueueFull      503 hold_queue_full: the hold budget (count or bytes) is exhausted
     ├── OutcomeUnknown     502 outcome_unknown: a non-idempotent write died after it was sent
-    ├── UpstreamFailed     502 upstream_failed: the node failed before anything was written to it, no re-send left
+    ├── UpstreamFailed     502 upstream_failed: the node failed and no re-send is left
     ├── UpstreamTimeout    504 upstream_timeout: the node did not answer within the response timeout
     ├── IndexNotReached    504 index_not_reached: no node reached the requested index in time
     ├── BadRequest         400 bad_request: malformed or smuggling-prone HTTP

@@ -46,7 +46,8 @@ class EventStream:
     """A long-lived streamed response (SSE). The server sends the head (200, chunked, no-cache), then awaits
     `producer(send)`; `send(data)` waits for flow control and raises ConnectionError once the client left."""
 
-    def __init__(self, producer: Callable[[Send], Awaitable[None]], headers: list[tuple[str, str]] | None = None,
+    def __init__(self, producer: Callable[[Send], Awaitable[None]],
+                 headers: list[tuple[str, str]] | None = None,
                  content_type: str = "text/event-stream") -> None:
         self.producer = producer
         self.headers = headers or []
