@@ -318,8 +318,18 @@ class HttpConnection(asyncio.Protocol):
             self._header_bytes += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._protocol_error(BadRequest("protocol upgrades are not supported"))
+        except httptools.HttpParserUpgrade as exc:
+            # A request asked to switch protocols (h2c, websocket). We may ignore Upgrade (RFC 9110 §7.8):
+            # it is answered as plain HTTP/1.1, without the hop-by-hop Upgrade header going upstream.
+            # llhttp stops parsing after such a request, so the rest of the bytes go to a fresh parser.
+            if self.parsing is not None:
+                self._protocol_error(BadRequest("protocol upgrade with a request body is not supported"))
+                return
+            self.parser = httptools.HttpRequestParser(self)
+            rest = data[exc.args[0]:] if exc.args and isinstance(exc.args[0], int) else b""
+            if rest:
+                self.data_received(rest)
+            return
         except httptools.HttpParserError as exc:
             self._protocol_error(BadRequest(_parser_error_detail(exc)))
             return

@@ -1,0 +1,231 @@
+"""Raw-byte cases for the downstream protocol, fed through a mock transport (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from raftlb.config import LimitsConfig
+from raftlb.http.server import FRAMING_CHUNKED, FRAMING_LENGTH, Exchange, HttpConnection, HttpServer, status_line
+
+
+class MockTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.closed = False
+        self.reading = True
+
+    def write(self, data: Any) -> None:
+        self.out += data
+
+    def writelines(self, parts: Any) -> None:
+        for p in parts:
+            self.out += p
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 5555) if name == "peername" else default
+
+
+class Recorder:
+    """A handler that answers each request with its method, target and body, unless told to wait."""
+
+    def __init__(self, answer: bool = True) -> None:
+        self.exchanges: list[Exchange] = []
+        self.bodies: dict[int, bytearray] = {}
+        self.answer = answer
+
+    def on_request(self, ex: Exchange) -> None:
+        self.exchanges.append(ex)
+        body = self.bodies.setdefault(id(ex), bytearray())
+
+        def done() -> None:
+            if self.answer:
+                reply = f"{ex.method} {ex.target.decode()} {len(body)}".encode()
+                ex.respond(200, reply, content_type=b"text/plain")
+
+        ex.set_body_sink(body.extend, done)
+
+
+def connect(handler: Recorder, limits: LimitsConfig | None = None) -> tuple[HttpConnection, MockTransport]:
+    server = HttpServer(handler, limits or LimitsConfig())
+    conn = HttpConnection(server)
+    transport = MockTransport()
+    conn.connection_made(transport)
+    return conn, transport
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_simple_request_gets_answer_and_keeps_alive() -> None:
+    rec = Recorder()
+    conn, t = connect(rec)
+    conn.data_received(b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert t.out.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert t.out.endswith(b"\r\n\r\nGET /a?b=1 0")
+    assert not t.closed
+    assert rec.exchanges[0].header(b"host") == b"x"
+
+
+async def test_request_split_byte_by_byte() -> None:
+    rec = Recorder()
+    conn, t = connect(rec)
+    for b in b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc":
+        conn.data_received(bytes([b]))
+    assert t.out.endswith(b"POST /p 3")
+
+
+async def test_chunked_request_body_is_decoded() -> None:
+    rec = Recorder()
+    conn, t = connect(rec)
+    conn.data_received(b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    assert bytes(rec.bodies[id(rec.exchanges[0])]) == b"abcde"
+    assert rec.exchanges[0].chunked
+
+
+async def test_pipelined_requests_wait_for_the_active_one() -> None:
+    rec = Recorder(answer=False)
+    conn, t = connect(rec)
+    conn.data_received(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(rec.exchanges) == 1  # the second waits
+    assert not t.reading  # and reading is paused meanwhile
+    rec.exchanges[0].respond(200, b"one")
+    await settle()
+    assert len(rec.exchanges) == 2
+    rec.exchanges[1].respond(200, b"two")
+    assert t.out.index(b"one") < t.out.index(b"two")
+    assert t.reading
+
+
+async def test_http10_client_gets_close_delimited_stream_instead_of_chunked() -> None:
+    rec = Recorder(answer=False)
+    conn, t = connect(rec)
+    conn.data_received(b"GET /s HTTP/1.0\r\n\r\n")
+    ex = rec.exchanges[0]
+    ex.send_head(status_line(200), FRAMING_CHUNKED)
+    ex.send_body(b"data")
+    ex.end()
+    assert b"transfer-encoding" not in t.out
+    assert b"connection: close" in t.out
+    assert t.out.endswith(b"\r\n\r\ndata")
+    assert t.closed
+
+
+async def test_http10_keep_alive_is_honoured() -> None:
+    rec = Recorder()
+    conn, t = connect(rec)
+    conn.data_received(b"GET /k HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    assert b"connection: keep-alive" in t.out
+    assert not t.closed
+
+
+async def test_head_response_has_length_but_no_body() -> None:
+    rec = Recorder(answer=False)
+    conn, t = connect(rec)
+    conn.data_received(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n")
+    ex = rec.exchanges[0]
+    ex.send_head(status_line(200), FRAMING_LENGTH, 10)
+    ex.send_body(b"0123456789")
+    ex.end()
+    assert t.out.endswith(b"content-length: 10\r\n\r\n")
+
+
+@pytest.mark.parametrize(("raw", "status"), [
+    (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    (b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nExpect: something\r\n\r\n", 417),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),  # a TLS hello on the plain port
+])
+async def test_rejected_requests_are_answered_and_closed(raw: bytes, status: int) -> None:
+    rec = Recorder()
+    conn, t = connect(rec)
+    conn.data_received(raw)
+    assert t.out.startswith(b"HTTP/1.1 %d " % status), bytes(t.out[:80])
+    assert b"connection: close" in t.out
+    assert t.closed
+    assert not rec.exchanges  # the handler never saw it
+
+
+async def test_body_over_limit_mid_stream_is_413_and_handler_is_told() -> None:
+    rec = Recorder(answer=False)
+    conn, t = connect(rec, LimitsConfig(max_body_bytes=10))
+    aborted: list[str] = []
+    conn.data_received(b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    rec.exchanges[0].on_abort = aborted.append
+    conn.data_received(b"8\r\n12345678\r\n")
+    assert aborted == ["payload_too_large"]
+    assert t.out.startswith(b"HTTP/1.1 413 ")
+    assert t.closed
+
+
+async def test_error_after_a_pipelined_request_is_answered_in_order() -> None:
+    rec = Recorder(answer=False)
+    conn, t = connect(rec)
+    conn.data_received(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\nBROKEN\r\n\r\n")
+    assert t.out == b""  # the error waits for the first answer
+    rec.exchanges[0].respond(200, b"first")
+    await settle()
+    assert t.out.index(b"first") < t.out.index(b"HTTP/1.1 400 ")
+    assert t.closed
+
+
+async def test_client_gone_aborts_pending_exchanges() -> None:
+    rec = Recorder(answer=False)
+    conn, t = connect(rec)
+    conn.data_received(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    reasons: list[str] = []
+    rec.exchanges[0].on_abort = reasons.append
+    conn.connection_lost(None)
+    assert reasons == ["client_closed"]
+    assert conn not in conn.server.connections
+
+
+async def test_deadline_in_headers_is_408_and_idle_deadline_just_closes() -> None:
+    rec = Recorder()
+    conn, t = connect(rec)
+    conn.data_received(b"GET / HTTP/1.1\r\nHo")
+    conn.on_deadline(0.0)
+    assert t.out.startswith(b"HTTP/1.1 408 ")
+    conn2, t2 = connect(rec)
+    conn2.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    t2.out.clear()
+    conn2.on_deadline(0.0)  # idle keep-alive connection
+    assert t2.out == b"" and t2.closed
+
+
+async def test_upgrade_requests_are_answered_as_plain_http11() -> None:
+    rec = Recorder()
+    conn, t = connect(rec)
+    conn.data_received(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+                       b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+    await settle()
+    assert t.out.count(b"HTTP/1.1 200 OK") == 2
+    assert t.out.endswith(b"GET /next 0")
+    assert not t.closed
