@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from raftlb.config import LimitsConfig
-from raftlb.http.server import FRAMING_CHUNKED, FRAMING_LENGTH, Exchange, HttpConnection, HttpServer, status_line
+from raftlb.http.server import (
+    FRAMING_CHUNKED,
+    FRAMING_LENGTH,
+    Exchange,
+    HttpConnection,
+    HttpServer,
+    status_line,
+)
 
 
 class MockTransport(asyncio.Transport):

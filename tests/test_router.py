@@ -14,7 +14,8 @@ from raftlb.router import Router, power_of_two
 ROUTES = (
     RouteConfig(methods=frozenset({"GET", "HEAD"}), path=re.compile(r"^/kv/"), kind="read", policy="any",
                 idempotent=False),
-    RouteConfig(methods=None, path=re.compile(r"^/admin-ish/"), kind="write", policy="leader", idempotent=True),
+    RouteConfig(methods=None, path=re.compile(r"^/admin-ish/"), kind="write", policy="leader",
+                idempotent=True),
     RouteConfig(methods=frozenset({"GET"}), path=None, kind="read", policy="leader", idempotent=False),
 )
 
