@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Protocol
+from typing import Protocol, cast
 
 import httptools
 
@@ -58,7 +58,7 @@ class UpstreamConn(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
         self.transport = transport
         transport.set_write_buffer_limits(high=self.pool.write_buffer_high)
 
@@ -261,7 +261,6 @@ class NodePool:
             listener.on_upstream_error(reason, False)
             return
         self.connecting -= 1
-        assert isinstance(proto, UpstreamConn)
         if self.closed:
             proto.close()
             listener.on_upstream_error("pool closed", False)

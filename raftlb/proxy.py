@@ -79,7 +79,7 @@ class ProxyRequest:
     __slots__ = (
         "proxy", "ex", "route", "head", "chunks", "body_len", "retain", "body_done", "node", "conn",
         "attempts", "held_at", "retry_at", "safe_to_repeat", "upstream_chunked", "sent_body", "finished",
-        "avoid", "sent_term",
+        "avoid", "sent_term", "released",
     )
 
     def __init__(self, proxy: ClusterProxy, ex: Exchange, route: RouteDecision, head: bytes) -> None:
@@ -103,6 +103,7 @@ class ProxyRequest:
         self.finished = False
         self.avoid: str | None = None
         self.sent_term = 0  # the table's term when the request was bound to its node
+        self.released = False
 
     def __repr__(self) -> str:
         return f"<ProxyRequest {self.ex.method} {self.ex.target!r} node={self.node} attempts={self.attempts}>"
@@ -463,7 +464,9 @@ class ClusterProxy:
                 waiting.append(req)
                 self.held_bytes += req.body_len
                 continue
-            self.stats.released += 1
+            if not req.released:
+                req.released = True
+                self.stats.released += 1
             req.node = node
             pool = self.pools[node]
             pool.outstanding += 1
