@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import Protocol, cast
 
 import httptools
@@ -19,6 +20,8 @@ log = logging.getLogger("raftlb.pool")
 
 
 class UpstreamListener(Protocol):
+    finished: bool  # the request no longer needs a connection (its client went away)
+
     def on_upstream_ready(self, conn: UpstreamConn) -> None: ...
     def on_upstream_head(self, conn: UpstreamConn, status: int,
                          headers: list[tuple[bytes, bytes]]) -> None: ...
@@ -221,6 +224,9 @@ class NodePool:
         self.write_buffer_high = write_buffer_high
         self.idle: list[UpstreamConn] = []
         self.busy: set[UpstreamConn] = set()
+        # Requests waiting for a connection, served first come first served whichever connection opens
+        # or frees up first: held writes released together reach the node in the order they arrived.
+        self.waiters: deque[UpstreamListener] = deque()
         self.outstanding = 0  # requests assigned to this node and not finished (the balancer's load)
         self.connecting = 0
         self.connect_failures = 0
@@ -229,13 +235,13 @@ class NodePool:
 
     def __repr__(self) -> str:
         return (f"<NodePool node={self.node_id} [{len(self.busy)} active, {len(self.idle)} idle, "
-                f"{self.connecting} connecting]>")
+                f"{self.connecting} connecting, {len(self.waiters)} waiting]>")
 
     def is_available(self) -> bool:
         return bool(self.idle)
 
     def acquire(self, listener: UpstreamListener) -> None:
-        """Give `listener` a connection: now if one is idle, else when a new one is open (or an error)."""
+        """Give `listener` a connection: now if one is idle, else when one opens or frees up (or an error)."""
         idle = self.idle
         while idle:
             conn = idle.pop()
@@ -243,12 +249,14 @@ class NodePool:
                 self.busy.add(conn)
                 listener.on_upstream_ready(conn)
                 return
-        self.connecting += 1
-        task = asyncio.get_running_loop().create_task(self._connect(listener))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.waiters.append(listener)
+        if self.connecting < len(self.waiters):
+            self.connecting += 1
+            task = asyncio.get_running_loop().create_task(self._connect())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    async def _connect(self, listener: UpstreamListener) -> None:
+    async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -258,23 +266,43 @@ class NodePool:
             self.connect_failures += 1
             reason = ("connect timeout" if isinstance(exc, TimeoutError)
                       else f"connect failed: {exc.strerror or exc}")
-            listener.on_upstream_error(reason, False)
+            waiter = self._next_waiter()
+            if waiter is not None:
+                waiter.on_upstream_error(reason, False)
             return
         self.connecting -= 1
         if self.closed:
             proto.close()
-            listener.on_upstream_error("pool closed", False)
             return
-        self.busy.add(proto)
-        listener.on_upstream_ready(proto)
+        self._hand(proto)
 
-    def release(self, conn: UpstreamConn) -> None:
+    def _next_waiter(self) -> UpstreamListener | None:
+        waiters = self.waiters
+        while waiters:
+            w = waiters.popleft()
+            if not w.finished:
+                return w
+        return None
+
+    def _hand(self, conn: UpstreamConn) -> None:
+        """A connection is free: to the oldest waiter, else to the idle list."""
+        waiter = self._next_waiter()
+        if waiter is not None:
+            self.busy.add(conn)
+            waiter.on_upstream_ready(conn)
+            return
         self.busy.discard(conn)
         if self.closed or len(self.idle) >= self.max_idle:
             conn.close()
             return
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
+
+    def release(self, conn: UpstreamConn) -> None:
+        self.busy.discard(conn)
+        if conn.closed:
+            return
+        self._hand(conn)
 
     def _forget(self, conn: UpstreamConn) -> None:
         self.busy.discard(conn)
@@ -297,3 +325,5 @@ class NodePool:
             conn.close()
         for task in self._tasks:
             task.cancel()
+        while (waiter := self._next_waiter()) is not None:
+            waiter.on_upstream_error("node removed", False)

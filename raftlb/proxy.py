@@ -108,10 +108,19 @@ class ProxyRequest:
     def __repr__(self) -> str:
         return f"<ProxyRequest {self.ex.method} {self.ex.target!r} node={self.node} attempts={self.attempts}>"
 
+    @property
+    def hold_size(self) -> int:
+        """What this request counts against the hold budget: its declared or received body size."""
+        return max(self.body_len, self.ex.content_length or 0)
+
     # -- client side --------------------------------------------------------------------------------------
 
     def on_client_body(self, data: bytes) -> None:
         self.body_len += len(data)
+        if self.ex.chunked and self.node is None and self.held_at and not self.finished:
+            self.proxy.held_body_grew(self, len(data))
+            if self.finished:
+                return
         conn = self.conn
         if self.retain and self.body_len > self.proxy.cluster.resend_body_limit:
             self.retain = False
@@ -439,14 +448,25 @@ class ClusterProxy:
         """Park a request until a leader (for reads: any live node) is there; bounded in count and bytes."""
         hold = self.cluster.hold
         if not req.held_at:
-            if len(self.held) >= hold.max_requests or self.held_bytes + req.body_len > hold.max_bytes:
+            if len(self.held) >= hold.max_requests or self.held_bytes + req.hold_size > hold.max_bytes:
                 req._fail(HoldQueueFull("too many requests are waiting for a leader",
                                         retry_after=self.cluster.retry_after))
                 return
             req.held_at = time.monotonic()
             self.stats.held += 1
         self.held.append(req)
-        self.held_bytes += req.body_len
+        self.held_bytes += req.hold_size
+
+    def held_body_grew(self, req: ProxyRequest, n: int) -> None:
+        """A held chunked request received more body: keep the byte budget honest."""
+        if req not in self.held:
+            return
+        self.held_bytes += n
+        if self.held_bytes > self.cluster.hold.max_bytes:
+            self.held.remove(req)
+            self.held_bytes -= req.hold_size
+            req._fail(HoldQueueFull("held writes exceed the hold byte budget",
+                                    retry_after=self.cluster.retry_after))
 
     def _release(self, now: float) -> None:
         """Dispatch held requests that can go now, in arrival order."""
@@ -462,7 +482,7 @@ class ClusterProxy:
             node = self.pick(req, now)
             if node is None:
                 waiting.append(req)
-                self.held_bytes += req.body_len
+                self.held_bytes += req.hold_size
                 continue
             if not req.released:
                 req.released = True
@@ -548,7 +568,7 @@ class ClusterProxy:
                     else:
                         keep.append(req)
                 self.held = keep
-                self.held_bytes = sum(r.body_len for r in keep)
+                self.held_bytes = sum(r.hold_size for r in keep)
             if self.held:
                 self._release(now)
         for pool in self.pools.values():

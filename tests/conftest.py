@@ -80,3 +80,11 @@ async def raw_exchange(port: int, data: bytes, *, read_timeout: float = 5.0,
 @pytest.fixture
 def limits() -> LimitsConfig:
     return replace(LimitsConfig(), header_timeout=1.0, body_timeout=1.0, idle_timeout=5.0)
+
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Tests run on uvloop, the loop `raftlb run` uses in production."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}
