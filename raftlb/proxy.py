@@ -7,7 +7,8 @@ The re-send rule (one place: `ProxyRequest.on_upstream_error`):
 - nothing was written to the node (connect failed)         → re-send to the current leader (after a backoff)
 - written, but the node answered 421 Misdirected Request   → not applied: update the table and re-send
 - written, then the connection died or timed out, or a higher term deposed the node meanwhile
-      → re-send only if the method is idempotent, the request has `Idempotency-Key`, or the route says so;
+      → re-send only if the method is idempotent, the request has `Idempotency-Key` or a Raft session
+        (`X-Raft-Session` + `X-Raft-Seq`, deduplicated by the node), or the route says so;
         otherwise `502 outcome_unknown`
 - the response has started towards the client              → the client connection is cut, never a truncated
                                                               answer presented as complete
@@ -96,8 +97,12 @@ class ProxyRequest:
         self.attempts = 0
         self.held_at = 0.0
         self.retry_at = 0.0
+        # Safe to re-send after an ambiguous failure: idempotent by method or by route, marked by the client,
+        # or a session write (X-Raft-Session + X-Raft-Seq) that a node with sessions applies at most once.
         self.safe_to_repeat = (ex.method in IDEMPOTENT_METHODS or route.idempotent
-                               or ex.header(b"idempotency-key") is not None)
+                               or ex.header(b"idempotency-key") is not None
+                               or (ex.header(b"x-raft-session") is not None
+                                   and ex.header(b"x-raft-seq") is not None))
         self.upstream_chunked = ex.chunked
         self.sent_body = 0  # how many of `chunks` the current connection has been sent
         self.finished = False
@@ -278,14 +283,15 @@ class ProxyRequest:
             ex.abort(reason)
             self._finish()
             return
-        can_resend = self.retain and self.attempts < proxy.cluster.max_resends
         if not written:
-            if can_resend:
-                self.avoid = self.node
-                self._resend("connect_failed", immediate=False)
-                return
-            self._fail(UpstreamFailed(f"node {self.node}: {reason}"))
+            # Nothing reached the node, so re-sending is always safe; the hold timeout bounds it. A node
+            # that refuses connections is down for routing now, not after its announcements go quiet.
+            self.avoid = self.node
+            if self.node is not None:
+                proxy.on_node_unreachable(self.node, reason)
+            self._resend("connect_failed", immediate=False)
             return
+        can_resend = self.retain and self.attempts < proxy.cluster.max_resends
         if can_resend and self.safe_to_repeat:
             self.avoid = self.node
             self._resend("idempotent_retry", immediate=not self.route.needs_leader)
@@ -515,6 +521,18 @@ class ClusterProxy:
 
     def on_node_down(self, node_id: str, reason: str) -> None:
         now = time.monotonic()
+        change = self.table.node_down(node_id, now)
+        if change is not None:
+            self._leader_changed(change, now)
+
+    def on_node_unreachable(self, node_id: str, reason: str) -> None:
+        """The data path could not connect to a node: take it out of routing until it is heard again."""
+        now = time.monotonic()
+        view = self.table.nodes.get(node_id)
+        if view is None or view.down:
+            return
+        log.warning("cluster %s: node %s unreachable (%s); routing around it until it announces again",
+                    self.cluster.name, node_id, reason)
         change = self.table.node_down(node_id, now)
         if change is not None:
             self._leader_changed(change, now)

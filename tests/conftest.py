@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from raftlb.config import AdminConfig, ClusterConfig, Config, LimitsConfig, ListenerConfig, LoggingConfig
 from raftlb.server import Server
+
+if TYPE_CHECKING:
+    from raftlb.demo.cluster import DemoCluster
 
 
 def make_config(cluster: ClusterConfig, *, limits: LimitsConfig | None = None, admin: bool = False,
@@ -88,3 +91,35 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     import uvloop
 
     return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+def demo_cluster() -> Iterator[DemoCluster]:
+    """A real 3-node demo cluster (PySyncObj Raft, one process per node) on free loopback ports."""
+    from raftlb.demo.cluster import DemoCluster
+
+    cluster = DemoCluster(3, log_level="warning")
+    cluster.start(timeout=30)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def demo_cluster_config(cluster: DemoCluster, *, urls: dict[str, str] | None = None,
+                        **overrides: Any) -> ClusterConfig:
+    """raftlb's view of a DemoCluster; `urls` replaces a node's client URL (e.g. with a relay's)."""
+    import re
+
+    from raftlb.config import NodeConfig, RouteConfig
+
+    nodes = []
+    for spec in cluster.nodes.values():
+        url = (urls or {}).get(spec.id, spec.url)
+        port = int(url.rsplit(":", 1)[1])
+        nodes.append(NodeConfig(id=spec.id, url=url, announce_url=spec.url, host="127.0.0.1", port=port))
+    reads = RouteConfig(methods=frozenset({"GET", "HEAD"}), path=re.compile("^/kv"), kind="read",
+                        policy="leader", idempotent=False)
+    kw: dict[str, Any] = {"liveness_timeout": 0.6, "routes": (reads,)}
+    kw.update(overrides)
+    return ClusterConfig(name="demo", kind="native", nodes=tuple(nodes), **kw)
