@@ -2,11 +2,10 @@
 
 Every write is a `Command` in the Raft log; `KVState.apply(command, index)` is deterministic, so replicas that
 apply the same log reach the same state, session table included. Sessions (Raft dissertation §6.3): a write
-carrying `(session, seq)` applies at most once; the table keeps each session's last results, and a repeated
-`(session, seq)` gets the cached result, original index included. Sessions expire by *log time*: each command
-carries the leader's wall clock at submission, and a session idle longer than the TTL of log time is dropped
-at the same log position on every replica. A session is created by its first write (there is no register
-call), so a write retried after its session expired applies again: clients must retry within the TTL.
+carrying `(session, seq)` applies at most once; a repeat gets the cached result, original index included.
+Sessions expire by *log time*: each command carries the leader's wall clock at submission, and a session idle
+longer than the TTL of log time is dropped at the same log position on every replica. A session is created
+by its first write (there is no register call), so a write retried after its session expired applies again.
 """
 from __future__ import annotations
 
@@ -242,8 +241,7 @@ class _GatedSyncObj(SyncObj):  # type: ignore[misc]
 
     def __init__(self, self_addr: str, peers: list[str], conf: Any, consumer: ReplicatedKV,
                  gate: Callable[[Any], None]) -> None:
-        # Set before SyncObj.__init__: the tick thread starts inside it, and attributes that exist at that
-        # point are left out of PySyncObj's snapshots.
+        # Before SyncObj.__init__: its tick thread starts in there; earlier attributes stay out of snapshots.
         self._gate = gate
         super().__init__(self_addr, peers, conf, consumers=[consumer])
 
@@ -294,11 +292,10 @@ class RaftKV:
 
     def wait_bound(self) -> bool:
         """Block until the Raft port is bound; False when binding failed (blocking: call in a thread)."""
-        try:
+        with contextlib.suppress(SyncObjException):
             self._sync.waitBinded()
-        except SyncObjException:
-            return False
-        return True
+            return True
+        return False
 
     def close(self) -> None:
         """Stop PySyncObj (flushes the journal) and wake every waiter."""
@@ -366,6 +363,8 @@ class RaftKV:
         sync = self._sync
         leader = sync._getLeader()
         role = _ROLES.get(self._state, ROLE_FOLLOWER)
+        if leader is not None and role != ROLE_LEADER and not sync.isNodeConnected(leader):
+            leader = None  # PySyncObj keeps a dead leader on a follower that cannot start an election
         return RaftStatus(
             int(sync.raftCurrentTerm), role, None if leader is None else self._ids.get(leader.id, leader.id),
             int(sync.raftCommitIndex), int(sync.raftLastApplied),

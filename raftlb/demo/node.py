@@ -34,6 +34,7 @@ from raftlb.demo.kv import (
     WriteRefused,
 )
 from raftlb.http.app import EventStream, Request, Response, Send, json_response, serve
+from raftlb.tasks import TaskSet
 
 log = logging.getLogger("raftlb.demo")
 
@@ -102,12 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-pid", type=int, help="exit when this process dies (used by DemoCluster)")
     p.add_argument("--pdeathsig", action="store_true",
                    help="Linux: get SIGKILL when the parent thread dies, even if stopped (PR_SET_PDEATHSIG)")
-    p.add_argument("--uvloop", action="store_true", help="run on uvloop instead of the stock event loop")
+    p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                   help="event loop (auto: uvloop when installed)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
 
-def parse_args(argv: list[str] | None) -> tuple[NodeConfig, str, bool]:
+def parse_args(argv: list[str] | None) -> tuple[NodeConfig, str, str]:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
@@ -127,7 +129,7 @@ def parse_args(argv: list[str] | None) -> tuple[NodeConfig, str, bool]:
         session_ttl=ns.session_ttl, compaction_entries=ns.compaction_entries)
     cfg = NodeConfig(ns.id, http, ns.raft, tuple(ns.peer), ns.data_dir, settings, ns.write_timeout,
                      ns.parent_pid, ns.pdeathsig)
-    return cfg, ns.log_level, ns.uvloop
+    return cfg, ns.log_level, ns.loop
 
 
 class NodeApp:
@@ -288,12 +290,13 @@ async def run(cfg: NodeConfig) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    watcher = loop.create_task(_watch_parent(cfg.parent_pid, stop), name="demo:parent-watch")
+    tasks = TaskSet(f"demo-{cfg.id}")
+    tasks.spawn(_watch_parent(cfg.parent_pid, stop), "parent-watch")
     log.info("node %s up: http=%s:%d raft=%s data=%s", cfg.id, *cfg.http, cfg.raft, cfg.data_dir)
     await stop.wait()
     # Shutdown: 1. end the announce streams and stop accepting; 2. let in-flight requests finish (bounded);
     # 3. close the rest; 4. stop Raft (flushes the journal).
-    watcher.cancel()
+    await tasks.close()
     app.close()
     await server.drain(1.0)
     await server.close()
@@ -326,17 +329,21 @@ def _die_with_parent(parent_pid: int | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, level, use_uvloop = parse_args(argv)
+    cfg, level, loop = parse_args(argv)
     if cfg.pdeathsig:
         _die_with_parent(cfg.parent_pid)
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not use_uvloop:
-        return asyncio.run(run(cfg))
-    import uvloop
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(run(cfg))
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                raise
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(run(cfg))
+    return asyncio.run(run(cfg))
 
 
 if __name__ == "__main__":

@@ -371,11 +371,11 @@ async def test_announce_stream_reports_a_leader_change_at_once_and_keeps_ticking
 
 
 def test_cli_parses_peers_and_rejects_bad_addresses(capsys: pytest.CaptureFixture[str]) -> None:
-    cfg, level, uv = parse_args(["--id", "n1", "--http", "127.0.0.1:7001", "--raft", "127.0.0.1:7101",
+    cfg, level, loop = parse_args(["--id", "n1", "--http", "127.0.0.1:7001", "--raft", "127.0.0.1:7101",
                                  "--peer", "n2=127.0.0.1:7002/127.0.0.1:7102", "--data-dir", "/tmp/x",
                                  "--election-timeout", "0.2:0.4"])
     assert cfg.peers == (Peer("n2", ("127.0.0.1", 7002), "127.0.0.1:7102"),)
-    assert cfg.raft_settings.election_timeout == (0.2, 0.4) and (level, uv) == ("info", False)
+    assert cfg.raft_settings.election_timeout == (0.2, 0.4) and (level, loop) == ("info", "auto")
     for bad in (["--peer", "n2=127.0.0.1:7002"], ["--peer", "n1=127.0.0.1:1/127.0.0.1:2"],
                 ["--http", "nohost"], ["--election-timeout", "0.05:0.1"]):
         with pytest.raises(SystemExit) as exc:

@@ -257,6 +257,25 @@ def test_isolated_leader_refuses_writes_then_steps_down(cluster: DemoCluster, ht
     cluster.wait_for_leader()
 
 
+def test_lone_survivor_forgets_the_dead_leader_and_refuses_writes(cluster: DemoCluster,
+                                                                   http: httpx.Client) -> None:
+    # PySyncObj never starts an election on a node connected to nobody, and keeps naming its old leader.
+    leader, (other, survivor) = leader_and_followers(cluster)
+    cluster.kill(other)
+    cluster.kill(leader)
+
+    def forgot() -> dict[str, Any] | None:
+        s = cluster.status(survivor)
+        return s if s is not None and s["leader"] is None else None
+
+    status = cluster.wait_for(forgot, 3.0, f"{survivor} to drop the dead leader")
+    assert status["role"] in ("follower", "candidate")
+    r = http.put(cluster.url(survivor) + "/kv/alone", content=b"x")
+    assert (r.status_code, r.headers["x-raft-leader"]) == (421, "")
+    cluster.restart(other)
+    assert cluster.wait_for_leader() in (other, survivor)
+
+
 def test_whole_cluster_restart_keeps_data_and_term(cluster: DemoCluster, http: httpx.Client) -> None:
     leader, _ = leader_and_followers(cluster)
     w = http.put(cluster.url(leader) + "/kv/durable", content=b"kept")
