@@ -27,8 +27,8 @@ ClusterKind = Literal["native", "etcd", "json"]
 RouteKind = Literal["read", "write"]
 ReadPolicy = Literal["leader", "any", "fenced", "bounded", "linearizable"]
 READ_POLICIES: tuple[str, ...] = ("leader", "any", "fenced", "bounded", "linearizable")
-# Policies the data path implements today; the others are rejected by validation with a clear message.
-SUPPORTED_READ_POLICIES: tuple[str, ...] = ("leader", "any")
+# Policies the data path implements (all of them; kept separate so a new policy can land in steps).
+SUPPORTED_READ_POLICIES: tuple[str, ...] = READ_POLICIES
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ class RouteConfig:
     kind: RouteKind
     policy: ReadPolicy  # only meaningful for reads
     idempotent: bool  # a write on this route may be re-sent after an ambiguous failure
+    max_lag_entries: int | None = None  # bounded reads: a node at most this many entries behind the leader
+    max_lag_ms: int | None = None  # bounded reads: a node caught up with the leader at most this long ago
+    prefer_followers: bool = True  # reads: the leader serves only when no follower is eligible
+    cookie: bool | None = None  # set/honour the raftlb-index cookie; None: the cluster's index_cookie
+    fence_wait: float | None = None  # fenced reads: how long to wait for a node to reach the index
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,30 @@ class PoolConfig:
     idle_timeout: float = 30.0
 
 
+FieldPath = tuple[str, ...]  # a dotted path into a JSON document; () is the whole document
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    """How the `json` adapter reads a node's status: the request, then where each announcement field sits
+    in the JSON answer and how its values map (docs/clusters.md). Mappings are kept as pairs so the config
+    stays hashable; raw role values are compared case-insensitively."""
+
+    term: FieldPath
+    path: str = "/status"
+    method: str = "GET"
+    body: bytes | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    role: FieldPath | None = None  # without it the role follows from `leader` (this node, another, none)
+    roles: tuple[tuple[str, str], ...] = ()  # raw value -> role; default: the role names themselves
+    leader: FieldPath | None = None
+    leader_ids: tuple[tuple[str, str], ...] = ()  # raw leader value -> node id, checked first
+    leader_match: Literal["address", "host"] = "address"  # else: node id, or host:port / host of a node
+    applied_index: FieldPath | None = None  # the index that fences reads
+    commit_index: FieldPath | None = None
+    has_quorum: FieldPath | None = None
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     name: str
@@ -83,8 +112,15 @@ class ClusterConfig:
     resend_body_limit: int = 1024 * 1024  # request bodies up to this size are kept for re-sending
     max_resends: int = 3
     retry_after: int = 1  # seconds, on 503s the proxy produces
+    fence_wait: float = 1.0  # fenced reads wait this long for some node to reach the client's index
+    index_cookie: bool = False  # every route sets and honours the raftlb-index cookie (routes may override)
+    read_index_path: str = "/raft/read_index"  # where the leader hands out read indexes (linearizable)
+    session_gap_wait: float = 1.0  # a session write waits this long for the seq before it to arrive
+    max_sessions: int = 100_000  # session ordering state kept (least recently used dropped beyond)
     hold: HoldConfig = field(default_factory=HoldConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    sidecar: bool = False  # etcd/json: each node's announce_url is a `raftlb announce` sidecar (streamed)
+    status: StatusConfig | None = None  # kind json: how a status answer is read
 
 
 @dataclass(frozen=True)
@@ -141,6 +177,8 @@ class Config:
 
 
 CLUSTER_KINDS: tuple[str, ...] = ("native", "etcd", "json")
+ETCD_POLL_INTERVAL = 0.025  # etcd's status answer is cheap: poll it often, so a new leader is seen soon
+_ANNOUNCE_ROLES: tuple[str, ...] = ("leader", "follower", "candidate", "learner")  # as leader_table.ROLES
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 LOG_FORMATS: tuple[str, ...] = ("text", "json")
 
@@ -459,6 +497,9 @@ _CLUSTER: dict[str, _Conv] = {
     "resend_body_limit": _Cursor.size, "max_resends": _Cursor.integer,
     "retry_after": lambda c: math.ceil(c.duration()),  # Retry-After is in whole seconds
     "hold": _make(HoldConfig, _HOLD), "pool": _make(PoolConfig, _POOL),
+    "fence_wait": lambda c: c.duration(allow_zero=True), "index_cookie": _Cursor.boolean,
+    "read_index_path": lambda c: _abs_path(c), "session_gap_wait": lambda c: c.duration(allow_zero=True),
+    "max_sessions": _at_least_one,
 }
 _TOP: dict[str, _Conv] = {
     "limits": _make(LimitsConfig, _LIMITS),
@@ -529,10 +570,11 @@ def _listener(
 
 
 def _cluster(cur: _Cursor, names: dict[str, int | None]) -> ClusterConfig:
-    m = cur.mapping(("name", "kind", "nodes", "routes", "reconnect", *_CLUSTER))
+    m = cur.mapping(("name", "kind", "nodes", "routes", "reconnect", "sidecar", "status", *_CLUSTER))
     name = (name_cur := m.require("name")).name()
     _claim(names, name, name_cur, "cluster name")
     fields = m.fields(_CLUSTER)
+    fields.update(_adapter_fields(m))
     if reconnect := m.get("reconnect"):
         backoff = reconnect.mapping(_RECONNECT).fields(_RECONNECT)
         fields.update((f"reconnect_{key}", value) for key, value in backoff.items())
@@ -547,6 +589,90 @@ def _cluster(cur: _Cursor, names: dict[str, int | None]) -> ClusterConfig:
     if reconnect and cfg.reconnect_min > cfg.reconnect_max:
         raise reconnect.error(f"min ({cfg.reconnect_min:g}s) must not exceed max ({cfg.reconnect_max:g}s)")
     return cfg
+
+
+def _adapter_fields(m: _Map) -> dict[str, Any]:
+    """`sidecar`, `status` and the kind's default poll interval, checked against the cluster's kind."""
+    kind = m.opt("kind", lambda c: c.choice(CLUSTER_KINDS), "native")
+    fields: dict[str, Any] = {}
+    if (sidecar := m.get("sidecar")) is not None:
+        if kind == "native":
+            raise sidecar.error("only applies to kind etcd or json (native nodes announce themselves)")
+        fields["sidecar"] = sidecar.boolean()
+    status = m.get("status")
+    if kind == "json":
+        need = "is required for kind json: where the term, role and leader are in a node's status answer"
+        fields["status"] = _status(m.require("status", need))
+    elif status is not None:
+        raise status.error("only applies to kind json")
+    if kind == "etcd" and "poll_interval" not in m.entries:
+        fields["poll_interval"] = ETCD_POLL_INTERVAL
+    return fields
+
+
+_STATUS_FIELDS = ("term", "role", "leader", "applied_index", "commit_index", "has_quorum")
+
+
+def _status(cur: _Cursor) -> StatusConfig:
+    m = cur.mapping(("path", "method", "body", "headers", "roles", "leader_ids", "leader_match",
+                     *_STATUS_FIELDS))
+    m.require("term", "is required: the path of the node's Raft term in its status answer")
+    if m.get("role") is None and m.get("leader") is None:
+        m.require("role", "role or leader (or both) is required: where the node says who leads")
+    paths = {key: _field_path(c) for key in _STATUS_FIELDS if (c := m.get(key)) is not None}
+    body = m.opt("body", lambda c: c.text().encode(), None)
+    return StatusConfig(
+        path=m.opt("path", _abs_path_text, "/status"),
+        method=m.opt("method", _method, "GET"),
+        body=body,
+        headers=m.opt("headers", lambda c: _pairs(c, _header_name, _Cursor.text), ()),
+        roles=m.opt("roles", lambda c: _pairs(c, lambda k: k.text().lower(), _role), ()),
+        leader_ids=m.opt("leader_ids", lambda c: _pairs(c, _Cursor.text, _Cursor.name), ()),
+        leader_match=cast(Literal["address", "host"],
+                          m.opt("leader_match", lambda c: c.choice(("address", "host")), "address")),
+        **paths,
+    )
+
+
+def _field_path(cur: _Cursor) -> FieldPath:
+    """`store.raft.term` -> ("store", "raft", "term"); `$` is the whole document (a bare JSON value)."""
+    text = cur.text("a dotted path like store.raft.term, or $ for the whole document")
+    if text == "$":
+        return ()
+    parts = tuple(text.removeprefix("$.").split("."))
+    if not all(p and not p.isspace() for p in parts):
+        raise cur.bad("a dotted path like store.raft.term (no empty parts), or $ for the whole document")
+    return parts
+
+
+def _role(cur: _Cursor) -> str:
+    return cur.choice(_ANNOUNCE_ROLES)
+
+
+def _header_name(cur: _Cursor) -> str:
+    if not _METHOD.fullmatch((name := cur.text("a header name")).upper()):
+        raise cur.bad("a header name")
+    return name
+
+
+def _abs_path_text(cur: _Cursor) -> str:
+    if not (path := cur.text()).startswith("/"):
+        raise cur.bad("an absolute path like /status")
+    return path
+
+
+def _pairs(cur: _Cursor, key: Callable[[_Cursor], str], value: Callable[[_Cursor], str]
+           ) -> tuple[tuple[str, str], ...]:
+    """A free-form mapping (keys are data, not settings) as (key, value) pairs; repeated keys are errors."""
+    if not isinstance(cur.node, yaml.MappingNode):
+        raise cur.bad("a mapping")
+    seen: dict[str, int | None] = {}
+    pairs = []
+    for key_node, value_node in cur.node.value:
+        k = key(key_cur := cur.at(key_node, str(key_node.value)))
+        _claim(seen, k, key_cur, "key")
+        pairs.append((k, value(cur.at(value_node, str(key_node.value)))))
+    return tuple(pairs)
 
 
 def _nodes(cur: _Cursor) -> tuple[NodeConfig, ...]:
@@ -564,18 +690,41 @@ def _nodes(cur: _Cursor) -> tuple[NodeConfig, ...]:
     return tuple(nodes)
 
 
+_READ_ONLY_KEYS = ("policy", "max_lag_entries", "max_lag_ms", "prefer_followers", "fence_wait")
+
+
 def _route(cur: _Cursor) -> RouteConfig:
-    m = cur.mapping(("methods", "path", "kind", "policy", "idempotent"))
+    m = cur.mapping(("methods", "path", "kind", "idempotent", "cookie", *_READ_ONLY_KEYS))
     kind = cast(RouteKind, m.opt("kind", lambda c: c.choice(("read", "write")), "write"))
-    if (policy := m.get("policy")) and kind == "write":
-        raise policy.error("only applies to read routes (add `kind: read`)")
+    if kind == "write":
+        for key in _READ_ONLY_KEYS:
+            if (value := m.get(key)) is not None:
+                raise value.error("only applies to read routes (add `kind: read`)")
+    policy: ReadPolicy = m.opt("policy", _read_policy, "fenced" if kind == "read" else "leader")
+    lag_entries = m.opt("max_lag_entries", _Cursor.integer, None)
+    lag_ms = m.opt("max_lag_ms", _Cursor.integer, None)
+    if (lag_entries is not None or lag_ms is not None) and policy != "bounded":
+        raise (m.get("max_lag_entries") or m.require("max_lag_ms")).error("only applies to policy: bounded")
+    if policy == "bounded" and lag_entries is None and lag_ms is None:
+        raise m.require("policy").error("bounded needs max_lag_entries and/or max_lag_ms")
     return RouteConfig(
         methods=m.opt("methods", lambda c: frozenset(_method(item) for item in c.items()), None),
         path=m.opt("path", _regex, None),
         kind=kind,
-        policy=cast(ReadPolicy, m.opt("policy", _read_policy, "leader")),
+        policy=policy,
         idempotent=m.opt("idempotent", _Cursor.boolean, False),
+        max_lag_entries=lag_entries,
+        max_lag_ms=lag_ms,
+        prefer_followers=m.opt("prefer_followers", _Cursor.boolean, True),
+        cookie=m.opt("cookie", _Cursor.boolean, None),
+        fence_wait=m.opt("fence_wait", lambda c: c.duration(allow_zero=True), None),
     )
+
+
+def _abs_path(cur: _Cursor) -> str:
+    if not (path := cur.text()).startswith("/"):
+        raise cur.bad("an absolute path like /raft/read_index")
+    return path
 
 
 def _method(cur: _Cursor) -> str:
@@ -592,11 +741,11 @@ def _regex(cur: _Cursor) -> re.Pattern[str]:
         raise cur.error(f"invalid regular expression: {exc}") from None
 
 
-def _read_policy(cur: _Cursor) -> str:
+def _read_policy(cur: _Cursor) -> ReadPolicy:
     if (policy := cur.choice(READ_POLICIES)) not in SUPPORTED_READ_POLICIES:
         supported = ", ".join(SUPPORTED_READ_POLICIES)
         raise cur.error(f"policy {policy!r} is not supported yet (supported: {supported})")
-    return policy
+    return cast(ReadPolicy, policy)
 
 
 def _suggest(word: str, options: Collection[str], list_all: bool = True) -> str:

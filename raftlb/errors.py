@@ -9,6 +9,7 @@ RaftLBError
     ├── UpstreamFailed     502 upstream_failed: the node failed and no re-send is left
     ├── UpstreamTimeout    504 upstream_timeout: the node did not answer within the response timeout
     ├── IndexNotReached    504 index_not_reached: no node reached the requested index in time
+    ├── SessionGap         409 session_seq_gap: an earlier X-Raft-Seq of the session never arrived
     ├── BadRequest         400 bad_request: malformed or smuggling-prone HTTP
     ├── RequestTimeout     408 request_timeout: headers or body not received in time
     ├── PayloadTooLarge    413 payload_too_large
@@ -95,6 +96,11 @@ class UpstreamTimeout(ProxyError):
 class IndexNotReached(ProxyError):
     status = 504
     code = "index_not_reached"
+
+
+class SessionGap(ProxyError):
+    status = 409
+    code = "session_seq_gap"
 
 
 class BadRequest(ProxyError):

@@ -24,9 +24,11 @@ from collections.abc import Callable
 from raftlb.config import ClusterConfig
 from raftlb.errors import (
     HoldQueueFull,
+    IndexNotReached,
     NoLeader,
     OutcomeUnknown,
     ProxyError,
+    SessionGap,
     UpstreamFailed,
     UpstreamTimeout,
 )
@@ -39,7 +41,9 @@ from raftlb.http.server import (
 )
 from raftlb.leader_table import Announcement, LeaderChange, LeaderTable
 from raftlb.pool import NodePool, UpstreamConn
+from raftlb.reads import ReadIndexBroker, eligible_nodes
 from raftlb.router import IDEMPOTENT_METHODS, RouteDecision, Router, power_of_two
+from raftlb.sessions import SessionOrder
 
 log = logging.getLogger("raftlb.proxy")
 
@@ -54,11 +58,24 @@ RESPONSE_DROP = frozenset({
 })
 
 
+def cookie_index(header: bytes | None) -> int:
+    """The raftlb-index token from a Cookie header (0 when absent or malformed)."""
+    if not header or b"raftlb-index=" not in header:
+        return 0
+    for part in header.split(b";"):
+        name, _, value = part.strip().partition(b"=")
+        if name == b"raftlb-index" and value.isdigit():
+            return int(value)
+    return 0
+
+
 class ProxyStats:
     """Counters the metrics module reads; plain ints so the hot path pays nothing."""
 
     __slots__ = ("requests", "held", "released", "expired", "resends", "outcome_unknown", "misdirected",
-                 "preempted", "responses_by_class", "rejected_announcements", "leader_changes")
+                 "preempted", "responses_by_class", "rejected_announcements", "leader_changes",
+                 "reads_leader", "reads_follower", "fence_waited", "fence_fallback", "fence_stale", "session_parked",
+                 "session_gaps")
 
     def __init__(self) -> None:
         self.requests = 0
@@ -72,6 +89,13 @@ class ProxyStats:
         self.responses_by_class = [0] * 6
         self.rejected_announcements = 0
         self.leader_changes = 0
+        self.reads_leader = 0
+        self.reads_follower = 0
+        self.fence_waited = 0  # fenced reads that found no node at their index and waited
+        self.fence_fallback = 0  # reads sent to the leader because no follower qualified in time
+        self.fence_stale = 0  # answers discarded because they reflected an index below the client's token
+        self.session_parked = 0
+        self.session_gaps = 0
 
 
 class ProxyRequest:
@@ -80,7 +104,8 @@ class ProxyRequest:
     __slots__ = (
         "proxy", "ex", "route", "head", "chunks", "body_len", "retain", "body_done", "node", "conn",
         "attempts", "held_at", "retry_at", "safe_to_repeat", "upstream_chunked", "sent_body", "finished",
-        "avoid", "sent_term", "released",
+        "avoid", "sent_term", "released", "to_leader", "min_index", "read_index", "fence_deadline", "session",
+        "waited",
     )
 
     def __init__(self, proxy: ClusterProxy, ex: Exchange, route: RouteDecision, head: bytes) -> None:
@@ -109,6 +134,18 @@ class ProxyRequest:
         self.avoid: str | None = None
         self.sent_term = 0  # the table's term when the request was bound to its node
         self.released = False
+        self.to_leader = route.needs_leader  # writes, leader reads, and reads that fell back to the leader
+        self.min_index = 0  # the client's token (X-Raft-Min-Index / raftlb-index cookie)
+        self.read_index: int | None = None  # linearizable reads: the index the leader handed out
+        self.fence_deadline = 0.0  # fenced reads waiting for a node to reach their index
+        self.session: tuple[str, int] | None = None  # (X-Raft-Session, X-Raft-Seq) of a session write
+        self.waited = False
+
+    @property
+    def floor(self) -> int:
+        """The lowest index an answer may reflect."""
+        ri = self.read_index
+        return self.min_index if ri is None or ri < self.min_index else ri
 
     def __repr__(self) -> str:
         return f"<ProxyRequest {self.ex.method} {self.ex.target!r} node={self.node} attempts={self.attempts}>"
@@ -171,7 +208,7 @@ class ProxyRequest:
         if self.finished or node is None:
             conn.pool.release(conn)
             return
-        if self.route.needs_leader and proxy.table.leader(time.monotonic()) not in (node, None):
+        if self.to_leader and proxy.table.leader(time.monotonic()) not in (node, None):
             # The leader moved while this connection was being opened.
             conn.pool.release(conn)
             proxy.pools[node].outstanding -= 1
@@ -226,6 +263,25 @@ class ProxyRequest:
             proxy.on_misdirected(self.node or "", hint, term)
             self._resend("misdirected", immediate=True)
             return
+        floor = self.floor
+        index = -1
+        if floor or self.route.cookie:
+            for k, v in headers:
+                if k == b"x-raft-index":
+                    index = int(v) if v.isdigit() else -1
+                    break
+            if 0 <= index < floor and self.route.kind == "read" and status < 500:
+                # The node answered from state older than the client's token: never return that.
+                conn.abandon()
+                self.conn = None
+                proxy.stats.fence_stale += 1
+                if self.attempts >= proxy.cluster.max_resends:
+                    self._fail(IndexNotReached(f"no node served index {floor} in time", index=floor))
+                    return
+                was_leader = self.to_leader
+                self.to_leader = True
+                self._resend("fence_stale", immediate=not was_leader)
+                return
         ex = self.ex
         ex.status = status
         ex.on_pause_writing = self.on_client_pause
@@ -238,10 +294,17 @@ class ProxyRequest:
             if k == b"x-raft-term":
                 has_term = True
             parts += (k, b": ", v, b"\r\n")
-        assert self.node is not None
-        parts.append(proxy.node_headers[self.node])
+        node = self.node
+        assert node is not None
+        parts.append(proxy.node_headers[node])
         if not has_term:
             parts.append(b"x-raft-term: %d\r\n" % proxy.table.term)
+        if self.route.cookie:
+            token = index if index > self.min_index else self.min_index
+            if token > 0:
+                parts.append(b"set-cookie: raftlb-index=%d; Path=/; SameSite=Lax\r\n" % token)
+        if self.route.kind == "read":
+            proxy.count_read(self, node)
         if status in (204, 304) or (status < 200):
             framing, length = FRAMING_NONE, 0
         elif conn.resp_chunked or conn.until_close:
@@ -294,7 +357,7 @@ class ProxyRequest:
         can_resend = self.retain and self.attempts < proxy.cluster.max_resends
         if can_resend and self.safe_to_repeat:
             self.avoid = self.node
-            self._resend("idempotent_retry", immediate=not self.route.needs_leader)
+            self._resend("idempotent_retry", immediate=not self.to_leader)
             return
         if self.route.kind == "read":
             err: ProxyError = UpstreamTimeout(f"node {self.node}: {reason}") if "no response" in reason \
@@ -352,12 +415,17 @@ class ClusterProxy:
         self.cluster = cluster
         self.write_buffer_high = write_buffer_high
         self.table = LeaderTable([n.id for n in cluster.nodes], cluster.liveness_timeout)
-        self.router = Router(cluster.routes)
+        self.router = Router(cluster.routes, index_cookie=cluster.index_cookie, fence_wait=cluster.fence_wait)
         self.pools: dict[str, NodePool] = {}
         self.node_headers: dict[str, bytes] = {}
         self.held: deque[ProxyRequest] = deque()
         self.held_bytes = 0
         self.inflight: set[ProxyRequest] = set()
+        self.fence_waiting: list[ProxyRequest] = []
+        self.caught_up_at: dict[str, float] = {}  # node -> last time its applied index reached the commit
+        self.sessions: SessionOrder[ProxyRequest] = SessionOrder(cluster.session_gap_wait,
+                                                                 cluster.max_sessions)
+        self.broker = ReadIndexBroker(self, cluster.read_index_path)
         self.stats = ProxyStats()
         self.on_change = on_change
         self.leaderless_since: float | None = time.monotonic()
@@ -397,8 +465,21 @@ class ClusterProxy:
         req = ProxyRequest(self, ex, route, self._upstream_head(ex))
         ex.on_abort = req.on_client_abort
         ex.set_body_sink(req.on_client_body, req.on_client_body_end)
-        if not req.finished:
-            self.dispatch(req)
+        if req.finished:
+            return
+        token = ex.header(b"x-raft-min-index")
+        if token is not None and token.isdigit():
+            req.min_index = int(token)
+        if route.cookie:
+            req.min_index = max(req.min_index, cookie_index(ex.header(b"cookie")))
+        if route.kind == "write":
+            sid, seq = ex.header(b"x-raft-session"), ex.header(b"x-raft-seq")
+            if sid is not None and seq is not None and seq.isdigit():
+                req.session = (sid.decode("latin-1"), int(seq))
+                if not self.sessions.admit(req, req.session[0], req.session[1], time.monotonic()):
+                    self.stats.session_parked += 1
+                    return
+        self.dispatch(req)
 
     def _upstream_head(self, ex: Exchange) -> bytes:
         parts = [ex.method.encode("ascii"), b" ", ex.target, b" HTTP/1.1\r\n"]
@@ -426,29 +507,79 @@ class ClusterProxy:
         return b"".join(parts)
 
     def pick(self, req: ProxyRequest, now: float) -> str | None:
-        """The node for this request now, or None: hold it."""
-        if req.route.needs_leader:
+        """The node for this request now, or None (no leader, or no node eligible for the read)."""
+        if req.to_leader:
             if req.retry_at > now:
                 return None
             return self.table.leader(now)
-        live = self.table.live_nodes(now)
-        if not live:
+        cands = eligible_nodes(self.table, req.route, req.floor, now, self.caught_up_at)
+        if not cands:
             return None
-        if req.avoid is not None and len(live) > 1 and req.avoid in live:
-            live = [n for n in live if n != req.avoid]
+        if len(cands) > 1:
+            if req.route.prefer_followers:
+                leader = self.table.leader(now)
+                if leader in cands:
+                    cands = [n for n in cands if n != leader]
+            if req.avoid is not None and len(cands) > 1 and req.avoid in cands:
+                cands = [n for n in cands if n != req.avoid]
         pools = self.pools
-        return power_of_two(live, lambda n: pools[n].outstanding)
+        return power_of_two(cands, lambda n: pools[n].outstanding)
 
     def dispatch(self, req: ProxyRequest) -> None:
+        """Route a request now: to its node, the hold queue, the fence wait list or the read-index broker."""
         now = time.monotonic()
+        if not req.to_leader and req.route.policy == "linearizable" and req.read_index is None:
+            self.broker.submit(req)
+            return
         node = self.pick(req, now)
-        if node is None:
+        if node is not None:
+            self._send(req, node)
+            return
+        policy = req.route.policy
+        if req.to_leader or policy == "any":
             self.hold(req)
             return
+        if policy == "bounded":
+            self._fall_back_to_leader(req)
+            return
+        # fenced / linearizable: wait for an announcement showing a node at the index, then the leader.
+        if not req.fence_deadline:
+            req.fence_deadline = now + req.route.fence_wait
+            req.waited = True
+            self.stats.fence_waited += 1
+        if now >= req.fence_deadline:
+            self._fall_back_to_leader(req)
+            return
+        self.fence_waiting.append(req)
+
+    def _fall_back_to_leader(self, req: ProxyRequest) -> None:
+        req.to_leader = True
+        self.stats.fence_fallback += 1
+        self.dispatch(req)
+
+    def _send(self, req: ProxyRequest, node: str) -> None:
         req.node = node
         pool = self.pools[node]
         pool.outstanding += 1
         pool.acquire(req)
+
+    def count_read(self, req: ProxyRequest, node: str) -> None:
+        if node == self.table.leader(time.monotonic()):
+            self.stats.reads_leader += 1
+        else:
+            self.stats.reads_follower += 1
+
+    def _recheck_fenced(self, now: float) -> None:
+        """An announcement arrived: fenced reads waiting for an index may have a node now."""
+        waiting, self.fence_waiting = self.fence_waiting, []
+        for req in waiting:
+            if req.finished:
+                continue
+            node = self.pick(req, now)
+            if node is None:
+                self.fence_waiting.append(req)
+            else:
+                self._send(req, node)
 
     def hold(self, req: ProxyRequest) -> None:
         """Park a request until a leader (for reads: any live node) is there; bounded in count and bytes."""
@@ -493,16 +624,18 @@ class ClusterProxy:
             if not req.released:
                 req.released = True
                 self.stats.released += 1
-            req.node = node
-            pool = self.pools[node]
-            pool.outstanding += 1
-            pool.acquire(req)
+            self._send(req, node)
 
     def _forget(self, req: ProxyRequest) -> None:
         self.inflight.discard(req)
         if req.node is not None:
             self.pools[req.node].outstanding -= 1
             req.node = None
+        if req.session is not None:
+            nxt = self.sessions.done(req, req.session[0])
+            req.session = None
+            if nxt is not None and not nxt.finished:
+                self.dispatch(nxt)
 
     # -- the control plane --------------------------------------------------------------------------------
 
@@ -516,8 +649,16 @@ class ClusterProxy:
             return
         if change is not None:
             self._leader_changed(change, now)
-        elif self.held and self.table.leader(now) is not None:
+        elif self.held:
             self._release(now)
+        leader = self.table.leader(now)
+        if leader is not None:
+            view = self.table.nodes[node_id]
+            commit = self.table.nodes[leader].commit_index
+            if node_id == leader or (commit is not None and (view.applied_index or 0) >= commit):
+                self.caught_up_at[node_id] = now
+        if self.fence_waiting:
+            self._recheck_fenced(now)
 
     def on_node_down(self, node_id: str, reason: str) -> None:
         now = time.monotonic()
@@ -564,6 +705,7 @@ class ClusterProxy:
             for req in self.held:
                 req.retry_at = 0.0
             self._release(now)
+            self.broker.kick()
         if self.on_change is not None:
             self.on_change(change)
 
@@ -589,6 +731,26 @@ class ClusterProxy:
                 self.held_bytes = sum(r.hold_size for r in keep)
             if self.held:
                 self._release(now)
+        if self.fence_waiting:
+            waiting, self.fence_waiting = self.fence_waiting, []
+            for req in waiting:
+                if req.finished:
+                    continue
+                if req.fence_deadline <= now:
+                    self._fall_back_to_leader(req)
+                else:
+                    self.fence_waiting.append(req)
+        for req in self.sessions.expired(now):
+            self.stats.session_gaps += 1
+            req.session = None
+            req._fail(SessionGap("an earlier X-Raft-Seq of this session did not arrive in time"))
+        if self.broker.pending:
+            timeout = self.cluster.hold.timeout
+            for req in [r for r in self.broker.pending if r.ex.started_at + timeout <= now]:
+                self.broker.pending.remove(req)
+                req._fail(NoLeader("no leader to obtain a read index from",
+                                   retry_after=self.cluster.retry_after))
+            self.broker.kick()
         for pool in self.pools.values():
             pool.sweep(now)
 
@@ -598,7 +760,9 @@ class ClusterProxy:
         old_ids = {n.id for n in self.cluster.nodes}
         new_ids = {n.id for n in cluster.nodes}
         self.cluster = cluster
-        self.router = Router(cluster.routes)
+        self.router = Router(cluster.routes, index_cookie=cluster.index_cookie, fence_wait=cluster.fence_wait)
+        self.sessions.gap_wait, self.sessions.max_sessions = cluster.session_gap_wait, cluster.max_sessions
+        self.broker.path = cluster.read_index_path.encode("latin-1")
         self.table.liveness_timeout = cluster.liveness_timeout
         for nid in new_ids - old_ids:
             self.table.add_node(nid)

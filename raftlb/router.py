@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from raftlb.config import SUPPORTED_READ_POLICIES, RouteConfig
 
@@ -17,32 +17,45 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 
 @dataclass(frozen=True, slots=True)
 class RouteDecision:
-    """How one request is routed. `kind` is "write" or "read"; `policy` applies to reads."""
+    """How one request is routed. `kind` is "write" or "read"; the rest applies to reads, except
+    `idempotent` (writes on the route may be re-sent after an ambiguous failure) and `cookie`."""
 
     kind: str
     policy: str
-    idempotent: bool  # the route says writes on it may be re-sent after an ambiguous failure
+    idempotent: bool = False
+    cookie: bool = False
+    prefer_followers: bool = True
+    fence_wait: float = 1.0
+    max_lag_entries: int | None = None
+    max_lag_ms: int | None = None
 
     @property
     def needs_leader(self) -> bool:
         return self.kind == "write" or self.policy == "leader"
 
 
-WRITE = RouteDecision("write", "leader", False)
+WRITE = RouteDecision("write", "leader")
 
 
 class Router:
     """Classifies requests by the configured routes: first match wins; no match is a write."""
 
-    def __init__(self, routes: Sequence[RouteConfig]) -> None:
+    def __init__(self, routes: Sequence[RouteConfig], *, index_cookie: bool = False,
+                 fence_wait: float = 1.0) -> None:
         self.routes = tuple(routes)
-        self._decisions = tuple(RouteDecision(r.kind, r.policy, r.idempotent) for r in self.routes)
+        self._decisions = tuple(
+            RouteDecision(r.kind, r.policy, r.idempotent, index_cookie if r.cookie is None else r.cookie,
+                          r.prefer_followers, fence_wait if r.fence_wait is None else r.fence_wait,
+                          r.max_lag_entries, r.max_lag_ms)
+            for r in self.routes)
+        self._write = replace(WRITE, cookie=index_cookie)
         self._override_cache: dict[tuple[RouteDecision, str], RouteDecision] = {}
 
     def classify(self, method: str, path: str, consistency: str | None = None) -> RouteDecision:
         """The decision for a request. `consistency` is the `X-Raft-Consistency` header, if any: it may
-        change a read's policy, never turn a write into a read."""
-        decision = WRITE
+        change a read's policy (`bounded` only where the route sets its lag limits), never turn a write
+        into a read."""
+        decision = self._write
         for route, d in zip(self.routes, self._decisions, strict=True):
             if route.methods is not None and method not in route.methods:
                 continue
@@ -55,8 +68,10 @@ class Router:
             cached = self._override_cache.get(key)
             if cached is None:
                 policy = consistency.strip().lower()
-                cached = RouteDecision("read", policy, decision.idempotent) \
-                    if policy in SUPPORTED_READ_POLICIES else decision
+                usable = policy in SUPPORTED_READ_POLICIES and (
+                    policy != "bounded" or decision.max_lag_entries is not None
+                    or decision.max_lag_ms is not None)
+                cached = replace(decision, policy=policy) if usable else decision
                 if len(self._override_cache) < 64:
                     self._override_cache[key] = cached
             decision = cached

@@ -250,9 +250,19 @@ BAD = [
         GOOD + "    reconnect: {min: 3s}\n", "reconnect: min (3s) must not exceed max (2s)", id="reconnect"
     ),
     pytest.param(
-        GOOD + "    routes: [{kind: read, policy: fenced}]\n",
-        "routes[0].policy: policy 'fenced' is not supported yet (supported: leader, any)",
-        id="unsupported-policy",
+        GOOD + "    routes: [{kind: read, policy: bounded}]\n",
+        "routes[0].policy: bounded needs max_lag_entries and/or max_lag_ms",
+        id="bounded-without-lag",
+    ),
+    pytest.param(
+        GOOD + "    routes: [{kind: read, policy: fenced, max_lag_ms: 5}]\n",
+        "routes[0].max_lag_ms: only applies to policy: bounded",
+        id="lag-without-bounded",
+    ),
+    pytest.param(
+        GOOD + "    routes: [{kind: write, prefer_followers: false}]\n",
+        "routes[0].prefer_followers: only applies to read routes",
+        id="read-key-on-write-route",
     ),
     pytest.param(
         GOOD + "    routes: [{kind: read, policy: fast}]\n", "must be one of leader, any,", id="bad-policy"
@@ -375,3 +385,21 @@ def test_check_main_reports_bad_file(tmp_path: Path, capsys: pytest.CaptureFixtu
     out, err = capsys.readouterr()
     assert out == ""
     assert err.startswith(f"raftlb: config error: {path}:11: clusters[0].nodes[2].url: must be an http://")
+
+
+def test_read_routes_default_to_fenced_and_take_consistency_settings() -> None:
+    cfg = parse_config(GOOD + """    fence_wait: 250ms
+    index_cookie: true
+    routes:
+      - {kind: read, path: "^/a"}
+      - {kind: read, policy: bounded, max_lag_entries: 100, max_lag_ms: 500, prefer_followers: false,
+         cookie: false, fence_wait: 2s}
+      - {kind: write}
+""")
+    c = cfg.clusters[0]
+    assert (c.fence_wait, c.index_cookie) == (0.25, True)
+    fenced, bounded, write = c.routes
+    assert fenced.policy == "fenced" and fenced.prefer_followers and fenced.cookie is None
+    assert (bounded.max_lag_entries, bounded.max_lag_ms, bounded.prefer_followers) == (100, 500, False)
+    assert (bounded.cookie, bounded.fence_wait) == (False, 2.0)
+    assert write.policy == "leader"

@@ -1,0 +1,171 @@
+"""Reads that need more than "any live node": the eligible-node rules, and the ReadIndex broker.
+
+- `eligible_nodes`: which nodes may serve a read under its policy, from the leader table alone (pure).
+- `ReadIndexBroker`: `linearizable` reads without loading the leader with reads (Raft dissertation §6.4):
+  one round trip to the leader's read-index endpoint is shared by every read that arrived before the round
+  started; each read is then served, fenced at that index, by any node that has applied it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from raftlb.errors import NoLeader
+from raftlb.leader_table import LeaderTable
+from raftlb.pool import UpstreamConn
+from raftlb.router import RouteDecision
+
+if TYPE_CHECKING:
+    from raftlb.proxy import ClusterProxy, ProxyRequest
+
+log = logging.getLogger("raftlb.reads")
+
+
+def eligible_nodes(table: LeaderTable, route: RouteDecision, floor: int, now: float,
+                   caught_up_at: dict[str, float]) -> list[str]:
+    """Live nodes allowed to serve a read right now (the leader included; the caller prefers followers).
+
+    fenced / linearizable: applied index ≥ `floor` (the client's token, or the read index).
+    bounded: within `max_lag_entries` of the leader's commit index and/or caught up with the leader no
+             longer than `max_lag_ms` ago; and ≥ `floor`.
+    any: every live node.
+    """
+    if route.policy == "any":
+        return table.live_nodes(now)
+    nodes = table.applied_at_least(floor, now) if floor > 0 else table.live_nodes(now)
+    if route.policy != "bounded" or not nodes:
+        return nodes
+    leader = table.leader(now)
+    if leader is None:
+        return []
+    commit = table.nodes[leader].commit_index or 0
+    out = []
+    for nid in nodes:
+        view = table.nodes[nid]
+        if route.max_lag_entries is not None and commit - (view.applied_index or 0) > route.max_lag_entries:
+            continue
+        if route.max_lag_ms is not None and nid != leader:
+            if (now - caught_up_at.get(nid, float("-inf"))) * 1000 > route.max_lag_ms:
+                continue
+        out.append(nid)
+    return out
+
+
+class _ReadIndexCall:
+    """One round trip to the leader's read-index endpoint, as an upstream listener."""
+
+    __slots__ = ("broker", "node", "members", "status", "body", "conn", "finished", "started")
+
+    def __init__(self, broker: ReadIndexBroker, node: str, members: list[ProxyRequest]) -> None:
+        self.broker = broker
+        self.node = node
+        self.members = members
+        self.status = 0
+        self.body = bytearray()
+        self.conn: UpstreamConn | None = None
+        self.finished = False
+        self.started = time.monotonic()
+
+    def on_upstream_ready(self, conn: UpstreamConn) -> None:
+        self.conn = conn
+        conn.start(self, False)
+        conn.write(b"GET " + self.broker.path + b" HTTP/1.1\r\nhost: raftlb\r\ncontent-length: 0\r\n\r\n")
+
+    def on_upstream_head(self, conn: UpstreamConn, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+
+    def on_upstream_body(self, data: bytes) -> None:
+        if len(self.body) < 65536:
+            self.body += data
+
+    def on_upstream_done(self) -> None:
+        index: int | None = None
+        if self.status == 200:
+            try:
+                doc = json.loads(self.body)
+                index = int(doc["read_index"])
+            except (ValueError, KeyError, TypeError):
+                index = None
+        self._end(index, f"status {self.status}" if index is None else "")
+
+    def on_upstream_error(self, reason: str, written: bool) -> None:
+        self._end(None, reason)
+
+    def on_upstream_pause(self) -> None:
+        pass
+
+    def on_upstream_resume(self) -> None:
+        pass
+
+    def _end(self, index: int | None, reason: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.broker._round_done(self, index, reason)
+
+
+class ReadIndexBroker:
+    """Batches `linearizable` reads into shared read-index rounds at the leader."""
+
+    MAX_ROUNDS_PER_READ = 3
+
+    def __init__(self, proxy: ClusterProxy, path: str) -> None:
+        self.proxy = proxy
+        self.path = path.encode("latin-1")
+        self.pending: list[ProxyRequest] = []
+        self.round: _ReadIndexCall | None = None
+        self.rounds = 0
+        self.reads = 0
+
+    def __repr__(self) -> str:
+        return f"<ReadIndexBroker rounds={self.rounds} reads={self.reads} pending={len(self.pending)}>"
+
+    def submit(self, req: ProxyRequest) -> None:
+        """A read that needs a read index. It joins the next round: one that starts after it arrived."""
+        self.pending.append(req)
+        if self.round is None:
+            self._start()
+
+    def _start(self) -> None:
+        proxy = self.proxy
+        self.pending = [r for r in self.pending if not r.finished]
+        if not self.pending:
+            return
+        leader = proxy.table.leader(time.monotonic())
+        if leader is None:
+            return  # retried on the next leader change or sweep
+        members, self.pending = self.pending, []
+        self.round = call = _ReadIndexCall(self, leader, members)
+        self.rounds += 1
+        proxy.pools[leader].acquire(call)
+
+    def _round_done(self, call: _ReadIndexCall, index: int | None, reason: str) -> None:
+        self.round = None
+        proxy = self.proxy
+        if index is not None:
+            self.reads += len(call.members)
+            for req in call.members:
+                if not req.finished:
+                    req.read_index = index
+                    proxy.dispatch(req)
+        else:
+            log.debug("read-index round at %s failed: %s", call.node, reason)
+            for req in call.members:
+                if req.finished:
+                    continue
+                req.attempts += 1
+                if req.attempts > self.MAX_ROUNDS_PER_READ:
+                    req._fail(NoLeader(f"could not obtain a read index from the leader: {reason}",
+                                       retry_after=proxy.cluster.retry_after))
+                else:
+                    self.pending.append(req)
+        if self.pending:
+            self._start()
+
+    def kick(self) -> None:
+        """A leader appeared (or the periodic sweep): start a round if reads wait for one."""
+        if self.round is None and self.pending:
+            self._start()
