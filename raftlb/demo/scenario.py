@@ -175,13 +175,19 @@ class Demo:
             i += 1
 
     async def reader(self, c: httpx.AsyncClient, r_id: int) -> None:
+        """Reads carry the highest index this reader has seen (X-Raft-Min-Index): raftlb serves them from
+        any node that has applied it, so they never go back in time, followers included."""
         t = self.tally
         i = 0
+        token = 0
         while not self.stop_load.is_set():
             key = f"demo-w{i % WRITERS}-{max(0, t.writes_ok // WRITERS - 1)}"
             try:
-                r = await c.get(f"/kv/{key}")
+                r = await c.get(f"/kv/{key}", headers={"X-Raft-Min-Index": str(token)})
                 status = r.status_code
+                index = r.headers.get("x-raft-index", "")
+                if index.isdigit():
+                    token = max(token, int(index))
                 if status in (200, 404):
                     t.reads_ok += 1
                     node = r.headers.get("x-raft-node", "?")

@@ -1,0 +1,206 @@
+"""Reads through raftlb against fake nodes: fencing by index, fallback, stale answers, cookies, bounded
+lag, linearizable read-index rounds, and per-session write ordering."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import httpx
+import pytest
+from conftest import running, url_of, wait_for
+from fakes import FakeCluster, FakeRequest, FakeResponse, delay
+
+from raftlb.config import RouteConfig
+
+pytestmark = pytest.mark.integration
+
+
+def reads(policy: str = "fenced", **kw: object) -> tuple[RouteConfig, ...]:
+    return (RouteConfig(methods=frozenset({"GET"}), path=re.compile("^/kv"), kind="read", policy=policy,  # type: ignore[arg-type]
+                        idempotent=False, **kw),)  # type: ignore[arg-type]
+
+
+def leader_of(srv: object) -> str | None:
+    return srv.proxies["c1"].table.leader(time.monotonic())  # type: ignore[attr-defined,no-any-return]
+
+
+def applied(srv: object, node: str) -> int | None:
+    return srv.proxies["c1"].table.nodes[node].applied_index  # type: ignore[attr-defined,no-any-return]
+
+
+async def test_fenced_reads_go_to_followers_that_reached_the_token() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        fc["n1"].set(applied_index=100, commit_index=100)
+        fc["n2"].set(applied_index=100)
+        fc["n3"].set(applied_index=40)
+        async with running(fc.config(routes=reads())) as srv, httpx.AsyncClient(base_url=url_of(srv)) as c:
+            await wait_for(lambda: leader_of(srv) == "n1" and applied(srv, "n3") == 40)
+            nodes = [(await c.get("/kv/a", headers={"X-Raft-Min-Index": "90"})).headers["x-raft-node"]
+                     for _ in range(20)]
+            assert set(nodes) == {"n2"}  # n3 is behind the token; the leader is only a fallback
+            nodes = [(await c.get("/kv/a")).headers["x-raft-node"] for _ in range(30)]
+            assert set(nodes) == {"n2", "n3"}  # no token: any follower
+            stats = srv.proxies["c1"].stats
+            assert stats.reads_follower == 50 and stats.reads_leader == 0
+
+
+async def test_fenced_read_waits_for_an_announcement_then_goes() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        for n in fc.nodes:
+            n.set(applied_index=10, commit_index=10)
+        cfg = fc.config(routes=reads(), fence_wait=3.0)
+        async with running(cfg) as srv, httpx.AsyncClient(base_url=url_of(srv)) as c:
+            await wait_for(lambda: applied(srv, "n2") == 10)
+            task = asyncio.create_task(c.get("/kv/a", headers={"X-Raft-Min-Index": "12"}))
+            await wait_for(lambda: srv.proxies["c1"].fence_waiting != [])
+            fc["n3"].set(applied_index=12)
+            r = await task
+            assert r.headers["x-raft-node"] == "n3"
+            assert srv.proxies["c1"].stats.fence_waited == 1
+
+
+async def test_fenced_read_falls_back_to_the_leader_after_fence_wait() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        for n in fc.nodes:
+            n.set(applied_index=5, commit_index=5)
+
+        async def fresh(req: FakeRequest) -> FakeResponse:  # the leader's announcements trail its state
+            return FakeResponse(200, [("X-Raft-Index", "60")], b"fresh")
+
+        fc["n1"].handler = fresh
+        cfg = fc.config(routes=reads(), fence_wait=0.2)
+        async with running(cfg) as srv, httpx.AsyncClient(base_url=url_of(srv)) as c:
+            await wait_for(lambda: applied(srv, "n3") == 5 and applied(srv, "n1") == 5)
+            t0 = time.monotonic()
+            r = await c.get("/kv/a", headers={"X-Raft-Min-Index": "60"})
+            assert time.monotonic() - t0 >= 0.15  # it waited for an announcement first
+            assert r.headers["x-raft-node"] == "n1" and r.content == b"fresh"
+            assert srv.proxies["c1"].stats.fence_fallback == 1
+            # A token nobody can serve, not even the leader: a clear 504, never older state.
+            r = await c.get("/kv/a", headers={"X-Raft-Min-Index": "1000"})
+            assert r.status_code == 504 and r.json()["error"] == "index_not_reached"
+
+
+async def test_answer_below_the_token_is_never_returned() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        fc["n1"].set(applied_index=20, commit_index=20)
+        fc["n2"].set(applied_index=20)
+        fc["n3"].set(applied_index=20)
+
+        async def lagging(req: FakeRequest) -> FakeResponse:  # announces 20, answers from index 3
+            return FakeResponse(200, [("X-Raft-Index", "3")], b"old")
+
+        fc["n2"].handler = lagging
+        fc["n3"].handler = lagging
+        async with running(fc.config(routes=reads())) as srv, httpx.AsyncClient(base_url=url_of(srv)) as c:
+            await wait_for(lambda: applied(srv, "n3") == 20)
+            for _ in range(5):
+                r = await c.get("/kv/a", headers={"X-Raft-Min-Index": "15"})
+                assert r.status_code == 200 and r.content != b"old"
+                assert r.headers["x-raft-node"] == "n1"
+            assert srv.proxies["c1"].stats.fence_stale == 5
+
+
+async def test_cookie_token_gives_plain_clients_read_your_writes() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        fc["n1"].set(applied_index=7, commit_index=7)
+        fc["n2"].set(applied_index=3)
+        fc["n3"].set(applied_index=3)
+        cfg = fc.config(routes=reads(), index_cookie=True, fence_wait=0.1)
+        async with running(cfg) as srv, httpx.AsyncClient(base_url=url_of(srv)) as c:
+            await wait_for(lambda: applied(srv, "n2") == 3 and applied(srv, "n1") == 7)
+            r = await c.put("/kv/a", content=b"v")  # the fake leader answers with index 8
+            assert r.cookies.get("raftlb-index") == r.headers["x-raft-index"] == "8"
+            # The cookie comes back by itself: the followers (at 3) are not eligible any more.
+            r = await c.get("/kv/a")
+            assert r.status_code == 200, r.text
+            assert r.headers["x-raft-node"] == "n1"
+            assert r.cookies.get("raftlb-index") == "8"
+
+
+async def test_bounded_reads_skip_followers_that_lag_too_far() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        fc["n1"].set(applied_index=1000, commit_index=1000)
+        fc["n2"].set(applied_index=995)
+        fc["n3"].set(applied_index=900)
+        cfg = fc.config(routes=reads("bounded", max_lag_entries=10))
+        async with running(cfg) as srv, httpx.AsyncClient(base_url=url_of(srv)) as c:
+            await wait_for(lambda: applied(srv, "n3") == 900 and applied(srv, "n2") == 995)
+            nodes = {(await c.get("/kv/a")).headers["x-raft-node"] for _ in range(20)}
+            assert nodes == {"n2"}
+
+
+async def test_consistency_header_overrides_the_route_policy() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        async with running(fc.config(routes=reads("any"))) as srv, httpx.AsyncClient(base_url=url_of(srv)) as c:
+            await wait_for(lambda: leader_of(srv) == "n1")
+            nodes = {(await c.get("/kv/a", headers={"X-Raft-Consistency": "leader"})).headers["x-raft-node"]
+                     for _ in range(10)}
+            assert nodes == {"n1"}
+
+
+async def test_linearizable_reads_share_read_index_rounds_and_are_served_by_followers() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        for n in fc.nodes:
+            n.set(applied_index=30, commit_index=30)
+        rounds = 0
+
+        async def read_index(req: FakeRequest) -> FakeResponse | None:
+            nonlocal rounds
+            if req.path == "/raft/read_index":
+                rounds += 1
+                await asyncio.sleep(0.05)  # confirming leadership takes a heartbeat round
+                return FakeResponse.json({"read_index": 30, "term": fc.term})
+            return None
+
+        fc["n1"].handler = read_index
+        async with running(fc.config(routes=reads("linearizable"))) as srv, \
+                httpx.AsyncClient(base_url=url_of(srv), limits=httpx.Limits(max_connections=100)) as c:
+            await wait_for(lambda: applied(srv, "n3") == 30)
+            results = await asyncio.gather(*(c.get(f"/kv/{i}") for i in range(40)))
+            assert all(r.status_code == 200 for r in results)
+            assert {r.headers["x-raft-node"] for r in results} <= {"n2", "n3"}
+            assert 1 <= rounds <= 5  # forty reads, a handful of rounds
+            assert srv.proxies["c1"].broker.reads == 40
+
+
+async def test_session_writes_reach_the_leader_in_seq_order() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        fc["n1"].handler = delay(0.05)
+        async with running(fc.config(session_gap_wait=2.0)) as srv, \
+                httpx.AsyncClient(base_url=url_of(srv), limits=httpx.Limits(max_connections=20)) as c:
+            await wait_for(lambda: leader_of(srv) == "n1")
+
+            async def write(seq: int, after: float) -> httpx.Response:
+                await asyncio.sleep(after)
+                return await c.post(f"/kv/s{seq}", content=b"v",
+                                    headers={"X-Raft-Session": "s1", "X-Raft-Seq": str(seq)})
+
+            # Seq 1 starts the session; 4, 3 and 2 arrive out of order and wait for their turn.
+            results = await asyncio.gather(write(1, 0), write(4, 0.02), write(3, 0.03), write(2, 0.04))
+            assert [r.status_code for r in results] == [200] * 4
+            assert [q.path for q in fc["n1"].requests] == ["/kv/s1", "/kv/s2", "/kv/s3", "/kv/s4"]
+            assert all(q.header("x-raft-session") == "s1" for q in fc["n1"].requests)
+
+
+async def test_session_gap_that_never_fills_gets_a_clear_error() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        async with running(fc.config(session_gap_wait=0.2)) as srv, httpx.AsyncClient(base_url=url_of(srv)) as c:
+            await wait_for(lambda: leader_of(srv) == "n1")
+            h = {"X-Raft-Session": "s2"}
+            assert (await c.post("/kv/a", content=b"1", headers={**h, "X-Raft-Seq": "1"})).status_code == 200
+            r = await c.post("/kv/a", content=b"3", headers={**h, "X-Raft-Seq": "3"})  # 2 never comes
+            assert r.status_code == 409 and r.json()["error"] == "session_seq_gap"
+            assert [q.body for q in fc["n1"].requests] == [b"1"]
