@@ -74,7 +74,8 @@ class ProxyStats:
 
     __slots__ = ("requests", "held", "released", "expired", "resends", "outcome_unknown", "misdirected",
                  "preempted", "responses_by_class", "rejected_announcements", "leader_changes",
-                 "reads_leader", "reads_follower", "fence_waited", "fence_fallback", "fence_stale", "session_parked",
+                 "reads_leader", "reads_follower", "fence_waited", "fence_fallback", "fence_stale",
+                 "session_parked",
                  "session_gaps")
 
     def __init__(self) -> None:

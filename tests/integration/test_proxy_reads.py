@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -17,9 +18,10 @@ from raftlb.config import RouteConfig
 pytestmark = pytest.mark.integration
 
 
-def reads(policy: str = "fenced", **kw: object) -> tuple[RouteConfig, ...]:
-    return (RouteConfig(methods=frozenset({"GET"}), path=re.compile("^/kv"), kind="read", policy=policy,  # type: ignore[arg-type]
-                        idempotent=False, **kw),)  # type: ignore[arg-type]
+def reads(policy: str = "fenced", **kw: Any) -> tuple[RouteConfig, ...]:
+    route = RouteConfig(methods=frozenset({"GET"}), path=re.compile("^/kv"), kind="read",
+                        policy=policy, idempotent=False, **kw)  # type: ignore[arg-type]
+    return (route,)
 
 
 def leader_of(srv: object) -> str | None:
@@ -141,7 +143,8 @@ async def test_bounded_reads_skip_followers_that_lag_too_far() -> None:
 async def test_consistency_header_overrides_the_route_policy() -> None:
     async with FakeCluster(3) as fc:
         fc.elect("n1")
-        async with running(fc.config(routes=reads("any"))) as srv, httpx.AsyncClient(base_url=url_of(srv)) as c:
+        async with running(fc.config(routes=reads("any"))) as srv, \
+                httpx.AsyncClient(base_url=url_of(srv)) as c:
             await wait_for(lambda: leader_of(srv) == "n1")
             nodes = {(await c.get("/kv/a", headers={"X-Raft-Consistency": "leader"})).headers["x-raft-node"]
                      for _ in range(10)}
@@ -197,7 +200,8 @@ async def test_session_writes_reach_the_leader_in_seq_order() -> None:
 async def test_session_gap_that_never_fills_gets_a_clear_error() -> None:
     async with FakeCluster(3) as fc:
         fc.elect("n1")
-        async with running(fc.config(session_gap_wait=0.2)) as srv, httpx.AsyncClient(base_url=url_of(srv)) as c:
+        async with running(fc.config(session_gap_wait=0.2)) as srv, \
+                httpx.AsyncClient(base_url=url_of(srv)) as c:
             await wait_for(lambda: leader_of(srv) == "n1")
             h = {"X-Raft-Session": "s2"}
             assert (await c.post("/kv/a", content=b"1", headers={**h, "X-Raft-Seq": "1"})).status_code == 200
