@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 
 from raftlb.config import ClusterConfig
+from raftlb.dialects import BODY_INDEX_LIMIT, dialect_for
 from raftlb.errors import (
     HoldQueueFull,
     IndexNotReached,
@@ -106,7 +107,7 @@ class ProxyRequest:
         "proxy", "ex", "route", "head", "chunks", "body_len", "retain", "body_done", "node", "conn",
         "attempts", "held_at", "retry_at", "safe_to_repeat", "upstream_chunked", "sent_body", "finished",
         "avoid", "sent_term", "released", "to_leader", "min_index", "read_index", "fence_deadline", "session",
-        "waited",
+        "waited", "deferred", "body",
     )
 
     def __init__(self, proxy: ClusterProxy, ex: Exchange, route: RouteDecision, head: bytes) -> None:
@@ -141,6 +142,8 @@ class ProxyRequest:
         self.fence_deadline = 0.0  # fenced reads waiting for a node to reach their index
         self.session: tuple[str, int] | None = None  # (X-Raft-Session, X-Raft-Seq) of a session write
         self.waited = False
+        self.deferred: tuple[int, list[tuple[bytes, bytes]]] | None = None  # an answer held to read its index
+        self.body = bytearray()
 
     @property
     def floor(self) -> int:
@@ -264,25 +267,46 @@ class ProxyRequest:
             proxy.on_misdirected(self.node or "", hint, term)
             self._resend("misdirected", immediate=True)
             return
-        floor = self.floor
         index = -1
-        if floor or self.route.cookie:
-            for k, v in headers:
-                if k == b"x-raft-index":
-                    index = int(v) if v.isdigit() else -1
-                    break
-            if 0 <= index < floor and self.route.kind == "read" and status < 500:
-                # The node answered from state older than the client's token: never return that.
-                conn.abandon()
-                self.conn = None
-                proxy.stats.fence_stale += 1
-                if self.attempts >= proxy.cluster.max_resends:
-                    self._fail(IndexNotReached(f"no node served index {floor} in time", index=floor))
-                    return
-                was_leader = self.to_leader
-                self.to_leader = True
-                self._resend("fence_stale", immediate=not was_leader)
-                return
+        for k, v in headers:
+            if k == b"x-raft-index":
+                index = int(v) if v.isdigit() else -1
+                break
+        if (index < 0 and proxy.dialect.index_from_body is not None and status == 200
+                and conn.resp_length is not None and conn.resp_length <= BODY_INDEX_LIMIT
+                and not self.ex.head_only):
+            # The index is in the body (etcd): hold the small answer back until it is read.
+            self.deferred = (status, headers)
+            self.body = bytearray()
+            return
+        if self._stale(conn, status, index):
+            return
+        self._answer_head(conn, status, headers, index)
+        if self.ex.conn.writing_paused:
+            conn.pause_reading()
+
+    def _stale(self, conn: UpstreamConn | None, status: int, index: int) -> bool:
+        """A read answered from state older than the client's token is never returned: retry elsewhere."""
+        floor = self.floor
+        if not (0 <= index < floor and self.route.kind == "read" and status < 500):
+            return False
+        proxy = self.proxy
+        if conn is not None:
+            conn.abandon()
+        self.conn = None
+        proxy.stats.fence_stale += 1
+        if self.attempts >= proxy.cluster.max_resends:
+            self._fail(IndexNotReached(f"no node served index {floor} in time", index=floor))
+            return True
+        was_leader = self.to_leader
+        self.to_leader = True
+        self._resend("fence_stale", immediate=not was_leader)
+        return True
+
+    def _answer_head(self, conn: UpstreamConn, status: int, headers: list[tuple[bytes, bytes]],
+                     index: int) -> None:
+        """Send the response head to the client (`conn` is only read for the body's framing)."""
+        proxy = self.proxy
         ex = self.ex
         ex.status = status
         ex.on_pause_writing = self.on_client_pause
@@ -315,17 +339,30 @@ class ProxyRequest:
         else:
             framing, length = FRAMING_NONE, 0
         ex.send_head(b"".join(parts), framing, length)
-        if ex.conn.writing_paused:
-            conn.pause_reading()
 
     def on_upstream_body(self, data: bytes) -> None:
         if self.conn is not None:
-            self.ex.send_body(data)
+            if self.deferred is not None:
+                self.body += data
+            else:
+                self.ex.send_body(data)
 
     def on_upstream_done(self) -> None:
-        if self.conn is None:
+        conn = self.conn
+        if conn is None:
             return
         self.conn = None
+        if self.deferred is not None:
+            status, headers = self.deferred
+            self.deferred = None
+            body = bytes(self.body)
+            index = self.proxy.dialect.index_from_body(body) if self.proxy.dialect.index_from_body else None
+            if index is not None:
+                headers = [*headers, (b"x-raft-index", b"%d" % index)]
+            if self._stale(None, status, -1 if index is None else index):
+                return
+            self._answer_head(conn, status, headers, -1 if index is None else index)
+            self.ex.send_body(body)
         self.ex.end()
         self._finish()
 
@@ -417,6 +454,7 @@ class ClusterProxy:
         self.write_buffer_high = write_buffer_high
         self.table = LeaderTable([n.id for n in cluster.nodes], cluster.liveness_timeout)
         self.router = Router(cluster.routes, index_cookie=cluster.index_cookie, fence_wait=cluster.fence_wait)
+        self.dialect = dialect_for(cluster.kind)
         self.pools: dict[str, NodePool] = {}
         self.node_headers: dict[str, bytes] = {}
         self.held: deque[ProxyRequest] = deque()
@@ -463,7 +501,7 @@ class ClusterProxy:
         consistency = ex.header(b"x-raft-consistency")
         route = self.router.classify(ex.method, path,
                                      consistency.decode("latin-1") if consistency is not None else None)
-        req = ProxyRequest(self, ex, route, self._upstream_head(ex))
+        req = ProxyRequest(self, ex, route, self._upstream_head(ex, route))
         ex.on_abort = req.on_client_abort
         ex.set_body_sink(req.on_client_body, req.on_client_body_end)
         if req.finished:
@@ -482,7 +520,7 @@ class ClusterProxy:
                     return
         self.dispatch(req)
 
-    def _upstream_head(self, ex: Exchange) -> bytes:
+    def _upstream_head(self, ex: Exchange, route: RouteDecision) -> bytes:
         parts = [ex.method.encode("ascii"), b" ", ex.target, b" HTTP/1.1\r\n"]
         xff: bytes | None = None
         drop = REQUEST_DROP
@@ -499,6 +537,8 @@ class ClusterProxy:
         client = ex.conn.peer_host.encode()
         xff = xff + b", " + client if xff else client
         parts += (b"x-forwarded-for: ", xff, b"\r\nx-forwarded-proto: http\r\n")
+        if route.kind == "write" and self.dialect.write_headers:
+            parts.append(self.dialect.write_headers)
         if ex.chunked:
             parts.append(b"transfer-encoding: chunked\r\n\r\n")
         elif ex.content_length is not None:
