@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from ssl import SSLContext
 from typing import Protocol, cast
 
 import httptools
@@ -213,10 +214,12 @@ class NodePool:
     """Keep-alive connections to one node."""
 
     def __init__(self, node_id: str, host: str, port: int, *, connect_timeout: float, response_timeout: float,
-                 max_idle: int, idle_timeout: float, write_buffer_high: int = 256 * 1024) -> None:
+                 max_idle: int, idle_timeout: float, write_buffer_high: int = 256 * 1024,
+                 ssl: SSLContext | None = None) -> None:
         self.node_id = node_id
         self.host = host
         self.port = port
+        self.ssl = ssl  # https nodes
         self.connect_timeout = connect_timeout
         self.response_timeout = response_timeout
         self.max_idle = max_idle
@@ -260,8 +263,10 @@ class NodePool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, proto = await loop.create_connection(lambda: UpstreamConn(self), self.host, self.port)
-        except (OSError, TimeoutError) as exc:
+                _, proto = await loop.create_connection(
+                    lambda: UpstreamConn(self), self.host, self.port, ssl=self.ssl,
+                    server_hostname=self.host if self.ssl is not None else None)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError: a failed handshake too
             self.connecting -= 1
             self.connect_failures += 1
             reason = ("connect timeout" if isinstance(exc, TimeoutError)

@@ -20,8 +20,9 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from ssl import SSLContext
 
-from raftlb.config import ClusterConfig
+from raftlb.config import ClusterConfig, TlsConfig
 from raftlb.dialects import BODY_INDEX_LIMIT, dialect_for
 from raftlb.errors import (
     HoldQueueFull,
@@ -45,6 +46,7 @@ from raftlb.pool import NodePool, UpstreamConn
 from raftlb.reads import ReadIndexBroker, eligible_nodes
 from raftlb.router import IDEMPOTENT_METHODS, RouteDecision, Router, power_of_two
 from raftlb.sessions import SessionOrder
+from raftlb.tls import client_context
 
 log = logging.getLogger("raftlb.proxy")
 
@@ -455,6 +457,7 @@ class ClusterProxy:
         self.table = LeaderTable([n.id for n in cluster.nodes], cluster.liveness_timeout)
         self.router = Router(cluster.routes, index_cookie=cluster.index_cookie, fence_wait=cluster.fence_wait)
         self.dialect = dialect_for(cluster.kind)
+        self._ssl: tuple[TlsConfig | None, SSLContext] | None = None
         self.pools: dict[str, NodePool] = {}
         self.node_headers: dict[str, bytes] = {}
         self.held: deque[ProxyRequest] = deque()
@@ -474,22 +477,30 @@ class ClusterProxy:
         return (f"<ClusterProxy {self.cluster.name} term={self.table.term} "
                 f"leader={self.table.leader(time.monotonic())} held={len(self.held)}>")
 
-    def _configure_nodes(self, cluster: ClusterConfig) -> None:
+    def _configure_nodes(self, cluster: ClusterConfig, rebuild: bool = False) -> None:
+        """Pools for the cluster's nodes: new ones for new or re-addressed nodes (all with `rebuild`)."""
         for node in cluster.nodes:
             self.node_headers[node.id] = b"x-raft-node: " + node.id.encode() + b"\r\n"
             pool = self.pools.get(node.id)
-            if pool is None or (pool.host, pool.port) != (node.host, node.port):
+            ssl_ctx = self._client_ssl(cluster) if node.url.startswith("https:") else None
+            if rebuild or pool is None or (pool.host, pool.port, pool.ssl) != (node.host, node.port, ssl_ctx):
                 if pool is not None:
                     pool.close()
                 self.pools[node.id] = NodePool(
                     node.id, node.host, node.port, connect_timeout=cluster.connect_timeout,
                     response_timeout=cluster.response_timeout, max_idle=cluster.pool.max_idle_per_node,
-                    idle_timeout=cluster.pool.idle_timeout, write_buffer_high=self.write_buffer_high)
+                    idle_timeout=cluster.pool.idle_timeout, write_buffer_high=self.write_buffer_high,
+                    ssl=ssl_ctx)
             else:
                 pool.connect_timeout = cluster.connect_timeout
                 pool.response_timeout = cluster.response_timeout
                 pool.max_idle = cluster.pool.max_idle_per_node
                 pool.idle_timeout = cluster.pool.idle_timeout
+
+    def _client_ssl(self, cluster: ClusterConfig) -> SSLContext:
+        if self._ssl is None or self._ssl[0] != cluster.tls:
+            self._ssl = (cluster.tls, client_context(cluster.tls))
+        return self._ssl[1]
 
     # -- the request path ---------------------------------------------------------------------------------
 
@@ -800,6 +811,7 @@ class ClusterProxy:
         now = time.monotonic()
         old_ids = {n.id for n in self.cluster.nodes}
         new_ids = {n.id for n in cluster.nodes}
+        tls_changed = cluster.tls != self.cluster.tls
         self.cluster = cluster
         self.router = Router(cluster.routes, index_cookie=cluster.index_cookie, fence_wait=cluster.fence_wait)
         self.sessions.gap_wait, self.sessions.max_sessions = cluster.session_gap_wait, cluster.max_sessions
@@ -807,7 +819,7 @@ class ClusterProxy:
         self.table.liveness_timeout = cluster.liveness_timeout
         for nid in new_ids - old_ids:
             self.table.add_node(nid)
-        self._configure_nodes(cluster)
+        self._configure_nodes(cluster, rebuild=tls_changed)
         for nid in old_ids - new_ids:
             change = self.table.remove_node(nid, now)
             pool = self.pools.pop(nid, None)

@@ -362,7 +362,7 @@ def test_demo_config_matches_the_demo_cluster() -> None:
     assert (listener.host, listener.port, cfg.admin.port) == ("127.0.0.1", 8080, 9090)
     demo = cfg.cluster("demo")
     assert [n.url for n in demo.nodes] == [f"http://127.0.0.1:{p}" for p in (7001, 7002, 7003)]
-    assert (demo.liveness_timeout, demo.hold.timeout, demo.routes[0].policy) == (0.6, 5.0, "leader")
+    assert (demo.liveness_timeout, demo.hold.timeout, demo.routes[0].policy) == (0.6, 5.0, "fenced")
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
@@ -403,3 +403,17 @@ def test_read_routes_default_to_fenced_and_take_consistency_settings() -> None:
     assert (bounded.max_lag_entries, bounded.max_lag_ms, bounded.prefer_followers) == (100, 500, False)
     assert (bounded.cookie, bounded.fence_wait) == (False, 2.0)
     assert write.policy == "leader"
+
+
+def test_announce_auth_takes_one_or_two_keys_and_a_skew() -> None:
+    cfg = parse_config(GOOD + """    announce_auth:
+      keys: ["0123456789abcdef-old", "0123456789abcdef-new"]
+      max_skew: 2s
+""")
+    c = cfg.clusters[0]
+    assert c.announce_keys == (b"0123456789abcdef-old", b"0123456789abcdef-new")
+    assert c.announce_max_skew == 2.0
+    with pytest.raises(ConfigError, match=r"announce_auth.keys\[0\]: an announcement key must be at least 16"):
+        parse_config(GOOD + "    announce_auth: {keys: [short]}\n")
+    with pytest.raises(ConfigError, match="at most two keys"):
+        parse_config(GOOD + "    announce_auth: {keys: [aaaaaaaaaaaaaaaa, bbbbbbbbbbbbbbbb, cccccccccccccccc]}\n")

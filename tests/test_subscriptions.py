@@ -418,3 +418,19 @@ async def test_fake_node_behaviours() -> None:
         started = time.monotonic()
         assert (await client.get(node.url + "/d")).status_code == 200
         assert time.monotonic() - started >= 0.1
+
+
+async def test_key_rotation_accepts_both_keys_and_old_events_are_replays() -> None:
+    old, new = b"0123456789abcdef-old", b"0123456789abcdef-new"
+    async with (
+        FakeNode("n1", key=old) as a,
+        FakeNode("n2", key=new) as b,
+        FakeNode("n3", key=b"0123456789abcdef-bad") as c,
+        subscribed([a, b, c], announce_keys=(old, new), announce_max_skew=2.0) as (subs, rec, _),
+    ):
+        await rec.wait_for(lambda: len(rec.of("n1")) >= 2 and len(rec.of("n2")) >= 2)
+        await rec.wait_for(lambda: subs.nodes["n3"].rejected.get("bad_signature", 0) >= 2)
+        assert not rec.of("n3")
+        # A correctly signed event from a minute ago (a recording, replayed) is refused.
+        a.inject_event(ts_ms=int(time.time() * 1000) - 60_000)
+        await rec.wait_for(lambda: subs.nodes["n1"].rejected.get("replayed", 0) >= 1)

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
+from ssl import SSLContext
 from typing import Any, Protocol, cast
 
 import httptools
@@ -621,14 +622,18 @@ class HttpServer:
         self._sweeper: asyncio.TimerHandle | None = None
         self.host = ""
         self.port = 0
+        self.ssl: SSLContext | None = None
 
     def __repr__(self) -> str:
         return f"<HttpServer {self.name} {self.host}:{self.port} [{len(self.connections)} connections]>"
 
-    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+    async def start(self, host: str, port: int, reuse_port: bool = False,
+                    ssl: SSLContext | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: HttpConnection(self), host, port, backlog=4096, reuse_port=reuse_port or None)
+            lambda: HttpConnection(self), host, port, backlog=4096, reuse_port=reuse_port or None, ssl=ssl,
+            ssl_handshake_timeout=self.limits.header_timeout if ssl is not None else None)
+        self.ssl = ssl
         sock = self._server.sockets[0].getsockname()
         self.host, self.port = sock[0], sock[1]
         self._schedule_sweep()
