@@ -286,10 +286,19 @@ class NodeSubscription:
         except (ValueError, RecursionError) as exc:
             self._reject("malformed_json", _describe(exc))
             return None
-        if self._key is not None:
+        keys = self.cluster.announce_keys or ((self._key,) if self._key is not None else ())
+        if keys:
             sig = doc.get("sig") if isinstance(doc, dict) else None
-            if not isinstance(sig, str) or not hmac.compare_digest(sig, signature(doc, self._key)):
+            # Any configured key verifies: during a rotation both the old and the new one are accepted.
+            if not isinstance(sig, str) or not any(hmac.compare_digest(sig, signature(doc, k)) for k in keys):
                 self._reject("bad_signature", "missing or wrong sig")
+                return None
+            # Replay protection: seq must rise on a stream (checked by the caller), and a signed event must
+            # be recent, so an old recording replayed on a new connection is refused.
+            ts = doc.get("ts_ms")
+            skew = self.cluster.announce_max_skew
+            if not isinstance(ts, int) or abs(time.time() * 1000 - ts) > skew * 1000:
+                self._reject("replayed", f"ts_ms {ts!r} is more than {skew:g}s from now")
                 return None
         try:
             ann = Announcement.from_json(doc)
