@@ -227,6 +227,7 @@ class FakeNode:
         self.serve_stream = serve_stream
         self.handler = handler
         self.key = key  # when set, every event carries `sig`
+        self.ssl: Any = None  # an ssl.SSLContext before start(): serve HTTPS
         self.port = port
         self.announcing = True
         self.requests: list[FakeRequest] = []
@@ -250,7 +251,8 @@ class FakeNode:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.ssl is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def stream_count(self) -> int:
@@ -262,7 +264,7 @@ class FakeNode:
     # -- lifecycle
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, ssl=self.ssl)
         self.port = self._server.sockets[0].getsockname()[1]
         self._ticker = asyncio.create_task(self._tick_loop(), name=f"fake-node-{self.id}-tick")
 
