@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import httpx
 
+from raftlb.adapters import Subscriptions, make_subscriptions
 from raftlb.config import Config
 from raftlb.http.server import HttpServer
 from raftlb.leader_table import LeaderChange
@@ -37,7 +38,7 @@ class Server:
         self.config = config
         self.tasks = TaskSet("raftlb")
         self.proxies: dict[str, ClusterProxy] = {}
-        self.subscriptions: dict[str, ClusterSubscriptions] = {}
+        self.subscriptions: dict[str, Subscriptions] = {}
         self.listeners: list[HttpServer] = []
         self.admin: HttpServer | None = None
         self.draining = False
@@ -58,8 +59,8 @@ class Server:
             proxy = ClusterProxy(cluster, cfg.limits.write_buffer_high,
                                  on_change=functools.partial(self._on_change, cluster.name))
             self.proxies[cluster.name] = proxy
-            subs = ClusterSubscriptions(cluster, proxy.on_announcement, proxy.on_node_down, self.tasks,
-                                        client=self._client)
+            subs = make_subscriptions(cluster, proxy.on_announcement, proxy.on_node_down, self.tasks,
+                                      self._client)
             self.subscriptions[cluster.name] = subs
             subs.start()
         for lc in cfg.listeners:

@@ -1,0 +1,44 @@
+"""Cluster kinds: who follows a cluster's nodes, and how one node's native status is read.
+
+`native` nodes (and nodes with a `raftlb announce` sidecar, `sidecar: true`) push raft-announce/1 and are
+followed by `subscriptions.ClusterSubscriptions`; `etcd` and `json` nodes are polled through an adapter
+(`base.NodePoller`). `make_subscriptions` picks; `make_adapter` gives the sidecar its one node's adapter.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from raftlb.adapters.base import NodeAdapter, NodeStatus, PollingSubscriptions, Subscriptions
+from raftlb.adapters.etcd import EtcdAdapter, EtcdMembers, EtcdSubscriptions
+from raftlb.adapters.jsonstatus import JsonSubscriptions, json_adapter
+from raftlb.config import ClusterConfig, NodeConfig
+from raftlb.subscriptions import ClusterSubscriptions, OnAnnouncement, OnDown
+from raftlb.tasks import TaskSet
+
+__all__ = ["NodeAdapter", "NodeStatus", "PollingSubscriptions", "Subscriptions", "make_adapter",
+           "make_subscriptions", "polls"]
+
+
+def polls(cluster: ClusterConfig) -> bool:
+    """raftlb polls this cluster's status APIs itself (rather than subscribing to announce streams)."""
+    return cluster.kind != "native" and not cluster.sidecar
+
+
+def make_subscriptions(cluster: ClusterConfig, on_announcement: OnAnnouncement, on_down: OnDown,
+                       tasks: TaskSet, client: httpx.AsyncClient | None = None) -> Subscriptions:
+    """The subscriptions that follow `cluster`'s nodes, chosen by its kind (not yet started)."""
+    if not polls(cluster):
+        return ClusterSubscriptions(cluster, on_announcement, on_down, tasks, client=client)
+    if cluster.kind == "etcd":
+        return EtcdSubscriptions(cluster, on_announcement, on_down, tasks, client)
+    return JsonSubscriptions(cluster, on_announcement, on_down, tasks, client)
+
+
+def make_adapter(cluster: ClusterConfig, node: NodeConfig, base_url: str) -> NodeAdapter:
+    """The adapter reading `node`'s status at `base_url` (for a sidecar: the node's own client url)."""
+    if cluster.kind == "etcd":
+        return EtcdAdapter(node, base_url, EtcdMembers(cluster.nodes))
+    if cluster.kind == "json":
+        return json_adapter(node, cluster, base_url)
+    raise ValueError(f"cluster {cluster.name}: kind {cluster.kind} has no status adapter")
