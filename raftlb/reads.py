@@ -19,7 +19,8 @@ from raftlb.pool import UpstreamConn
 from raftlb.router import RouteDecision
 
 if TYPE_CHECKING:
-    from raftlb.proxy import ClusterProxy, ProxyRequest
+    from raftlb.proxy import ClusterProxy
+    from raftlb.request import ProxyRequest
 
 log = logging.getLogger("raftlb.reads")
 

@@ -10,7 +10,8 @@ from test_http_server import MockTransport
 from raftlb.config import ClusterConfig, HoldConfig, LimitsConfig, NodeConfig
 from raftlb.http.server import HttpConnection, HttpServer
 from raftlb.leader_table import Announcement
-from raftlb.proxy import ClusterProxy, ProxyRequest
+from raftlb.proxy import ClusterProxy
+from raftlb.request import ProxyRequest
 
 
 class RecordingPool:
