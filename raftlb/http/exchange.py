@@ -1,0 +1,248 @@
+"""One request and its response on a downstream connection, and the wire constants both sides share.
+
+The handler reads the request from an `Exchange` and answers through it; the exchange turns the answer
+into bytes (framing, `Connection`, chunk encoding) and hands them to its connection.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+from raftlb.config import LimitsConfig
+from raftlb.errors import BadRequest, PayloadTooLarge, ProxyError
+
+if TYPE_CHECKING:
+    from raftlb.http.server import HttpConnection
+
+# How a response body is delimited on the wire.
+FRAMING_NONE = 0  # no body at all (204, 304, or an empty body)
+FRAMING_LENGTH = 1  # Content-Length
+FRAMING_CHUNKED = 2  # Transfer-Encoding: chunked
+FRAMING_CLOSE = 3  # until the connection closes (HTTP/1.0 clients, upstreams without framing)
+
+# Reasons reading from the client is paused; reading resumes when none is left.
+PAUSE_PIPELINE = 1  # a later pipelined request waits behind the active one
+PAUSE_BODY = 2  # the body is arriving faster than it can be passed on
+PAUSE_BROKEN = 4  # the stream cannot be parsed any further
+
+REASONS: dict[int, bytes] = {s.value: s.phrase.encode("latin-1") for s in HTTPStatus}
+REASONS[421] = b"Misdirected Request"
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def status_line(status: int) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Unknown"))
+
+
+class Exchange:
+    """One request and its response on a downstream connection.
+
+    The handler reads `method`, `target`, `headers`, attaches a body sink with `set_body_sink` (even for
+    requests without a body: `on_end` then fires at once), and answers with `send_head`/`send_body`/`end`,
+    `respond_error`, or `abort`. Callbacks it may set: `on_abort(reason)` when the client goes away or the
+    request fails mid-body; `on_pause_writing`/`on_resume_writing` for the client's flow control.
+    """
+
+    __slots__ = (
+        "conn", "method", "target", "headers", "http11", "keep_alive", "content_length", "chunked",
+        "expect_continue", "head_only", "error", "body_buf", "body_buffered", "body_received", "body_done",
+        "on_body", "on_body_end", "on_abort", "on_pause_writing", "on_resume_writing", "response_started",
+        "finished", "close_after", "_framing", "started_at", "ctx", "status",
+    )
+
+    def __init__(self, conn: HttpConnection) -> None:
+        self.conn = conn
+        self.method = ""
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.http11 = True
+        self.keep_alive = True
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.head_only = False
+        self.error: ProxyError | None = None
+        self.body_buf: list[bytes] = []
+        self.body_buffered = 0
+        self.body_received = 0
+        self.body_done = False
+        self.on_body: Callable[[bytes], None] | None = None
+        self.on_body_end: Callable[[], None] | None = None
+        self.on_abort: Callable[[str], None] | None = None
+        self.on_pause_writing: Callable[[], None] | None = None
+        self.on_resume_writing: Callable[[], None] | None = None
+        self.response_started = False
+        self.finished = False
+        self.close_after = False
+        self._framing = FRAMING_NONE
+        self.started_at = time.monotonic()
+        self.ctx: Any = None
+        self.status = 0
+
+    def __repr__(self) -> str:
+        return f"<Exchange {self.method} {self.target!r} status={self.status} done={self.finished}>"
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    @property
+    def client_addr(self) -> str:
+        return self.conn.peer_host
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a header (name in lower case), or None."""
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    # -- request body -------------------------------------------------------------------------------------
+
+    def set_body_sink(self, on_body: Callable[[bytes], None], on_end: Callable[[], None]) -> None:
+        """Start receiving the body: buffered chunks are delivered now, the rest as it arrives."""
+        self.on_body = on_body
+        self.on_body_end = on_end
+        if self.expect_continue and not (self.body_received or self.body_done or self.response_started):
+            self.expect_continue = False
+            self.conn.write(_CONTINUE)
+        if self.body_buf:
+            buf, self.body_buf, self.body_buffered = self.body_buf, [], 0
+            self.conn.resume_reading(PAUSE_BODY)
+            for chunk in buf:
+                on_body(chunk)
+        if self.body_done:
+            on_end()
+
+    def pause_body(self) -> None:
+        """Backpressure from whoever consumes the body."""
+        self.conn.pause_reading(PAUSE_BODY)
+
+    def resume_body(self) -> None:
+        self.conn.resume_reading(PAUSE_BODY)
+
+    # -- response -----------------------------------------------------------------------------------------
+
+    def send_head(self, head: bytes, framing: int, length: int = 0) -> None:
+        """Write the status line and headers. `head` holds the status line and header lines (each ending in
+        CRLF) but not the framing headers, `Connection`, or the blank line: those are added here."""
+        if self.response_started or self.finished:
+            return
+        self.response_started = True
+        conn = self.conn
+        if framing == FRAMING_CHUNKED and not self.http11:
+            framing = FRAMING_CLOSE
+        if not self.keep_alive or conn.closing or framing == FRAMING_CLOSE or self.error is not None:
+            self.close_after = True
+        parts = [head]
+        if framing == FRAMING_LENGTH:
+            parts.append(b"content-length: %d\r\n" % length)
+        elif framing == FRAMING_CHUNKED:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        if self.close_after:
+            parts.append(b"connection: close\r\n\r\n")
+        elif not self.http11:
+            parts.append(b"connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        if self.head_only:
+            framing = FRAMING_NONE
+        self._framing = framing
+        conn.writelines(parts)
+
+    def send_body(self, data: bytes) -> None:
+        if self.finished or not data:
+            return
+        framing = self._framing
+        if framing == FRAMING_CHUNKED:
+            self.conn.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        elif framing != FRAMING_NONE:
+            self.conn.write(data)
+
+    def end(self) -> None:
+        """The response is complete."""
+        if self.finished:
+            return
+        if self._framing == FRAMING_CHUNKED:
+            self.conn.write(b"0\r\n\r\n")
+        self.finished = True
+        self.conn._response_done(self)
+
+    def respond(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None,
+                content_type: bytes = b"application/json") -> None:
+        """A whole response at once (errors, small answers)."""
+        self.status = status
+        parts = [status_line(status), b"content-type: ", content_type, b"\r\n"]
+        if headers:
+            for k, v in headers:
+                parts += (k, b": ", v, b"\r\n")
+        self.send_head(b"".join(parts), FRAMING_LENGTH if body or status not in (204, 304) else FRAMING_NONE,
+                       len(body))
+        self.send_body(body)
+        self.end()
+
+    def respond_error(self, err: ProxyError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        if self.response_started:
+            self.abort(err.code)
+            return
+        hdrs = list(headers or ())
+        if err.retry_after is not None:
+            hdrs.append((b"retry-after", b"%d" % err.retry_after))
+        self.respond(err.status, err.body(), hdrs)
+
+    def abort(self, reason: str = "aborted") -> None:
+        """The response cannot be completed: close the connection so the client sees it was cut short."""
+        if self.finished:
+            return
+        self.finished = True
+        self.conn.abort(reason)
+
+
+def _inspect_framing(ex: Exchange, limits: LimitsConfig) -> None:
+    """Body framing and the request-level checks that llhttp leaves to us (RFC 9112 §6)."""
+    cl: bytes | None = None
+    te_seen = False
+    host_count = 0
+    for name, value in ex.headers:
+        if name == b"content-length":
+            if cl is not None and cl != value.strip():
+                ex.error = BadRequest("conflicting Content-Length headers")
+                return
+            cl = value.strip()
+        elif name == b"transfer-encoding":
+            te_seen = True
+            if value.strip().lower() != b"chunked":
+                ex.error = BadRequest("unsupported Transfer-Encoding (only 'chunked')")
+                return
+        elif name == b"expect":
+            if value.strip().lower() == b"100-continue":
+                ex.expect_continue = True
+            else:
+                ex.error = ProxyError("unsupported Expect")
+                ex.error.status, ex.error.code = 417, "expectation_failed"
+                return
+        elif name == b"host":
+            host_count += 1
+    if te_seen and cl is not None:
+        ex.error = BadRequest("both Content-Length and Transfer-Encoding")
+        return
+    if host_count > 1 or (ex.http11 and host_count == 0):
+        ex.error = BadRequest("exactly one Host header is required")
+        return
+    if ex.method == "CONNECT":
+        ex.error = ProxyError("CONNECT is not supported")
+        ex.error.status, ex.error.code = 405, "method_not_allowed"
+        return
+    if te_seen:
+        ex.chunked = True
+    elif cl is not None:
+        if not cl.isdigit():
+            ex.error = BadRequest("invalid Content-Length")
+            return
+        ex.content_length = int(cl)
+        if ex.content_length > limits.max_body_bytes:
+            ex.error = PayloadTooLarge(f"request body exceeds {limits.max_body_bytes} bytes")
