@@ -23,6 +23,7 @@ commands:
   check -c FILE      validate a config file and exit (0 valid, 2 invalid)
   demo [--keep]      start a 3-node Raft demo cluster and raftlb, kill the leader under load, report
   demo-node ...      run one node of the embedded demo cluster (see `raftlb demo-node --help`)
+  announce ...       sidecar: poll one node's status API, serve raft-announce/1 (`raftlb announce --help`)
 
 examples:
   raftlb check -c configs/example.yaml
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     sub.add_parser("demo-node", help="run one node of the demo cluster", add_help=False)
+    sub.add_parser("announce", help="sidecar serving raft-announce/1 for one etcd/json node", add_help=False)
     return parser
 
 
@@ -99,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         from raftlb.demo.node import main as node_main
 
         return node_main(argv[1:])
+    if argv and argv[0] == "announce":
+        from raftlb.announce import main as announce_main
+
+        return announce_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -1,0 +1,184 @@
+"""`raftlb announce`: the sidecar polls one (fake) etcd member and serves raft-announce/1 for it; raftlb's
+own subscriptions follow it like any native node; the CLI checks its arguments."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+from conftest import wait_for
+from test_adapter_etcd import FakeMember, Recorder, lead
+
+from raftlb.adapters import make_adapter
+from raftlb.adapters.base import NodePoller
+from raftlb.announce import Announcer, parse_args
+from raftlb.config import ClusterConfig, NodeConfig
+from raftlb.http.app import serve
+from raftlb.subscriptions import ClusterSubscriptions, SSEParser
+from raftlb.tasks import TaskSet
+
+
+def etcd_cluster(members: list[FakeMember], **kw: Any) -> ClusterConfig:
+    nodes = tuple(NodeConfig(m.name, m.url, m.url, "127.0.0.1", int(m.url.rsplit(":", 1)[1]))
+                  for m in members)
+    settings = {"poll_interval": 0.005, "liveness_timeout": 0.3, "reconnect_min": 0.01, "reconnect_max": 0.05,
+                **kw}
+    return ClusterConfig(name="etcd", kind="etcd", nodes=nodes, routes=(), **settings)
+
+
+@asynccontextmanager
+async def sidecar(cluster: ClusterConfig, node_id: str,
+                  tick: float = 0.2) -> AsyncIterator[tuple[Announcer, str]]:
+    """What `raftlb announce` runs, in this event loop: a poller feeding an Announcer on a free port."""
+    node = next(n for n in cluster.nodes if n.id == node_id)
+    announcer, tasks = Announcer(node_id, tick), TaskSet("sidecar")
+    client = ClusterSubscriptions.make_client()
+    poller = NodePoller(make_adapter(cluster, node, node.url), cluster, client, announcer.on_announcement,
+                        announcer.on_down)
+    server = await serve(announcer.handle, "127.0.0.1", 0)
+    tasks.spawn(poller.run(), name="poll")
+    try:
+        yield announcer, f"http://127.0.0.1:{server.port}"
+    finally:
+        announcer.close()
+        await server.close()
+        await tasks.close()
+        await client.aclose()
+
+
+async def read_events(url: str, events: list[tuple[float, dict[str, Any]]], done: asyncio.Event) -> None:
+    parser = SSEParser()
+    async with httpx.AsyncClient() as c, c.stream("GET", url + "/raft/announce") as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        async for chunk in resp.aiter_bytes():
+            for ev in parser.feed(chunk):
+                events.append((time.monotonic(), json.loads(ev.data)))
+    done.set()
+
+
+async def test_stream_sends_at_once_on_change_and_every_tick_otherwise() -> None:
+    members = [await FakeMember(f"n{i}", str(500 + i)).start() for i in (1, 2)]
+    for m in members:
+        m.members = [{"ID": o.member_id, "name": o.name, "clientURLs": [o.url]} for o in members]
+    lead(members, members[1], 4)
+    try:
+        async with sidecar(etcd_cluster(members), "n1", tick=0.2) as (announcer, url):
+            await wait_for(lambda: announcer.current is not None and announcer.current.leader == "n2")
+            async with httpx.AsyncClient() as c:
+                status = (await c.get(url + "/raft/status")).json()
+            assert (status["node"], status["role"], status["leader"], status["term"]) == ("n1", "follower",
+                                                                                       "n2", 4)
+            events: list[tuple[float, dict[str, Any]]] = []
+            ended = asyncio.Event()
+            reader = asyncio.create_task(read_events(url, events, ended))
+            await wait_for(lambda: len(events) >= 3, timeout=3)  # at once, then one per 0.2 s tick
+            gaps = [b[0] - a[0] for a, b in zip(events, events[1:], strict=False)]
+            assert all(0.1 < g < 0.4 for g in gaps[:2]), gaps
+            lead(members, members[0], 5)  # n1 itself takes over at term 5
+            changed, count = time.monotonic(), len(events)
+            await wait_for(lambda: any(e[1]["role"] == "leader" for e in events[count:]), timeout=2)
+            seen = next(t for t, e in events[count:] if e["role"] == "leader")
+            assert seen - changed < 0.1  # pushed at the change, not at the next tick
+            leader_event = next(e for _, e in events[count:] if e["role"] == "leader")
+            assert (leader_event["term"], leader_event["leader"]) == (5, "n1")
+            assert leader_event["has_quorum"] is True
+            seqs = [e["seq"] for _, e in events]
+            assert seqs == list(range(1, len(seqs) + 1))
+            # The member stops answering: the stream ends and both endpoints say 503 until it is back.
+            await members[0].stop()
+            await asyncio.wait_for(ended.wait(), timeout=2)
+            await reader
+            async with httpx.AsyncClient() as c:
+                for path in ("/raft/status", "/raft/announce"):
+                    r = await c.get(url + path)
+                    assert r.status_code == 503 and r.json()["error"] == "node_unreachable"
+                assert (await c.get(url + "/kv")).status_code == 404
+                assert (await c.post(url + "/raft/status")).status_code == 405
+    finally:
+        for m in members:
+            await m.stop()
+
+
+async def test_raftlb_subscribes_to_sidecars_and_follows_a_leader_change() -> None:
+    members = [await FakeMember(f"n{i}", str(600 + i)).start() for i in (1, 2, 3)]
+    for m in members:
+        m.members = [{"ID": o.member_id, "name": o.name, "clientURLs": [o.url]} for o in members]
+    lead(members, members[0], 2)
+    cluster = etcd_cluster(members)
+    try:
+        async with sidecar(cluster, "n1") as (_, u1), sidecar(cluster, "n2") as (_, u2), \
+                sidecar(cluster, "n3") as (_, u3):
+            urls = {"n1": u1, "n2": u2, "n3": u3}
+            nodes = tuple(NodeConfig(n.id, n.url, urls[n.id], n.host, n.port) for n in cluster.nodes)
+            followed = ClusterConfig(name="etcd", kind="etcd", nodes=nodes, routes=(), sidecar=True,
+                                     liveness_timeout=1.0)
+            rec, tasks = Recorder(), TaskSet("raftlb")
+            subs = ClusterSubscriptions(followed, rec.on_announcement, rec.on_down, tasks)
+            subs.start()
+            try:
+                await wait_for(lambda: all((a := rec.last(n)) is not None and a.leader == "n1" for n in urls))
+                assert all(s.mode == "stream" for s in subs.nodes.values())
+                lead(members, members[2], 3)
+                changed = time.monotonic()
+                await wait_for(lambda: (a := rec.last("n3")) is not None and a.role == "leader", timeout=2)
+                assert time.monotonic() - changed < 0.1
+            finally:
+                await subs.stop()
+                await tasks.close()
+    finally:
+        for m in members:
+            await m.stop()
+
+
+def test_cli_builds_the_sidecar_from_flags() -> None:
+    cfg, level = parse_args(["--kind", "etcd", "--node-id", "n1", "--node-url", "http://127.0.0.1:2379",
+                             "--peer", "n2=http://127.0.0.1:22379", "--listen", "127.0.0.1:2479",
+                             "--interval", "5ms", "--tick", "0.1", "--liveness-timeout", "800ms"])
+    assert (cfg.host, cfg.port, cfg.status_url, cfg.tick, level) == ("127.0.0.1", 2479, "http://127.0.0.1:2379",
+                                                                     0.1, "info")
+    assert (cfg.cluster.kind, cfg.cluster.poll_interval, cfg.cluster.liveness_timeout) == ("etcd", 0.005, 0.8)
+    assert [n.id for n in cfg.cluster.nodes] == ["n1", "n2"] and cfg.node.id == "n1"
+
+
+def test_cli_takes_node_and_listen_address_from_a_config(tmp_path: Any) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("""\
+listeners: [{address: 127.0.0.1:8379}]
+admin: {enabled: false}
+clusters:
+  - name: etcd
+    kind: etcd
+    sidecar: true
+    liveness_timeout: 700ms
+    nodes:
+      - {id: a, url: "http://127.0.0.1:2379", announce_url: "http://127.0.0.1:2479"}
+      - {id: b, url: "http://127.0.0.1:22379", announce_url: "http://127.0.0.1:22479"}
+""")
+    cfg, _ = parse_args(["-c", str(path), "--node", "b"])
+    assert (cfg.node.id, cfg.status_url) == ("b", "http://127.0.0.1:22379")
+    assert (cfg.host, cfg.port) == ("127.0.0.1", 22479)
+    assert (cfg.cluster.liveness_timeout, cfg.cluster.poll_interval) == (0.7, 0.005)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kind", "etcd", "--node-id", "n1"], "give -c FILE --node ID, or --kind, --node-id and --node-url"),
+    (["--kind", "etcd", "--node-id", "n1", "--node-url", "http://127.0.0.1:2379"], "--listen is required"),
+    (["--kind", "etcd", "--node-id", "n1", "--node-url", "ftp://x", "--listen", ":1"], "expected HOST:PORT"),
+    (["--kind", "etcd", "--node-id", "n1", "--node-url", "ftp://x:1", "--listen", "h:1"], "expected an http://"),
+    (["--kind", "etcd", "--node-id", "n1", "--interval", "0ms"], "expected a duration"),
+    (["-c", "configs/etcd.yaml"], "-c needs --node"),
+    (["-c", "configs/etcd.yaml", "--node", "nope"], "node 'nope' is not in exactly one cluster"),
+    (["-c", "configs/etcd.yaml", "--node", "infra1"], "--listen is required"),
+])
+def test_cli_rejects_incomplete_or_bad_arguments(argv: list[str], message: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
