@@ -117,10 +117,27 @@ class ClusterConfig:
     read_index_path: str = "/raft/read_index"  # where the leader hands out read indexes (linearizable)
     session_gap_wait: float = 1.0  # a session write waits this long for the seq before it to arrive
     max_sessions: int = 100_000  # session ordering state kept (least recently used dropped beyond)
+    # Authenticated announcements: HMAC-SHA256 keys (any one verifies: two during a rotation), and how far
+    # an event's ts_ms may be from our clock before it counts as a replay.
+    announce_keys: tuple[bytes, ...] = ()
+    announce_max_skew: float = 5.0
+    tls: TlsConfig | None = None  # for https:// node and announce URLs
     hold: HoldConfig = field(default_factory=HoldConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     sidecar: bool = False  # etcd/json: each node's announce_url is a `raftlb announce` sidecar (streamed)
     status: StatusConfig | None = None  # kind json: how a status answer is read
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS files. On a listener: `cert`+`key` (required), `ca` to require client certificates (mTLS).
+    For a cluster's https nodes: `ca` to verify them (default: the system store), `cert`+`key` to present a
+    client certificate, `verify: false` to skip verification (tests only)."""
+
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    verify: bool = True
 
 
 @dataclass(frozen=True)
@@ -130,6 +147,7 @@ class ListenerConfig:
     port: int
     cluster: str  # name of the cluster it fronts
     max_connections: int = 10000
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +168,8 @@ class AdminConfig:
     host: str = "127.0.0.1"
     port: int = 9090
     enabled: bool = True
+    tls: TlsConfig | None = None
+    token: str | None = None  # bearer token required by mutating endpoints (POST /v1/reload)
 
 
 @dataclass(frozen=True)
@@ -524,8 +544,9 @@ def _config(root: _Cursor) -> Config:
 
 
 def _admin(cur: _Cursor | None, bound: _Bound) -> AdminConfig:
-    m = cur.mapping(("address", "enabled")) if cur else None
-    fields = m.fields({"enabled": _Cursor.boolean}) if m else {}
+    m = cur.mapping(("address", "enabled", "tls", "token")) if cur else None
+    fields = m.fields({"enabled": _Cursor.boolean, "tls": lambda c: _tls(c, server=True),
+                       "token": _token}) if m else {}
     if address := m.get("address") if m else None:
         fields["host"], fields["port"] = address.address()
     admin = AdminConfig(**fields)
@@ -552,7 +573,7 @@ def _claim(seen: dict[str, int | None], value: str, cur: _Cursor, what: str) -> 
 def _listener(
     cur: _Cursor, i: int, clusters: tuple[ClusterConfig, ...], names: dict[str, int | None], bound: _Bound
 ) -> ListenerConfig:
-    m = cur.mapping(("name", "address", "cluster", "max_connections"))
+    m = cur.mapping(("name", "address", "cluster", "max_connections", "tls"))
     name = m.opt("name", _Cursor.name, f"listener{i}")
     _claim(names, name, m.get("name") or cur, "listener name")
     address = m.require("address")
@@ -565,12 +586,13 @@ def _listener(
         target = m.require("cluster", f"is required when there is more than one cluster ({', '.join(known)})")
         if (cluster := target.text()) not in known:
             raise target.error(f"unknown cluster {cluster!r}{_suggest(cluster, known)}")
-    fields = m.fields({"max_connections": _at_least_one})
+    fields = m.fields({"max_connections": _at_least_one, "tls": lambda c: _tls(c, server=True)})
     return ListenerConfig(name=name, host=host, port=port, cluster=cluster, **fields)
 
 
 def _cluster(cur: _Cursor, names: dict[str, int | None]) -> ClusterConfig:
-    m = cur.mapping(("name", "kind", "nodes", "routes", "reconnect", "sidecar", "status", *_CLUSTER))
+    m = cur.mapping(("name", "kind", "nodes", "routes", "reconnect", "sidecar", "status", "announce_auth",
+                     "tls", *_CLUSTER))
     name = (name_cur := m.require("name")).name()
     _claim(names, name, name_cur, "cluster name")
     fields = m.fields(_CLUSTER)
@@ -578,6 +600,16 @@ def _cluster(cur: _Cursor, names: dict[str, int | None]) -> ClusterConfig:
     if reconnect := m.get("reconnect"):
         backoff = reconnect.mapping(_RECONNECT).fields(_RECONNECT)
         fields.update((f"reconnect_{key}", value) for key, value in backoff.items())
+    if (tls := m.get("tls")) is not None:
+        fields["tls"] = _tls(tls, server=False)
+    if auth := m.get("announce_auth"):
+        am = auth.mapping(("keys", "max_skew"))
+        keys = tuple(_hmac_key(k) for k in am.require("keys").items())
+        if len(keys) > 2:
+            raise am.require("keys").error("at most two keys (the current one and the next, in a rotation)")
+        fields["announce_keys"] = keys
+        if (skew := am.get("max_skew")) is not None:
+            fields["announce_max_skew"] = skew.duration()
     routes = m.get("routes")
     cfg = ClusterConfig(
         name=name,
@@ -719,6 +751,37 @@ def _route(cur: _Cursor) -> RouteConfig:
         cookie=m.opt("cookie", _Cursor.boolean, None),
         fence_wait=m.opt("fence_wait", lambda c: c.duration(allow_zero=True), None),
     )
+
+
+def _tls(cur: _Cursor, server: bool) -> TlsConfig:
+    m = cur.mapping(("cert", "key", "ca", "verify"))
+    files = {k: _file(c) for k in ("cert", "key", "ca") if (c := m.get(k)) is not None}
+    if server:
+        m.require("cert")
+        m.require("key")
+        if m.get("verify") is not None:
+            raise m.require("verify").error("only applies to a cluster's tls (client side)")
+    elif ("cert" in files) != ("key" in files):
+        raise (m.get("cert") or m.require("key")).error("a client certificate needs both cert and key")
+    return TlsConfig(**files, verify=m.opt("verify", _Cursor.boolean, True))
+
+
+def _file(cur: _Cursor) -> str:
+    if not os.path.isfile(path := cur.text("a file path")):
+        raise cur.error(f"file not found: {path!r}")
+    return path
+
+
+def _token(cur: _Cursor) -> str:
+    if len(token := cur.text("a bearer token")) < 16:
+        raise cur.error("the admin token must be at least 16 characters long")
+    return token
+
+
+def _hmac_key(cur: _Cursor) -> bytes:
+    if len(key := cur.text("a shared secret of at least 16 characters")) < 16:
+        raise cur.error("an announcement key must be at least 16 characters long")
+    return key.encode()
 
 
 def _abs_path(cur: _Cursor) -> str:
