@@ -111,10 +111,13 @@ class EtcdCluster:
         return self
 
     def stop(self) -> None:
-        """Kill every member (SIGTERM, then SIGKILL after 5 s) and remove a temporary data dir. Idempotent."""
+        """Stop every member and remove a temporary data dir. Idempotent. Members of a temporary cluster are
+        SIGKILLed (a leader on SIGTERM first tries to hand over leadership, seconds when a peer is down);
+        others get SIGTERM, then SIGKILL after 5 s."""
+        sig = signal.SIGKILL if self._own_dir else signal.SIGTERM
         for member_id, proc in list(self._procs.items()):
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(sig)
                 if member_id in self._paused:
                     proc.send_signal(signal.SIGCONT)
         for proc in self._procs.values():
