@@ -413,7 +413,9 @@ def test_announce_auth_takes_one_or_two_keys_and_a_skew() -> None:
     c = cfg.clusters[0]
     assert c.announce_keys == (b"0123456789abcdef-old", b"0123456789abcdef-new")
     assert c.announce_max_skew == 2.0
-    with pytest.raises(ConfigError, match=r"announce_auth.keys\[0\]: an announcement key must be at least 16"):
+    too_short = r"announce_auth.keys\[0\]: an announcement key must be at least 16"
+    with pytest.raises(ConfigError, match=too_short):
         parse_config(GOOD + "    announce_auth: {keys: [short]}\n")
     with pytest.raises(ConfigError, match="at most two keys"):
-        parse_config(GOOD + "    announce_auth: {keys: [aaaaaaaaaaaaaaaa, bbbbbbbbbbbbbbbb, cccccccccccccccc]}\n")
+        three = "[aaaaaaaaaaaaaaaa, bbbbbbbbbbbbbbbb, cccccccccccccccc]"
+        parse_config(GOOD + f"    announce_auth: {{keys: {three}}}\n")
