@@ -21,6 +21,7 @@ Every 64-bit number is a JSON string and zero fields are omitted. Mapping to an 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -164,7 +165,9 @@ class EtcdAdapter(NodeAdapter):
         ann, own, leader = parse_status(doc, self.node.id, self.members.ids)
         self.members.learn(own, self.node.id)
         if leader is not None and ann.leader is None:
-            await self.members.refresh(client, self.base_url, timeout)
+            # The status itself is good: a failed member list only leaves the hint empty this time.
+            with contextlib.suppress(httpx.HTTPError, StatusError):
+                await self.members.refresh(client, self.base_url, timeout)
             ann, _, _ = parse_status(doc, self.node.id, self.members.ids)
             if ann.leader is None:
                 log.debug("node %s: leader member %s is none of the configured nodes", self.node.id, leader)
