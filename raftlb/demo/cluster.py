@@ -8,6 +8,9 @@ Used by the tests, `raftlb demo` and the benchmarks:
         cluster.wait_for_leader(min_term=t)  # a survivor takes over
         cluster.restart(leader)              # same ports, same data dir: it replays its journal
 
+Tests can also cut a node off from its Raft peers while raftlb still reaches it (`partition` / `heal`; the
+nodes must be started with `node_args=["--debug-partition-control"]`, a test-only switch).
+
 Children never outlive the parent: `stop()` runs at exit, each child polls its parent pid, and on Linux (when
 started from the main thread) the kernel SIGKILLs it when the parent dies (PR_SET_PDEATHSIG).
 """
@@ -164,6 +167,25 @@ class DemoCluster:
     def resume(self, node_id: str) -> None:
         self._procs[node_id].send_signal(signal.SIGCONT)
         self._paused.discard(node_id)
+
+    def partition(self, node_id: str, peers: Sequence[str] | None = None, *,
+                  claim_quorum: bool = False) -> None:
+        """Test only: make `node_id` drop its Raft messages to and from `peers` (default: every other node).
+        Its client and announce port keep answering; with `claim_quorum`, as a leader it keeps announcing
+        `has_quorum: true`. Needs `--debug-partition-control` in `node_args`."""
+        isolate = [n for n in self.nodes if n != node_id] if peers is None else list(peers)
+        self._set_partition(node_id, isolate, claim_quorum)
+
+    def heal(self, node_id: str) -> None:
+        """Undo `partition`: the node exchanges Raft messages with every peer again, and tells the truth."""
+        self._set_partition(node_id, [], False)
+
+    def _set_partition(self, node_id: str, isolate: list[str], claim_quorum: bool) -> None:
+        doc = {"isolate": isolate, "claim_quorum": claim_quorum}
+        r = self._http.post(self.url(node_id) + "/debug/partition", json=doc, timeout=2.0)
+        if r.status_code != 200:
+            raise RuntimeError(f"{node_id}: /debug/partition answered {r.status_code} {r.text[:200]} "
+                               "(started without --debug-partition-control?)")
 
     def is_running(self, node_id: str) -> bool:
         proc = self._procs.get(node_id)

@@ -6,6 +6,12 @@
 HTTP API: `PUT|GET|DELETE /kv/{key}`, `GET /kv?prefix=p`, `GET /raft/status`, `GET /raft/announce` (SSE),
 `GET /raft/read_index`. Every response carries `X-Raft-Index`, `X-Raft-Term` and `X-Raft-Node`. Writes sent to
 a follower get `421` with `X-Raft-Leader`; writes carrying `X-Raft-Session`/`X-Raft-Seq` apply at most once.
+
+Test only, off by default: with `--debug-partition-control`, `GET|POST /debug/partition` reads or sets the
+peers whose Raft messages this node drops (`{"isolate": ["n2", "n3"]}`; `[]` heals): a network partition
+between Raft peers that leaves the client and announce port reachable. `"claim_quorum": true` makes a leader
+announce `has_quorum: true` whatever it knows, like a leader without CheckQuorum (see tests/integration/
+test_fault_injection.py).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 from raftlb.demo.kv import (
@@ -66,6 +73,7 @@ class NodeConfig:
     write_timeout: float = 3.0
     parent_pid: int | None = None
     pdeathsig: bool = False
+    debug_partition_control: bool = False
 
 
 def _host_port(text: str, what: str) -> tuple[str, int]:
@@ -106,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
                    help="event loop (auto: uvloop when installed)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--debug-partition-control", action="store_true",
+                   help="TESTS ONLY: serve /debug/partition, which makes this node drop its Raft messages "
+                        "to and from chosen peers (a partition that raftlb can still see across)")
     return p
 
 
@@ -128,16 +139,60 @@ def parse_args(argv: list[str] | None) -> tuple[NodeConfig, str, str]:
         election_timeout=election, heartbeat=ns.heartbeat, leader_fallback=ns.leader_fallback,
         session_ttl=ns.session_ttl, compaction_entries=ns.compaction_entries)
     cfg = NodeConfig(ns.id, http, ns.raft, tuple(ns.peer), ns.data_dir, settings, ns.write_timeout,
-                     ns.parent_pid, ns.pdeathsig)
+                     ns.parent_pid, ns.pdeathsig, ns.debug_partition_control)
     return cfg, ns.log_level, ns.loop
+
+
+class PartitionControl:
+    """Test only (`--debug-partition-control`): drops this node's Raft messages to and from chosen peers.
+
+    The node's PySyncObj transport is wrapped so that messages to an isolated peer vanish (sending "succeeds")
+    and messages from it are ignored: to both sides it looks like a network partition that loses packets,
+    while the TCP connections, the client port and the announce stream stay up. An isolated leader keeps
+    announcing `role=leader` at its old term (with `has_quorum: false` once its followers fall silent) until
+    its leader fallback timeout, exactly what raftlb must never send writes to once a higher term exists.
+    """
+
+    def __init__(self, raft: RaftKV, peers: tuple[Peer, ...]) -> None:
+        self.claim_quorum = False  # announce has_quorum: true as a leader, whatever the node knows
+        self._addr_of = {p.id: p.raft for p in peers}
+        self._blocked: frozenset[str] = frozenset()  # raft addresses; swapped whole, read on the tick thread
+        # PySyncObj keeps its transport private (name-mangled); this hook exists for tests only.
+        transport: Any = getattr(raft._sync, "_SyncObj__transport")  # noqa: B009
+        send, deliver = transport.send, transport._onMessageReceivedCallback
+
+        def filtered_send(node: Any, message: Any) -> bool:
+            if getattr(node, "address", None) in self._blocked:
+                return True  # lost on the way
+            return bool(send(node, message))
+
+        def filtered_deliver(node: Any, message: Any) -> None:
+            if getattr(node, "address", None) not in self._blocked:
+                deliver(node, message)
+
+        transport.send = filtered_send
+        transport._onMessageReceivedCallback = filtered_deliver
+
+    @property
+    def isolated(self) -> list[str]:
+        return sorted(pid for pid, addr in self._addr_of.items() if addr in self._blocked)
+
+    def isolate(self, peer_ids: list[str]) -> None:
+        """Drop Raft traffic with exactly these peers from now on (an empty list heals)."""
+        unknown = [p for p in peer_ids if p not in self._addr_of]
+        if unknown:
+            raise ValueError(f"unknown peers {unknown}; peers are {sorted(self._addr_of)}")
+        self._blocked = frozenset(self._addr_of[p] for p in peer_ids)
+        log.warning("node partition control: Raft traffic with %s is now dropped", self.isolated or "nobody")
 
 
 class NodeApp:
     """The HTTP face of one node: KV API, status and announce stream."""
 
-    def __init__(self, cfg: NodeConfig, raft: RaftKV) -> None:
+    def __init__(self, cfg: NodeConfig, raft: RaftKV, partition: PartitionControl | None = None) -> None:
         self.cfg = cfg
         self.raft = raft
+        self.partition = partition
         self.urls = {p.id: p.url for p in cfg.peers}
         self.status_seq = 0
         self.closing = asyncio.Event()
@@ -161,6 +216,8 @@ class NodeApp:
             return self._only_get(req) or EventStream(self._announce, headers=self._headers())
         if path == "/raft/read_index":
             return self._only_get(req) or await self._read_index()
+        if path == "/debug/partition" and self.partition is not None:
+            return self._partition(req, self.partition)
         return json_response({"error": "not_found", "path": path}, 404, self._headers())
 
     def event(self, st: RaftStatus, seq: int) -> dict[str, object]:
@@ -170,7 +227,7 @@ class NodeApp:
             "commit_index": st.commit_index, "applied_index": st.applied_index,
         }
         if st.role == ROLE_LEADER:
-            doc["has_quorum"] = st.has_quorum
+            doc["has_quorum"] = st.has_quorum or (self.partition is not None and self.partition.claim_quorum)
         doc["seq"] = seq
         doc["ts_ms"] = int(time.time() * 1000)
         return doc
@@ -242,6 +299,24 @@ class NodeApp:
         term = self.raft.status.term
         return json_response({"read_index": result.index, "term": term}, headers=self._headers(result.index))
 
+    def _partition(self, req: Request, control: PartitionControl) -> Response:
+        if req.method == "POST":
+            try:
+                doc = json.loads(req.body or b"{}")
+                peers = doc.get("isolate") if isinstance(doc, dict) else None
+                claim = doc.get("claim_quorum", False) if isinstance(doc, dict) else None
+                if (not isinstance(peers, list) or not all(isinstance(p, str) for p in peers)
+                        or not isinstance(claim, bool)):
+                    raise ValueError('expected {"isolate": ["<peer id>", ...], "claim_quorum": false}')
+                control.isolate(peers)
+                control.claim_quorum = claim
+            except ValueError as exc:
+                return self._error(400, "bad_request", detail=str(exc))
+        elif req.method != "GET":
+            return self._error(405, "method_not_allowed", allow="GET, POST")
+        doc = {"node": self.cfg.id, "isolate": control.isolated, "claim_quorum": control.claim_quorum}
+        return json_response(doc, headers=self._headers())
+
     def _refused(self, exc: WriteRefused) -> Response:
         if exc.status == 421:
             leader = exc.leader or ""
@@ -280,7 +355,8 @@ async def run(cfg: NodeConfig) -> int:
         log.error("node %s: cannot bind the Raft address %s", cfg.id, cfg.raft)
         raft.close()
         return EXIT_BIND_FAILED
-    app = NodeApp(cfg, raft)
+    partition = PartitionControl(raft, cfg.peers) if cfg.debug_partition_control else None
+    app = NodeApp(cfg, raft, partition)
     try:
         server = await serve(app.handle, cfg.http[0], cfg.http[1], name=f"demo-{cfg.id}")
     except OSError as exc:
