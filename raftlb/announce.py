@@ -27,6 +27,8 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from raftlb.adapters import make_adapter
@@ -35,7 +37,7 @@ from raftlb.config import ClusterConfig, NodeConfig, load_config
 from raftlb.errors import ConfigError
 from raftlb.http.app import EventStream, Request, Response, Send, json_response, serve
 from raftlb.leader_table import Announcement
-from raftlb.subscriptions import ClusterSubscriptions
+from raftlb.subscriptions import ClusterSubscriptions, signature
 from raftlb.tasks import TaskSet
 
 log = logging.getLogger("raftlb.announce")
@@ -54,6 +56,7 @@ class AnnounceConfig:
     host: str
     port: int
     tick: float = 0.05
+    key: bytes | None = None  # sign every event (`sig`, DESIGN.md) with this announce_auth key
 
 
 def _identity(ann: Announcement) -> tuple[int, str, str | None]:
@@ -63,9 +66,10 @@ def _identity(ann: Announcement) -> tuple[int, str, str | None]:
 class Announcer:
     """The latest announcement of one node, and the HTTP face that serves it (module doc)."""
 
-    def __init__(self, node_id: str, tick: float) -> None:
+    def __init__(self, node_id: str, tick: float, key: bytes | None = None) -> None:
         self.node_id = node_id
         self.tick = tick
+        self.key = key
         self.current: Announcement | None = None
         self.down_reason = "not polled yet"
         self.status_seq = 0
@@ -92,7 +96,9 @@ class Announcer:
         self._changed = asyncio.Event()
 
     def event(self, ann: Announcement, seq: int) -> bytes:
-        doc = {**ann.to_json(), "seq": seq, "ts_ms": int(time.time() * 1000)}
+        doc: dict[str, Any] = {**ann.to_json(), "seq": seq, "ts_ms": int(time.time() * 1000)}
+        if self.key is not None:
+            doc["sig"] = signature(doc, self.key)
         return json.dumps(doc, separators=(",", ":")).encode()
 
     async def handle(self, req: Request) -> Response | EventStream:
@@ -137,7 +143,7 @@ class Announcer:
 async def run(cfg: AnnounceConfig) -> int:
     """Lifecycle: poll → serve → wait for SIGTERM/SIGINT → end streams, stop serving, stop polling."""
     loop = asyncio.get_running_loop()
-    announcer = Announcer(cfg.node.id, cfg.tick)
+    announcer = Announcer(cfg.node.id, cfg.tick, cfg.key)
     client = ClusterSubscriptions.make_client()
     tasks = TaskSet(f"announce-{cfg.node.id}")
     poller = NodePoller(make_adapter(cfg.cluster, cfg.node, cfg.status_url), cfg.cluster, client,
@@ -225,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--liveness-timeout", type=_duration,
                    help="the node is unreachable after this long without an answer (default: the "
                         "cluster's liveness_timeout, or 1s)")
+    p.add_argument("--key-file", type=Path, help="sign events with the key in this file (announce_auth; "
+                                                 "default with -c: the cluster's newest key)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -245,7 +253,15 @@ def parse_args(argv: list[str] | None) -> tuple[AnnounceConfig, str]:
         if node.announce_url == node.url:
             parser.error("--listen is required (or give the node an announce_url in the config)")
         listen = (urlsplit(node.announce_url).hostname or "", urlsplit(node.announce_url).port or 80)
-    return AnnounceConfig(cluster, node, node.url, listen[0], listen[1], ns.tick), ns.log_level
+    key = cluster.announce_keys[-1] if cluster.announce_keys else None
+    if ns.key_file is not None:
+        try:
+            key = ns.key_file.read_bytes().strip()
+        except OSError as exc:
+            parser.error(f"--key-file: {exc.strerror or exc}")
+        if len(key) < 16:
+            parser.error("--key-file: an announcement key must be at least 16 bytes")
+    return AnnounceConfig(cluster, node, node.url, listen[0], listen[1], ns.tick, key), ns.log_level
 
 
 def _from_config(ns: argparse.Namespace) -> tuple[ClusterConfig, NodeConfig]:

@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -33,11 +34,11 @@ def etcd_cluster(members: list[FakeMember], **kw: Any) -> ClusterConfig:
 
 
 @asynccontextmanager
-async def sidecar(cluster: ClusterConfig, node_id: str,
-                  tick: float = 0.2) -> AsyncIterator[tuple[Announcer, str]]:
+async def sidecar(cluster: ClusterConfig, node_id: str, tick: float = 0.2,
+                  key: bytes | None = None) -> AsyncIterator[tuple[Announcer, str]]:
     """What `raftlb announce` runs, in this event loop: a poller feeding an Announcer on a free port."""
     node = next(n for n in cluster.nodes if n.id == node_id)
-    announcer, tasks = Announcer(node_id, tick), TaskSet("sidecar")
+    announcer, tasks = Announcer(node_id, tick, key), TaskSet("sidecar")
     client = ClusterSubscriptions.make_client()
     poller = NodePoller(make_adapter(cluster, node, node.url), cluster, client, announcer.on_announcement,
                         announcer.on_down)
@@ -182,3 +183,44 @@ def test_cli_rejects_incomplete_or_bad_arguments(argv: list[str], message: str,
         parse_args(argv)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+KEY = b"0123456789abcdef-sidecar"
+
+
+@pytest.mark.parametrize("keys, accepted", [
+    ((b"an-older-key-0123", KEY), True),  # during a rotation either key verifies
+    ((b"someone-elses-key!",), False),
+])
+async def test_signed_sidecar_events_verify_against_the_clusters_keys(keys: tuple[bytes, ...],
+                                                                      accepted: bool) -> None:
+    (member,) = [await FakeMember("n1", "701").start()]
+    lead([member], member, 2)
+    cluster = etcd_cluster([member])
+    try:
+        async with sidecar(cluster, "n1", key=KEY) as (_, url):
+            node = cluster.nodes[0]
+            followed = ClusterConfig(name="etcd", kind="etcd", nodes=(replace(node, announce_url=url),),
+                                     routes=(), sidecar=True, announce_keys=keys)
+            rec, tasks = Recorder(), TaskSet("raftlb")
+            subs = ClusterSubscriptions(followed, rec.on_announcement, rec.on_down, tasks)
+            subs.start()
+            try:
+                if accepted:
+                    await wait_for(lambda: rec.last("n1") is not None)
+                else:
+                    await wait_for(lambda: subs.rejected.get("bad_signature", 0) > 0)
+                    assert rec.last("n1") is None
+            finally:
+                await subs.stop()
+                await tasks.close()
+    finally:
+        await member.stop()
+
+
+def test_cli_signs_with_a_key_file_or_the_configs_newest_key(tmp_path: Any) -> None:
+    key = tmp_path / "key"
+    key.write_bytes(KEY + b"\n")
+    base = ["--kind", "etcd", "--node-id", "n1", "--node-url", "http://127.0.0.1:2379", "--listen", "h:1"]
+    assert parse_args([*base, "--key-file", str(key)])[0].key == KEY
+    assert parse_args(base)[0].key is None
