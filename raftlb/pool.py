@@ -19,6 +19,8 @@ import httptools
 
 log = logging.getLogger("raftlb.pool")
 
+MAX_RESPONSE_HEAD = 256 * 1024  # a node's status line and headers; beyond this it is not a sane answer
+
 
 class UpstreamListener(Protocol):
     finished: bool  # the request no longer needs a connection (its client went away)
@@ -54,6 +56,10 @@ class UpstreamConn(asyncio.Protocol):
         self.deadline = 0.0
         self.idle_since = 0.0
         self.requests = 0
+        self.head_bytes = 0
+        self.feeding = False  # inside parser.feed_data
+        self.completed = False  # an answer completed during this feed
+        self.extra = False  # the node sent a message with no request outstanding
 
     def __repr__(self) -> str:
         state = "busy" if self.listener is not None else ("closed" if self.closed else "idle")
@@ -73,7 +79,8 @@ class UpstreamConn(asyncio.Protocol):
         if listener is None:
             return
         self.listener = None
-        if self.head_received and self.until_close:
+        if self.head_received and self.until_close and exc is None:
+            # A close-delimited body ends with a clean close (FIN); a reset means it was cut short.
             listener.on_upstream_done()
         else:
             reason = "connection closed by node" if exc is None else f"connection lost: {exc}"
@@ -92,15 +99,34 @@ class UpstreamConn(asyncio.Protocol):
             # Bytes from a node with no request outstanding: the connection cannot be trusted any more.
             self.close()
             return
+        if not self.head_received:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_RESPONSE_HEAD:
+                self._fail(f"response head larger than {MAX_RESPONSE_HEAD} bytes")
+                return
+        self.feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(f"malformed response from node: {exc}")
+        finally:
+            self.feeding = False
+        if self.completed:
+            # Released only now that the parser is done with these bytes: anything after the answer in the
+            # same read (a second answer to one request) poisons the connection instead of being taken
+            # for the next request's answer.
+            self.completed = False
+            if self.extra or self.closed or not self.keep_alive or self.until_close:
+                self.close()
+            else:
+                self.pool.release(self)
 
     # -- parser callbacks ---------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self.headers = []
+        if self.listener is None:
+            self.extra = True  # a message nobody asked for
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
@@ -155,6 +181,7 @@ class UpstreamConn(asyncio.Protocol):
         self.head_received = False
         self.informational = False
         self.until_close = False
+        self.head_bytes = 0
         self.requests += 1
         self.deadline = time.monotonic() + self.pool.response_timeout
 
@@ -180,7 +207,9 @@ class UpstreamConn(asyncio.Protocol):
         listener = self.listener
         self.listener = None
         self.deadline = 0.0
-        if self.keep_alive and not self.until_close and not self.closed:
+        if self.feeding:
+            self.completed = True  # released by data_received once the parser has returned
+        elif self.keep_alive and not self.until_close and not self.closed:
             self.pool.release(self)
         else:
             self.close()

@@ -100,6 +100,7 @@ class ClusterProxy:
         self.stats = ProxyStats()
         self.on_change = on_change
         self.leaderless_since: float | None = time.monotonic()
+        self._rejection_logged: dict[str, tuple[float, int]] = {}  # node -> (last warning, held back since)
         self._configure_nodes(cluster)
 
     def __repr__(self) -> str:
@@ -326,7 +327,15 @@ class ClusterProxy:
             change = self.table.apply(ann, now)
         except ValueError as exc:
             self.stats.rejected_announcements += 1
-            log.debug("announcement from %s rejected: %s", node_id, exc)
+            # A node whose term goes backwards is lying or restored from an old disk: say so, once a burst.
+            last, held = self._rejection_logged.get(node_id, (float("-inf"), 0))
+            if now - last >= 5.0:
+                more = f" ({held} more since the last warning)" if held else ""
+                log.warning("cluster %s: announcement from %s rejected: %s%s", self.cluster.name, node_id, exc,
+                            more)
+                self._rejection_logged[node_id] = (now, 0)
+            else:
+                self._rejection_logged[node_id] = (last, held + 1)
             return
         if change is not None:
             self._leader_changed(change, now)

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from conftest import running, url_of, wait_for
 from fakes import FakeCluster, FakeNode, FakeRequest, FakeResponse, fake_bytes, hang, sequence
-from faults import FaultRelay
+from faults import FaultRelay, reset_connection
 
 from raftlb.config import ClusterConfig, NodeConfig, RouteConfig
 from raftlb.server import Server
@@ -113,7 +113,7 @@ def send(data: bytes, then: str = "stay") -> Script:
             raise ConnectionResetError  # ends the serve loop
         if then == "reset":
             await asyncio.sleep(0.05)  # let the proxy read what was sent before the RST
-            writer.transport.abort()
+            reset_connection(writer.transport)
             raise ConnectionResetError
 
     return script
@@ -295,8 +295,6 @@ async def test_reset_mid_response_cuts_the_client_and_never_completes_the_body(c
             assert r.status_code == 200 and r.content == fake_bytes(size)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pool.UpstreamConn.connection_lost completes a close-delimited "
-                                       "body on a reset as if the node had closed cleanly; fix in the report")
 async def test_reset_in_a_close_delimited_body_is_not_passed_on_as_complete() -> None:
     # An HTTP/1.0-style answer: no Content-Length, no chunking, the body ends when the node closes. Only a
     # clean close (FIN) ends it; a reset means the body was cut short.
@@ -380,12 +378,12 @@ async def test_garbage_from_a_node_is_a_clean_error_and_the_proxy_keeps_serving(
                 assert r.status_code == 200 and r.content == b"ok"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pool.UpstreamConn has no limit on a response head; fix in the "
-                                       "report")
 async def test_a_node_sending_endless_response_headers_is_cut_off() -> None:
     cap = 4 * 1024 * 1024  # the node gives up after this; the proxy should have hung up long before
 
     async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # (What the node writes piles up in kernel buffers too, so `sent` cannot show what the proxy read;
+        # the time to a 502, well inside the response timeout, can.)
         writer.write(b"HTTP/1.1 200 OK\r\n")
         while raw.sent < cap:
             writer.write(b"X-Junk: " + b"y" * 1000 + b"\r\n")
@@ -394,17 +392,16 @@ async def test_a_node_sending_endless_response_headers_is_cut_off() -> None:
         await asyncio.sleep(30)
 
     async with FakeNode("n1", role="leader") as announcer, RawNode(endless) as raw:
-        cfg = raw_config(raw, announcer, routes=READS_LEADER, response_timeout=1.0, max_resends=0)
+        cfg = raw_config(raw, announcer, routes=READS_LEADER, response_timeout=3.0, max_resends=0)
         async with running(cfg) as srv, httpx.AsyncClient(base_url=url_of(srv), timeout=5) as c:
             await wait_for(lambda: leader_of(srv) == "n1")
+            t0 = time.monotonic()
             r = await c.get("/r")
-            assert r.status_code == 502 and r.json()["error"] == "upstream_failed"  # today: 504 after 1 s
-            assert raw.sent < 1024 * 1024  # today: all 4 MiB are read and kept as headers
+            # Today: 504 after the 3 s response timeout, every byte read and kept as a header meanwhile.
+            assert r.status_code == 502 and r.json()["error"] == "upstream_failed"
+            assert time.monotonic() - t0 < 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pool.UpstreamConn hands its connection to a waiting request "
-                                       "from inside the parser, which then reads the node's extra bytes as "
-                                       "that request's answer; fix in the report")
 async def test_a_second_answer_to_one_request_never_reaches_another_request() -> None:
     """A node answers request A twice in one write. The extra answer must not be taken for the answer to
     request B, which is waiting for a connection at that moment (B was never even sent yet)."""
@@ -543,8 +540,6 @@ async def test_announced_nonsense_is_rejected_counted_and_never_moves_the_leader
             await wait_for(lambda: leader_of(srv) == "n2")
 
 
-@pytest.mark.xfail(strict=True, reason="gap: proxy.ClusterProxy.on_announcement logs a node's term going "
-                                       "backwards at DEBUG per event, never as a warning; fix in the report")
 async def test_term_going_backwards_is_logged_once_per_burst(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="raftlb")
     async with FakeCluster(3) as fc:
