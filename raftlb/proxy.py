@@ -331,8 +331,8 @@ class ClusterProxy:
             last, held = self._rejection_logged.get(node_id, (float("-inf"), 0))
             if now - last >= 5.0:
                 more = f" ({held} more since the last warning)" if held else ""
-                log.warning("cluster %s: announcement from %s rejected: %s%s", self.cluster.name, node_id, exc,
-                            more)
+                log.warning("cluster %s: announcement from %s rejected: %s%s",
+                            self.cluster.name, node_id, exc, more)
                 self._rejection_logged[node_id] = (now, 0)
             else:
                 self._rejection_logged[node_id] = (last, held + 1)
