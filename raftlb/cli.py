@@ -24,6 +24,7 @@ commands:
   demo [--keep]      start a 3-node Raft demo cluster and raftlb, kill the leader under load, report
   demo-node ...      run one node of the embedded demo cluster (see `raftlb demo-node --help`)
   announce ...       sidecar: poll one node's status API, serve raft-announce/1 (`raftlb announce --help`)
+  bench --url URL    load and consistency check through raftlb (see `raftlb bench --help`)
 
 examples:
   raftlb check -c configs/example.yaml
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo-node", help="run one node of the demo cluster", add_help=False)
     sub.add_parser("announce", help="sidecar serving raft-announce/1 for one etcd/json node", add_help=False)
+    sub.add_parser("bench", help="load generator and consistency checker", add_help=False)
     return parser
 
 
@@ -105,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         from raftlb.announce import main as announce_main
 
         return announce_main(argv[1:])
+    if argv and argv[0] == "bench":
+        from raftlb.bench_cli import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
