@@ -113,6 +113,7 @@ class ClusterConfig:
     max_resends: int = 3
     retry_after: int = 1  # seconds, on 503s the proxy produces
     fence_wait: float = 1.0  # fenced reads wait this long for some node to reach the client's index
+    follower_wait: float = 0.05  # ... and this long for a follower when only the leader has it (0: never)
     index_cookie: bool = False  # every route sets and honours the raftlb-index cookie (routes may override)
     read_index_path: str = "/raft/read_index"  # where the leader hands out read indexes (linearizable)
     session_gap_wait: float = 1.0  # a session write waits this long for the seq before it to arrive
@@ -518,6 +519,7 @@ _CLUSTER: dict[str, _Conv] = {
     "retry_after": lambda c: math.ceil(c.duration()),  # Retry-After is in whole seconds
     "hold": _make(HoldConfig, _HOLD), "pool": _make(PoolConfig, _POOL),
     "fence_wait": lambda c: c.duration(allow_zero=True), "index_cookie": _Cursor.boolean,
+    "follower_wait": lambda c: c.duration(allow_zero=True),
     "read_index_path": lambda c: _abs_path(c), "session_gap_wait": lambda c: c.duration(allow_zero=True),
     "max_sessions": _at_least_one,
 }

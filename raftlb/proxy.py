@@ -52,6 +52,7 @@ class ProxyStats:
     __slots__ = ("requests", "held", "released", "expired", "resends", "outcome_unknown", "misdirected",
                  "preempted", "responses_by_class", "rejected_announcements", "leader_changes",
                  "reads_leader", "reads_follower", "fence_waited", "fence_fallback", "fence_stale",
+                 "follower_waited",
                  "session_parked",
                  "session_gaps")
 
@@ -72,6 +73,7 @@ class ProxyStats:
         self.fence_waited = 0  # fenced reads that found no node at their index and waited
         self.fence_fallback = 0  # reads sent to the leader because no follower qualified in time
         self.fence_stale = 0  # answers discarded because they reflected an index below the client's token
+        self.follower_waited = 0  # reads that waited for a follower to catch up rather than load the leader
         self.session_parked = 0
         self.session_gaps = 0
 
@@ -93,6 +95,7 @@ class ClusterProxy:
         self.held_bytes = 0
         self.inflight: set[ProxyRequest] = set()
         self.fence_waiting: list[ProxyRequest] = []
+        self.follower_wait = cluster.follower_wait
         self.caught_up_at: dict[str, float] = {}  # node -> last time its applied index reached the commit
         self.sessions: SessionOrder[ProxyRequest] = SessionOrder(cluster.session_gap_wait,
                                                                  cluster.max_sessions)
@@ -147,11 +150,13 @@ class ClusterProxy:
         ex.set_body_sink(req.on_client_body, req.on_client_body_end)
         if req.finished:
             return
-        token = ex.header(b"x-raft-min-index")
-        if token is not None and token.isdigit():
-            req.min_index = int(token)
-        if route.cookie:
-            req.min_index = max(req.min_index, cookie_index(ex.header(b"cookie")))
+        if route.policy != "any" or route.kind == "write":
+            # `any` promises nothing, so it ignores the token (and never waits or retries for it).
+            token = ex.header(b"x-raft-min-index")
+            if token is not None and token.isdigit():
+                req.min_index = int(token)
+            if route.cookie:
+                req.min_index = max(req.min_index, cookie_index(ex.header(b"cookie")))
         if route.kind == "write":
             sid, seq = ex.header(b"x-raft-session"), ex.header(b"x-raft-seq")
             if sid is not None and seq is not None and seq.isdigit():
@@ -197,6 +202,13 @@ class ClusterProxy:
         cands = eligible_nodes(self.table, req.route, req.floor, now, self.caught_up_at)
         if not cands:
             return None
+        req.leader_only = False
+        if len(cands) == 1 and req.route.prefer_followers and not req.leader_ok and self.follower_wait > 0 \
+                and cands[0] == self.table.leader(now) and len(self.table.live_nodes(now)) > 1:
+            # Only the leader has the index yet; followers usually apply it within a heartbeat. Wait a
+            # little for one rather than load the leader with every read that follows a write.
+            req.leader_only = True
+            return None
         if len(cands) > 1:
             if req.route.prefer_followers:
                 leader = self.table.leader(now)
@@ -220,6 +232,16 @@ class ClusterProxy:
         policy = req.route.policy
         if req.to_leader or policy == "any":
             self.hold(req)
+            return
+        if req.leader_only:
+            if not req.fence_deadline:
+                req.fence_deadline = now + self.follower_wait
+                self.stats.follower_waited += 1
+            if now >= req.fence_deadline:
+                req.leader_ok = True
+                self.dispatch(req)
+            else:
+                self.fence_waiting.append(req)
             return
         if policy == "bounded":
             self._fall_back_to_leader(req)
@@ -426,10 +448,13 @@ class ClusterProxy:
             for req in waiting:
                 if req.finished:
                     continue
-                if req.fence_deadline <= now:
-                    self._fall_back_to_leader(req)
-                else:
+                if req.fence_deadline > now:
                     self.fence_waiting.append(req)
+                elif req.leader_only:
+                    req.leader_ok = True  # no follower caught up in time: the leader serves it
+                    self.dispatch(req)
+                else:
+                    self._fall_back_to_leader(req)
         for req in self.sessions.expired(now):
             self.stats.session_gaps += 1
             req.session = None
@@ -453,6 +478,7 @@ class ClusterProxy:
         self.cluster = cluster
         self.router = Router(cluster.routes, index_cookie=cluster.index_cookie, fence_wait=cluster.fence_wait)
         self.sessions.gap_wait, self.sessions.max_sessions = cluster.session_gap_wait, cluster.max_sessions
+        self.follower_wait = cluster.follower_wait
         self.broker.path = cluster.read_index_path.encode("latin-1")
         self.table.liveness_timeout = cluster.liveness_timeout
         for nid in new_ids - old_ids:

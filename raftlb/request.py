@@ -51,7 +51,7 @@ class ProxyRequest:
         "proxy", "ex", "route", "head", "chunks", "body_len", "retain", "body_done", "node", "conn",
         "attempts", "held_at", "retry_at", "safe_to_repeat", "upstream_chunked", "sent_body", "finished",
         "avoid", "sent_term", "released", "to_leader", "min_index", "read_index", "fence_deadline", "session",
-        "waited", "deferred", "body",
+        "waited", "deferred", "body", "leader_only", "leader_ok",
     )
 
     def __init__(self, proxy: ClusterProxy, ex: Exchange, route: RouteDecision, head: bytes) -> None:
@@ -86,6 +86,8 @@ class ProxyRequest:
         self.fence_deadline = 0.0  # fenced reads waiting for a node to reach their index
         self.session: tuple[str, int] | None = None  # (X-Raft-Session, X-Raft-Seq) of a session write
         self.waited = False
+        self.leader_only = False  # only the leader had the client's index when last picked
+        self.leader_ok = False  # ... and waiting for a follower is over: the leader may serve it
         self.deferred: tuple[int, list[tuple[bytes, bytes]]] | None = None  # an answer held to read its index
         self.body = bytearray()
 

@@ -375,7 +375,7 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 def test_check_main_ok(capsys: pytest.CaptureFixture[str]) -> None:
     path = str(CONFIGS / "example.yaml")
     assert check_main(path) == 0
-    assert capsys.readouterr().out == f"{path}: OK — 1 listener, 1 cluster (demo: 3 nodes, 2 routes)\n"
+    assert capsys.readouterr().out == f"{path}: OK — 1 listener, 1 cluster (demo: 3 nodes, 3 routes)\n"
 
 
 def test_check_main_reports_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

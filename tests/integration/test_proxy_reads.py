@@ -208,3 +208,40 @@ async def test_session_gap_that_never_fills_gets_a_clear_error() -> None:
             r = await c.post("/kv/a", content=b"3", headers={**h, "X-Raft-Seq": "3"})  # 2 never comes
             assert r.status_code == 409 and r.json()["error"] == "session_seq_gap"
             assert [q.body for q in fc["n1"].requests] == [b"1"]
+
+
+async def test_read_waits_briefly_for_a_follower_when_only_the_leader_has_the_index() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        fc["n1"].set(applied_index=10, commit_index=10)
+        fc["n2"].set(applied_index=9)
+        fc["n3"].set(applied_index=9)
+        async with running(fc.config(routes=reads(), follower_wait=2.0)) as srv, \
+                httpx.AsyncClient(base_url=url_of(srv)) as c:
+            await wait_for(lambda: applied(srv, "n1") == 10 and applied(srv, "n3") == 9)
+            task = asyncio.create_task(c.get("/kv/a", headers={"X-Raft-Min-Index": "10"}))
+            await wait_for(lambda: srv.proxies["c1"].fence_waiting != [])
+            fc["n2"].set(applied_index=10)  # the follower applies the entry a heartbeat later
+            assert (await task).headers["x-raft-node"] == "n2"
+            assert srv.proxies["c1"].stats.follower_waited == 1
+        fc["n2"].set(applied_index=9)
+        async with running(fc.config(routes=reads(), follower_wait=0.1)) as srv, \
+                httpx.AsyncClient(base_url=url_of(srv)) as c:
+            await wait_for(lambda: applied(srv, "n1") == 10 and applied(srv, "n3") == 9)
+            r = await c.get("/kv/a", headers={"X-Raft-Min-Index": "10"})
+            assert r.headers["x-raft-node"] == "n1"  # no follower in time: the leader, not an error
+            stats = srv.proxies["c1"].stats
+            assert (stats.follower_waited, stats.fence_fallback) == (1, 0)
+
+
+async def test_any_ignores_the_token() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        for n in fc.nodes:
+            n.set(applied_index=5, commit_index=5)
+        async with running(fc.config(routes=reads("any"))) as srv, \
+                httpx.AsyncClient(base_url=url_of(srv)) as c:
+            await wait_for(lambda: applied(srv, "n3") == 5)
+            r = await c.get("/kv/a", headers={"X-Raft-Min-Index": "99"})
+            assert r.status_code == 200  # served at once from index 5: `any` promises nothing
+            assert srv.proxies["c1"].stats.fence_stale == 0
