@@ -377,6 +377,10 @@ class ClusterProxy:
         change = self.table.node_down(node_id, now)
         if change is not None:
             self._leader_changed(change, now)
+        # Requests that are safe to repeat do not wait out the response timeout on a node gone silent
+        # (a paused process, a partition): they go elsewhere now. The others keep waiting for their answer.
+        for req in [r for r in self.inflight if r.node == node_id and r.safe_to_repeat]:
+            req.preempt(f"node {node_id} down ({reason})")
 
     def on_node_unreachable(self, node_id: str, reason: str) -> None:
         """The data path could not connect to a node: take it out of routing until it is heard again."""
