@@ -17,6 +17,7 @@ import json
 import logging
 import random
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -408,13 +409,15 @@ class ClusterSubscriptions:
         return f"<ClusterSubscriptions {self.cluster.name} [{len(ups)} nodes: {counts}; {polling} polling]>"
 
     @staticmethod
-    def make_client() -> httpx.AsyncClient:
+    def make_client(verify: ssl.SSLContext | None = None) -> httpx.AsyncClient:
         """The control plane's client. Each node has one request in flight at most, so the node count bounds
-        the connections; each request passes timeouts from the cluster config."""
+        the connections; each request passes timeouts from the cluster config. `verify`: the TLS context
+        for a cluster's https nodes (CA, client certificate)."""
         return httpx.AsyncClient(
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=30.0),
             timeout=httpx.Timeout(5.0),
             trust_env=False,  # HTTP_PROXY and friends are meant for clients, not for a proxy's own nodes
+            verify=verify if verify is not None else True,
         )
 
     def start(self) -> None:

@@ -1,0 +1,116 @@
+"""TLS: the client listener (with certificate reload), https nodes with client certificates (mTLS) for
+both traffic and announce streams."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+import trustme
+from conftest import make_config, wait_for
+from fakes import FakeCluster
+
+from raftlb.config import TlsConfig
+from raftlb.server import Server
+
+pytestmark = pytest.mark.integration
+
+
+def write_pem(path: Path, blob: trustme.Blob) -> str:
+    blob.write_to_path(str(path))
+    return str(path)
+
+
+async def test_tls_listener_and_mtls_to_https_nodes(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1", "localhost")
+    client_cert = ca.issue_cert("raftlb-client")
+    ca_pem = write_pem(tmp_path / "ca.pem", ca.cert_pem)
+    cert_pem = write_pem(tmp_path / "server.pem", server_cert.cert_chain_pems[0])
+    key_pem = write_pem(tmp_path / "server.key", server_cert.private_key_pem)
+    ccert = write_pem(tmp_path / "client.pem", client_cert.cert_chain_pems[0])
+    ckey = write_pem(tmp_path / "client.key", client_cert.private_key_pem)
+
+    # Nodes serve https and demand a client certificate from this CA.
+    node_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_cert.configure_cert(node_ctx)
+    ca.configure_trust(node_ctx)
+    node_ctx.verify_mode = ssl.CERT_REQUIRED
+    fc = FakeCluster(3)
+    for n in fc.nodes:
+        n.ssl = node_ctx
+    async with fc:
+        fc.elect("n1")
+        cluster = fc.config(tls=TlsConfig(ca=ca_pem, cert=ccert, key=ckey))
+        cfg = make_config(cluster)
+        listener = replace(cfg.listeners[0], tls=TlsConfig(cert=cert_pem, key=key_pem))
+        cfg = replace(cfg, listeners=(listener,))
+        server = Server(cfg)
+        await server.start()
+        try:
+            proxy = server.proxies["c1"]
+            await wait_for(lambda: proxy.table.leader(time.monotonic()) == "n1", timeout=10)
+            url = f"https://127.0.0.1:{server.listeners[0].port}"
+            async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=ca_pem)) as c:
+                r = await c.put(f"{url}/kv/a", content=b"secret")
+                assert r.status_code == 200 and r.headers["x-raft-node"] == "n1"
+            assert fc["n1"].requests[-1].body == b"secret"
+
+            # Plain HTTP on the TLS port: refused cleanly, the listener keeps serving.
+            with pytest.raises(httpx.HTTPError):
+                async with httpx.AsyncClient() as c:
+                    await c.get(f"http://127.0.0.1:{server.listeners[0].port}/kv/a")
+
+            # Certificate rotation: new files, then a reload; new handshakes present the new certificate.
+            ca2 = trustme.CA()
+            cert2 = ca2.issue_cert("127.0.0.1")
+            write_pem(tmp_path / "server.pem", cert2.cert_chain_pems[0])
+            write_pem(tmp_path / "server.key", cert2.private_key_pem)
+            server.reload_certificates()
+            ca2_pem = write_pem(tmp_path / "ca2.pem", ca2.cert_pem)
+            async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=ca2_pem)) as c:
+                r = await c.put(f"{url}/kv/b", content=b"v")
+                assert r.status_code == 200
+        finally:
+            await server.stop()
+
+
+async def test_node_with_an_untrusted_certificate_gets_no_traffic(tmp_path: Path) -> None:
+    good_ca, rogue_ca = trustme.CA(), trustme.CA()
+    ca_pem = write_pem(tmp_path / "ca.pem", good_ca.cert_pem)
+    rogue_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    rogue_ca.issue_cert("127.0.0.1").configure_cert(rogue_ctx)
+    fc = FakeCluster(1)
+    fc.nodes[0].ssl = rogue_ctx
+    async with fc:
+        fc.elect("n1")
+        cfg = make_config(fc.config(tls=TlsConfig(ca=ca_pem), liveness_timeout=0.3))
+        server = Server(cfg)
+        await server.start()
+        try:
+            await asyncio.sleep(1.0)  # several announce attempts, every one refused at the handshake
+            assert server.proxies["c1"].table.leader(time.monotonic()) is None
+            assert fc["n1"].stream_opens == 0
+        finally:
+            await server.stop()
+
+
+def test_listener_config_rejects_a_missing_certificate_file(tmp_path: Path) -> None:
+    from raftlb.config import parse_config
+    from raftlb.errors import ConfigError
+
+    text = f"""
+listeners:
+  - address: 127.0.0.1:8443
+    tls: {{cert: {tmp_path}/nope.pem, key: {tmp_path}/nope.key}}
+clusters:
+  - name: c
+    nodes: [{{id: n1, url: "http://127.0.0.1:7001"}}]
+"""
+    with pytest.raises(ConfigError, match=r"listeners\[0\]\.tls\.cert: file not found"):
+        parse_config(text)
