@@ -29,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -38,6 +40,16 @@ Mode = Literal["pass", "blackhole", "reset", "refuse"]
 WRITE_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 _REQUEST_LINE = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|PATCH|OPTIONS) (\S{1,2000}) HTTP/1\.[01]\r\n")
 _SNIFF_TAIL = 2048  # bytes kept between chunks so a request line split across reads is still seen
+
+
+def reset_connection(transport: asyncio.BaseTransport) -> None:
+    """Abort with a TCP RST. A plain `abort()` sends a FIN when nothing is left unread, which the other side
+    cannot tell from a clean close; SO_LINGER with a zero timeout makes the kernel reset instead."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +74,10 @@ class _Link:
     sniff_upto: int = 0  # stream offset up to which request lines were recorded
 
     def abort(self) -> None:
-        """Reset both sides (RST where the transport allows)."""
+        """Reset both sides (RST)."""
         for w in (self.client, self.upstream):
-            if w is not None:
-                w.transport.abort()
+            if w is not None and not w.transport.is_closing():
+                reset_connection(w.transport)
 
 
 class FaultRelay:
@@ -265,8 +277,10 @@ class FaultRelay:
                     room = self.reset_after - link.down_bytes
                     if room < len(data):
                         writer.write(data[:max(room, 0)])
+                        await writer.drain()
+                        await asyncio.sleep(0.02)  # let the other side read them before the RST
                         self.resets += 1
-                        link.abort()  # pending bytes are discarded with the RST, as on a real network
+                        link.abort()
                         return
                 if not up:
                     link.down_bytes += len(data)
