@@ -1,60 +1,213 @@
-"""The admin listener: health, readiness and the leader table as JSON, on its own address."""
+"""The admin listener, on its own address (127.0.0.1:9090 by default).
+
+    GET  /               the live status page (raftlb/static/status.html)
+    GET  /metrics        Prometheus text format (raftlb.metrics)
+    GET  /healthz        200 while the process serves
+    GET  /readyz         200 when every cluster has a live leader and the server is not draining, else 503;
+                         `?exclude=c1,c2` leaves clusters out of the leader check
+    GET  /v1/clusters    the leader table per cluster: per node term, role, indices, last heard, lag; stats
+    GET  /v1/clusters/N  one cluster
+    GET  /v1/events      text/event-stream: leader_change, node_up, node_down, config_reload, draining;
+                         resumes after `Last-Event-ID` (or `?since=ID`); `?types=a,b` filters
+    POST /v1/reload      read the config file again and apply it (as SIGHUP does); with `admin.token` set,
+                         it needs `Authorization: Bearer <token>`
+
+Every error is JSON with a stable `error` code: not_found, method_not_allowed, unknown_cluster, bad_request,
+unauthorized, invalid_config, bind_failed, no_config_file, draining, internal_error.
+"""
 
 from __future__ import annotations
 
+import hmac
 import time
+from importlib import resources
 from typing import TYPE_CHECKING
 
 from raftlb import __version__
-from raftlb.http.app import EventStream, Request, Response, json_response
+from raftlb.http.app import EventStream, Request, Response, Send, json_response
 from raftlb.http.app import serve as serve_app
 from raftlb.http.server import HttpServer
+from raftlb.metrics import CONTENT_TYPE, lag_entries
+from raftlb.proxy import ClusterProxy
 
 if TYPE_CHECKING:
     from raftlb.server import Server
 
+KEEPALIVE_INTERVAL = 15.0  # an SSE comment this often, so proxies keep the stream and dead clients are found
+# The page is self-contained: inline script and style, data from this origin only.
+PAGE_HEADERS = [
+    ("cache-control", "no-cache"),
+    ("content-security-policy", "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                "img-src 'self' data:"),
+    ("x-content-type-options", "nosniff"),
+]
+_GET = ("GET", "HEAD")
+
+
+def error(status: int, code: str, detail: str | None = None, **extra: object) -> Response:
+    doc: dict[str, object] = {"error": code}
+    if detail is not None:
+        doc["detail"] = detail
+    doc.update(extra)
+    return json_response(doc, status)
+
 
 class Admin:
-    """Routes of the admin listener. Read-only views of the running server."""
+    """Routes of the admin listener: read-only views of the running server, plus reload."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, keepalive: float = KEEPALIVE_INTERVAL) -> None:
         self.server = server
+        self.keepalive = keepalive
+        self._page: bytes | None = None
 
     async def start(self, host: str, port: int) -> HttpServer:
         return await serve_app(self.handle, host, port, self.server.config.limits, name="admin")
 
     async def handle(self, req: Request) -> Response | EventStream:
-        path = req.path
+        path = req.path.rstrip("/") or "/"
+        if path == "/v1/reload":
+            if req.method != "POST":
+                return self._not_allowed("POST")
+            return await self._reload(req)
+        if req.method not in _GET:
+            return self._not_allowed("GET, HEAD")
+        if path == "/":
+            return Response(200, self.page(), list(PAGE_HEADERS), "text/html; charset=utf-8")
+        if path == "/metrics":
+            return Response(200, self.server.metrics.exposition(), [("cache-control", "no-cache")],
+                            CONTENT_TYPE)
         if path == "/healthz":
             return json_response({"status": "ok", "version": __version__})
         if path == "/readyz":
-            return self._readyz()
+            return self._readyz(req)
         if path == "/v1/clusters":
             return json_response(self.clusters())
-        return json_response({"error": "not_found", "path": path}, 404)
+        if path.startswith("/v1/clusters/"):
+            name = path.removeprefix("/v1/clusters/")
+            proxy = self.server.proxies.get(name)
+            if proxy is None:
+                return error(404, "unknown_cluster", f"no cluster named {name!r}",
+                             clusters=list(self.server.proxies))
+            return json_response(self.cluster(name, proxy, time.monotonic()))
+        if path == "/v1/events":
+            return self._events(req)
+        return error(404, "not_found", f"no admin route {path}")
 
-    def _readyz(self) -> Response:
+    def page(self) -> bytes:
+        if self._page is None:
+            self._page = resources.files("raftlb").joinpath("static/status.html").read_bytes()
+        return self._page
+
+    @staticmethod
+    def _not_allowed(allow: str) -> Response:
+        resp = error(405, "method_not_allowed", f"allowed: {allow}")
+        resp.headers.append(("allow", allow))
+        return resp
+
+    # -- health -------------------------------------------------------------------------------------------
+
+    def _readyz(self, req: Request) -> Response:
         now = time.monotonic()
         if self.server.draining:
             return json_response({"ready": False, "reason": "draining"}, 503)
-        missing = [name for name, p in self.server.proxies.items() if p.table.leader(now) is None]
+        exclude = {c for c in req.query.get("exclude", "").split(",") if c}
+        missing = [name for name, p in self.server.proxies.items()
+                   if name not in exclude and p.table.leader(now) is None]
         if missing:
             return json_response({"ready": False, "reason": "no_leader", "clusters": missing}, 503)
         return json_response({"ready": True})
 
+    # -- the leader table ---------------------------------------------------------------------------------
+
     def clusters(self) -> dict[str, object]:
         now = time.monotonic()
-        out: dict[str, object] = {}
-        for name, proxy in self.server.proxies.items():
-            snap = proxy.table.snapshot(now)
-            s = proxy.stats
-            snap["stats"] = {
-                "requests": s.requests, "held": s.held, "released": s.released, "expired": s.expired,
-                "held_now": len(proxy.held), "resends": dict(s.resends), "outcome_unknown": s.outcome_unknown,
-                "misdirected": s.misdirected, "preempted": s.preempted, "leader_changes": s.leader_changes,
-                "rejected_announcements": s.rejected_announcements,
-                "responses": {f"{i}xx": n for i, n in enumerate(s.responses_by_class) if i and n},
-                "outstanding": {nid: p.outstanding for nid, p in proxy.pools.items()},
-            }
-            out[name] = snap
-        return {"clusters": out}
+        srv = self.server
+        listeners = [{"name": s.name, "address": f"{s.host}:{s.port}",
+                      "cluster": s.handler.cluster.name if isinstance(s.handler, ClusterProxy) else None,
+                      "connections": len(s.connections), "requests": s.requests} for s in srv.listeners]
+        return {
+            "version": __version__,
+            "uptime_s": round(time.time() - srv.started_at, 3),
+            "draining": srv.draining,
+            "config": srv.config.source,
+            "reloads": srv.reloader.reloads,
+            "listeners": listeners,
+            "clusters": {name: self.cluster(name, p, now) for name, p in srv.proxies.items()},
+        }
+
+    def cluster(self, name: str, proxy: ClusterProxy, now: float) -> dict[str, object]:
+        snap = proxy.table.snapshot(now)
+        lags = lag_entries(proxy.table, now)
+        subs = self.server.subscriptions.get(name)
+        urls = {n.id: n.url for n in proxy.cluster.nodes}
+        nodes = snap["nodes"]
+        assert isinstance(nodes, dict)
+        for node_id, doc in nodes.items():
+            sub = subs.nodes.get(node_id) if subs is not None else None
+            doc["lag"] = lags.get(node_id)
+            doc["url"] = urls.get(node_id)
+            doc["subscription"] = None if sub is None else {"mode": sub.mode, "up": sub.up,
+                                                            "last_error": sub.last_error or None}
+            pool = proxy.pools.get(node_id)
+            doc["outstanding"] = pool.outstanding if pool is not None else 0
+        snap["leaderless_s"] = round(self.server.metrics.leaderless(name, now)[0], 3)
+        s = proxy.stats
+        snap["stats"] = {
+            "requests": s.requests, "held": s.held, "released": s.released, "expired": s.expired,
+            "held_now": len(proxy.held), "resends": dict(s.resends), "outcome_unknown": s.outcome_unknown,
+            "misdirected": s.misdirected, "preempted": s.preempted, "leader_changes": s.leader_changes,
+            "rejected_announcements": s.rejected_announcements,
+            "responses": {f"{i}xx": n for i, n in enumerate(s.responses_by_class) if i and n},
+        }
+        return snap
+
+    # -- events and reload --------------------------------------------------------------------------------
+
+    def _events(self, req: Request) -> Response | EventStream:
+        raw = req.headers.get("last-event-id") or req.query.get("since")
+        after: int | None = None
+        if raw is not None:
+            if not raw.strip().isdigit():
+                return error(400, "bad_request", "Last-Event-ID / since must be an event id")
+            after = int(raw)
+        types = {t for t in req.query.get("types", "").split(",") if t}
+        bus = self.server.events
+        keepalive = self.keepalive
+
+        async def produce(send: Send) -> None:
+            sub = bus.subscribe(after)
+            try:
+                await send(b"retry: 1000\n: raftlb events\n\n")
+                while True:
+                    events = await sub.next(keepalive)
+                    if events is None:
+                        if sub.closed:
+                            return
+                        await send(b": keepalive\n\n")
+                        continue
+                    frames = [e.sse() for e in events if not types or e.type in types]
+                    if frames:
+                        await send(b"".join(frames))
+            finally:
+                bus.unsubscribe(sub)
+
+        return EventStream(produce, [("x-accel-buffering", "no")])
+
+    async def _reload(self, req: Request) -> Response:
+        token = self.server.config.admin.token
+        if token is not None and not _bearer_matches(req.headers.get("authorization", ""), token):
+            resp = error(401, "unauthorized", "POST /v1/reload needs Authorization: Bearer <admin.token>")
+            resp.headers.append(("www-authenticate", 'Bearer realm="raftlb admin"'))
+            return resp
+        if self.server.draining:
+            return error(503, "draining", "the server is shutting down")
+        result = await self.server.reload("api")
+        if result.applied:
+            return json_response(result.to_json())
+        status = 422 if result.error in ("invalid_config", "bind_failed") else 409
+        return json_response(result.to_json(), status)
+
+
+def _bearer_matches(header: str, token: str) -> bool:
+    scheme, _, value = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())

@@ -21,6 +21,7 @@ EPILOG = """\
 commands:
   run -c FILE        serve: listeners, admin, subscriptions (SIGTERM drains, SIGHUP reloads)
   check -c FILE      validate a config file and exit (0 valid, 2 invalid)
+  status             the leader table of a running raftlb, read from its admin listener
   demo [--keep]      start a 3-node Raft demo cluster and raftlb, kill the leader under load, report
   demo-node ...      run one node of the embedded demo cluster (see `raftlb demo-node --help`)
   announce ...       sidecar: poll one node's status API, serve raft-announce/1 (`raftlb announce --help`)
@@ -29,6 +30,7 @@ commands:
 examples:
   raftlb check -c configs/example.yaml
   raftlb run -c configs/demo.yaml
+  raftlb status --admin http://127.0.0.1:9090 --watch
 """
 
 
@@ -64,6 +66,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return check_main(args.config)
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from raftlb.status_cli import main as status_main
+
+    return status_main(args.admin, watch=args.watch, as_json=args.json, interval=args.interval)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from raftlb.demo.scenario import main as demo_main
 
@@ -83,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a config file", description="Validate a config and exit.")
     p.add_argument("-c", "--config", required=True, help="YAML config file")
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("status", help="show the leader table of a running raftlb",
+                       description="Read the leader table from a running raftlb's admin listener. Exit "
+                                   "code: 0 every cluster has a leader, 1 one has none (or draining), "
+                                   "2 unreachable.")
+    p.add_argument("--admin", default="http://127.0.0.1:9090", help="admin URL (default: %(default)s)")
+    p.add_argument("--watch", action="store_true", help="redraw every --interval seconds until Ctrl-C")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between redraws (default: 1)")
+    p.add_argument("--json", action="store_true", help="print the admin's JSON")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("demo", help="run the failover demo on an embedded 3-node Raft cluster",
                        description="Start three demo nodes and raftlb, write and read through it, kill the "

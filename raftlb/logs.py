@@ -1,4 +1,4 @@
-"""Logging setup: text or JSON lines on stderr."""
+"""Logging setup: text or JSON lines on stderr; the access log (logger `raftlb.access`, off by default)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,14 @@ import json
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from raftlb.config import LoggingConfig
+
+if TYPE_CHECKING:
+    from raftlb.http.server import Exchange
+
+access_log = logging.getLogger("raftlb.access")
 
 
 class JsonFormatter(logging.Formatter):
@@ -19,6 +25,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        fields = getattr(record, "access", None)
+        if isinstance(fields, dict):
+            doc.update(fields)
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)
@@ -35,3 +44,18 @@ def setup_logging(cfg: LoggingConfig) -> None:
     root.setLevel(cfg.level.upper())
     root.propagate = False
     logging.getLogger("raftlb.access").disabled = not cfg.access_log
+
+
+def access_enabled() -> bool:
+    return not access_log.disabled and access_log.isEnabledFor(logging.INFO)
+
+
+def log_access(cluster: str, node: str | None, ex: Exchange, seconds: float) -> None:
+    """One line per proxied request: client, request line, status, cluster/node, duration. JSON lines carry
+    the same as fields (`client`, `method`, `target`, `status`, `cluster`, `node`, `duration_ms`)."""
+    target = ex.target.decode("latin-1")
+    ms = round(seconds * 1000, 3)
+    fields = {"client": ex.client_addr, "method": ex.method, "target": target, "status": ex.status,
+              "cluster": cluster, "node": node, "duration_ms": ms}
+    access_log.info('%s "%s %s" %d %s/%s %.1fms', ex.client_addr, ex.method, target, ex.status, cluster,
+                    node or "-", ms, extra={"access": fields})

@@ -19,12 +19,16 @@ from collections.abc import Callable
 import httpx
 
 from raftlb.adapters import Subscriptions, make_subscriptions
-from raftlb.config import Config
+from raftlb.config import ClusterConfig, Config, ListenerConfig
+from raftlb.events import EventBus
 from raftlb.http.server import HttpServer
 from raftlb.leader_table import LeaderChange
+from raftlb.metrics import Metrics
 from raftlb.proxy import ClusterProxy
+from raftlb.reload import Reloader, ReloadResult
 from raftlb.subscriptions import ClusterSubscriptions
 from raftlb.tasks import TaskSet
+from raftlb.tls import client_context, reload_server_context, server_context
 
 log = logging.getLogger("raftlb.server")
 
@@ -44,7 +48,12 @@ class Server:
         self.draining = False
         self.started_at = time.time()
         self.change_listeners: list[Callable[[str, LeaderChange], None]] = []
+        self.metrics = Metrics(self)
+        self.events = EventBus()
+        self.change_listeners += [self.metrics.on_leader_change, self.events.leader_change]
+        self.reloader = Reloader(self)
         self._client: httpx.AsyncClient | None = None
+        self._tls_clients: dict[str, httpx.AsyncClient] = {}
         self._stop = asyncio.Event()
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -56,24 +65,65 @@ class Server:
         cfg = self.config
         self._client = ClusterSubscriptions.make_client()
         for cluster in cfg.clusters:
-            proxy = ClusterProxy(cluster, cfg.limits.write_buffer_high,
-                                 on_change=functools.partial(self._on_change, cluster.name))
-            self.proxies[cluster.name] = proxy
-            subs = make_subscriptions(cluster, proxy.on_announcement, proxy.on_node_down, self.tasks,
-                                      self._client)
-            self.subscriptions[cluster.name] = subs
-            subs.start()
+            self.add_cluster(cluster, self.new_proxy(cluster))
         for lc in cfg.listeners:
-            srv = HttpServer(self.proxies[lc.cluster], cfg.limits, lc.max_connections, name=lc.name)
-            await srv.start(lc.host, lc.port)
-            self.listeners.append(srv)
-            log.info("listener %s on %s:%d fronts cluster %s", lc.name, srv.host, srv.port, lc.cluster)
+            self.listeners.append(await self.start_listener(lc, self.proxies[lc.cluster]))
         if cfg.admin.enabled:
             from raftlb.admin import Admin
 
             self.admin = await Admin(self).start(cfg.admin.host, cfg.admin.port)
             log.info("admin on %s:%d", self.admin.host, self.admin.port)
         self._schedule_sweep()
+
+    def new_proxy(self, cluster: ClusterConfig) -> ClusterProxy:
+        """A proxy for `cluster`, not yet registered or subscribed (no I/O until requests come)."""
+        return ClusterProxy(cluster, self.config.limits.write_buffer_high,
+                            on_change=functools.partial(self._on_change, cluster.name))
+
+    def add_cluster(self, cluster: ClusterConfig, proxy: ClusterProxy) -> None:
+        """Register `proxy` and start following `cluster`'s nodes (at start, and when a reload adds one)."""
+        self.proxies[cluster.name] = proxy
+        self.metrics.cluster_added(cluster.name)
+        on_announcement, on_down = self.events.node_callbacks(cluster.name, proxy.on_announcement,
+                                                              proxy.on_node_down)
+        subs = make_subscriptions(cluster, on_announcement, on_down, self.tasks, self._client_for(cluster))
+        self.subscriptions[cluster.name] = subs
+        subs.start()
+
+    def _client_for(self, cluster: ClusterConfig) -> httpx.AsyncClient | None:
+        """The shared control-plane client, or one of the cluster's own when its nodes need TLS settings."""
+        if cluster.tls is None:
+            return self._client
+        client = self._tls_clients.get(cluster.name)
+        if client is None:
+            client = self._tls_clients[cluster.name] = ClusterSubscriptions.make_client(
+                client_context(cluster.tls))
+        return client
+
+    def reload_certificates(self) -> None:
+        """Re-read every TLS listener's certificate and key (SIGHUP): new handshakes use them at once."""
+        for srv, lc in zip(self.listeners, self.config.listeners, strict=False):
+            if srv.ssl is not None and lc.tls is not None:
+                try:
+                    reload_server_context(srv.ssl, lc.tls)
+                    log.info("listener %s: certificate reloaded from %s", lc.name, lc.tls.cert)
+                except (OSError, ValueError) as exc:
+                    log.error("listener %s: certificate reload failed, keeping the old one: %s", lc.name, exc)
+
+    async def start_listener(self, lc: ListenerConfig, proxy: ClusterProxy) -> HttpServer:
+        srv = HttpServer(proxy, self.config.limits, lc.max_connections, name=lc.name)
+        await srv.start(lc.host, lc.port, ssl=server_context(lc.tls) if lc.tls is not None else None)
+        log.info("listener %s on %s:%d fronts cluster %s", lc.name, srv.host, srv.port, lc.cluster)
+        return srv
+
+    async def reload(self, trigger: str = "api") -> ReloadResult:
+        """Load the config file again and apply it; an invalid one leaves the running config in place."""
+        return await self.reloader.reload(trigger)
+
+    def request_reload(self) -> None:
+        """SIGHUP: certificates re-read from their files, then the config file."""
+        self.reload_certificates()
+        self.tasks.spawn(self.reload("SIGHUP"), name="reload")
 
     def _schedule_sweep(self) -> None:
         self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
@@ -108,6 +158,7 @@ class Server:
     async def stop(self) -> None:
         # 1. readiness turns red first, so whoever balances across raftlb replicas moves away.
         self.draining = True
+        self.events.publish("draining", timeout_s=self.config.drain_timeout)
         # 2-3. stop accepting, close idle connections, let in-flight requests finish within the drain timeout.
         results = await asyncio.gather(*(srv.drain(self.config.drain_timeout) for srv in self.listeners))
         if not all(results):
@@ -120,13 +171,17 @@ class Server:
             self._sweeper.cancel()
         for subs in self.subscriptions.values():
             await subs.stop()
+        await self.reloader.close()
         for proxy in self.proxies.values():
             proxy.close()
+        self.events.close()  # ends /v1/events streams, so the admin closes with nothing in flight
         if self.admin is not None:
             await self.admin.close()
         await self.tasks.close()
         if self._client is not None:
             await self._client.aclose()
+        for client in self._tls_clients.values():
+            await client.aclose()
 
     async def run(self) -> int:
         """For the CLI: start, serve until SIGTERM/SIGINT, drain, exit code 0."""
@@ -134,6 +189,7 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         await self._stop.wait()
         log.info("stopping: draining in-flight requests (up to %gs)", self.config.drain_timeout)
         await self.stop()

@@ -1,0 +1,99 @@
+"""`raftlb status`: the leader table of a running raftlb, read from its admin listener, as a terminal table.
+
+Exit codes: 0 every cluster has a leader; 1 some cluster has none (or the server is draining); 2 the admin
+listener could not be read. `--watch` redraws every `--interval` seconds until Ctrl-C; `--json` prints
+the admin's JSON as is.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+import httpx
+
+EXIT_OK, EXIT_NO_LEADER, EXIT_UNREACHABLE = 0, 1, 2
+CLEAR = "\x1b[H\x1b[2J"
+
+
+def fetch(admin: str, timeout: float = 3.0) -> dict[str, Any]:
+    """GET {admin}/v1/clusters. httpx.HTTPError or ValueError when it cannot be read."""
+    with httpx.Client(timeout=timeout, trust_env=False) as client:
+        r = client.get(admin.rstrip("/") + "/v1/clusters")
+        r.raise_for_status()
+        doc = r.json()
+    if not isinstance(doc, dict) or not isinstance(doc.get("clusters"), dict):
+        raise ValueError("not a raftlb admin /v1/clusters answer")
+    return doc
+
+
+def exit_code(doc: dict[str, Any]) -> int:
+    leaderless = any(c.get("leader") is None for c in doc["clusters"].values())
+    return EXIT_NO_LEADER if doc.get("draining") or leaderless else EXIT_OK
+
+
+def _num(v: object) -> str:
+    return "-" if v is None else str(v)
+
+
+def _age(v: object) -> str:
+    if not isinstance(v, int | float):
+        return "never"
+    return f"{v * 1000:.0f}ms" if v < 1 else f"{v:.1f}s"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def render(doc: dict[str, Any], admin: str) -> str:
+    """The human-readable view of one /v1/clusters answer."""
+    listeners = ", ".join(f"{x['name']} {x['address']}" for x in doc.get("listeners", []))
+    state = "DRAINING" if doc.get("draining") else "serving"
+    lines = [f"raftlb {doc.get('version', '?')} at {admin}: {state}, up {_age(doc.get('uptime_s'))}"
+             + (f"; listeners: {listeners}" if listeners else "")]
+    for name, c in doc["clusters"].items():
+        leader = c.get("leader")
+        stats = c.get("stats", {})
+        head = f"leader {leader} ({c.get('leader_source')})" if leader else \
+            f"NO LEADER for {_age(c.get('leaderless_s'))}"
+        lines += ["", f"cluster {name}: {head}, term {c.get('term')}, held now {stats.get('held_now', 0)}, "
+                      f"leader changes {stats.get('leader_changes', 0)}"]
+        rows = [["NODE", "ROLE", "TERM", "APPLIED", "COMMIT", "LAG", "HEARD", "STATE", "URL"]]
+        for node_id, n in c.get("nodes", {}).items():
+            st = "deposed" if n.get("deposed") else "live" if n.get("live") else \
+                "down" if n.get("role") else "unheard"
+            mark = "*" if node_id == leader else ""
+            rows.append([node_id + mark, n.get("role") or "-", _num(n.get("term")),
+                         _num(n.get("applied_index")), _num(n.get("commit_index")), _num(n.get("lag")),
+                         _age(n.get("age_s")), st, n.get("url") or ""])
+        lines += _table(rows)
+    return "\n".join(lines) + "\n"
+
+
+def main(admin: str = "http://127.0.0.1:9090", *, watch: bool = False, as_json: bool = False,
+         interval: float = 1.0, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    code = EXIT_OK
+    while True:
+        try:
+            doc = fetch(admin)
+        except (httpx.HTTPError, ValueError) as exc:
+            print(f"raftlb status: cannot read {admin}/v1/clusters: {exc}", file=sys.stderr)
+            code = EXIT_UNREACHABLE
+            if not watch:
+                return code
+        else:
+            code = exit_code(doc)
+            text = json.dumps(doc, indent=2) + "\n" if as_json else render(doc, admin)
+            out.write((CLEAR if watch and out.isatty() else "") + text)
+            out.flush()
+            if not watch:
+                return code
+        try:
+            time.sleep(interval)
+        except KeyboardInterrupt:
+            return code
