@@ -21,9 +21,11 @@ import pytest
 from cdp import Chromium
 from conftest import demo_cluster_config, running, url_of, wait_for
 from fakes import FakeCluster
+from prometheus_client.parser import text_string_to_metric_families
 from tools import free_port, require_debian_package
 
 from raftlb import status_cli
+from raftlb.proxy import ClusterProxy
 from raftlb.server import Server
 
 pytestmark = pytest.mark.integration
@@ -115,6 +117,37 @@ async def test_live_scrape_passes_promtool_check_metrics() -> None:
     assert b'raftlb_leader{cluster="c1",node="n2"} 1.0' in scrape
     done = subprocess.run([promtool, "check", "metrics"], input=scrape, capture_output=True, timeout=30)
     assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+
+
+@pytest.mark.skipif(not hasattr(ClusterProxy, "observer"),
+                    reason="the proxy does not report finished requests yet: ClusterProxy.observer calling "
+                           "Metrics.request_done (see the issue 6 report)")
+async def test_requests_and_the_failover_time_are_measured_through_a_leader_kill() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        async with running(fc.config(liveness_timeout=0.3), admin=True) as srv:
+            await wait_for(lambda: leader_of(srv) == "n1")
+            stop = asyncio.Event()
+            load = asyncio.create_task(write_load(srv, stop, period=0.005))
+            await wait_for(lambda: len(fc["n1"].requests) > 20)
+            t0 = time.monotonic()
+            await kill_leader(fc, "n1", "n2")
+            await wait_for(lambda: len(fc["n2"].requests) > 20)
+            bound = time.monotonic() - t0
+            stop.set()
+            await load
+            async with httpx.AsyncClient() as c:
+                scrape = (await c.get(admin_url(srv) + "/metrics")).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(scrape) for s in fam.samples}
+    assert samples[("raftlb_failover_seconds_count", (("cluster", "c1"),))] == 1
+    assert 0 < samples[("raftlb_failover_seconds_sum", (("cluster", "c1"),))] <= bound
+    ok = {node: samples.get(("raftlb_requests_total", (("cluster", "c1"), ("code", "2xx"), ("kind", "write"),
+                                                     ("node", node), ("policy", "leader"))), 0)
+          for node in ("n1", "n2")}
+    assert ok["n1"] > 20 and ok["n2"] > 20
+    assert samples[("raftlb_request_duration_seconds_count", (("cluster", "c1"), ("kind", "write"),
+                                                              ("policy", "leader")))] >= ok["n1"] + ok["n2"]
 
 
 # -- a real Prometheus ---------------------------------------------------------------------------------------
