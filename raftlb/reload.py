@@ -21,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from raftlb.config import Config, ListenerConfig, load_config
 from raftlb.errors import ConfigError
@@ -103,6 +104,8 @@ class Reloader:
             new = dataclasses.replace(new, admin=running_admin)
         # 1. everything that can fail, before anything running changes.
         added = {c.name: self.server.new_proxy(c) for c in new.clusters if c.name not in self.server.proxies}
+        for proxy in added.values():
+            proxy.write_buffer_high = new.limits.write_buffer_high
         try:
             started = await self._bind(new, added)
         except ConfigError as exc:
@@ -146,7 +149,13 @@ class Reloader:
             old_ids, new_ids = [n.id for n in before.nodes], [n.id for n in cluster.nodes]
             proxy.write_buffer_high = new.limits.write_buffer_high
             proxy.reconfigure(cluster)
-            srv.subscriptions[cluster.name].update(cluster)
+            if (cluster.kind, cluster.sidecar) == (before.kind, before.sidecar):
+                srv.subscriptions[cluster.name].update(cluster)
+            else:  # followed another way now: new subscriptions; the old ones stop in the background
+                retired_subs = srv.subscriptions[cluster.name]
+                srv.add_cluster(cluster, proxy)
+                self._spawn(retired_subs.stop(), f"reload:unsubscribe:{cluster.name}")
+                changes.append(f"cluster {cluster.name}: now followed as kind {cluster.kind}")
             for node_id in set(old_ids) - set(new_ids):
                 srv.events.forget_node(cluster.name, node_id)
             what = [f"node {n} added" for n in new_ids if n not in old_ids]
@@ -188,10 +197,13 @@ class Reloader:
         srv.config = new
         removed = [name for name in srv.proxies if name not in {c.name for c in new.clusters}]
         if retired or removed:
-            task = srv.tasks.spawn(self._retire(retired, removed, new.drain_timeout), name="reload:retire")
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._spawn(self._retire(retired, removed, new.drain_timeout), "reload:retire")
             changes += [f"cluster {name}: removed" for name in removed]
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = self.server.tasks.spawn(coro, name=name)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _retire(self, listeners: list[HttpServer], clusters: list[str], timeout: float) -> None:
         """Drain retired listeners like a shutdown does; then stop the clusters no listener fronts."""

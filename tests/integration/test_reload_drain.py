@@ -170,11 +170,14 @@ async def test_removing_a_node_with_reads_in_flight_resends_them(tmp_path: Path)
             request = b"GET /kv/r HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
             # Raw sockets, not httpx: a request that hangs must not leave client coroutines behind.
             reads = [asyncio.create_task(raw_exchange(port, request, read_timeout=3.0)) for _ in range(12)]
-            await wait_for(lambda: srv.proxies["c1"].pools["n3"].outstanding > 0)
-            cfg.write_text(config_yaml(fc.nodes[:2], read_policy="any"))
-            assert (await srv.reload()).changes == ["cluster c1: node n3 removed"]
-            answers = await asyncio.gather(*reads)
-    assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 200 OK"] * 12
+            try:
+                await wait_for(lambda: srv.proxies["c1"].pools["n3"].outstanding > 0)
+                cfg.write_text(config_yaml(fc.nodes[:2], read_policy="any"))
+                assert (await srv.reload()).changes == ["cluster c1: node n3 removed"]
+            finally:
+                answers = await asyncio.gather(*reads, return_exceptions=True)
+    assert [a if isinstance(a, BaseException) else a.split(b"\r\n", 1)[0] for a in answers] == \
+        [b"HTTP/1.1 200 OK"] * 12
 
 
 async def test_an_invalid_reload_is_rejected_with_its_yaml_path_and_the_old_config_keeps_running(
@@ -236,6 +239,22 @@ async def test_reload_adds_and_removes_listeners_and_clusters_and_rejects_an_add
             with pytest.raises(httpx.ConnectError):
                 await c.put(f"http://127.0.0.1:{side.port}/kv/x", content=b"1")
             assert (await c.put(url_of(srv) + "/kv/y", content=b"1")).status_code == 200
+
+
+async def test_a_new_cluster_kind_replaces_the_subscriptions(tmp_path: Path) -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        cfg = tmp_path / "raftlb.yaml"
+        cfg.write_text(config_yaml(fc.nodes))
+        async with server_from(cfg) as srv:
+            await wait_for(lambda: leader_of(srv) == "n1")
+            before = srv.subscriptions["c1"]
+            cfg.write_text(config_yaml(fc.nodes).replace("  - name: c1\n", "  - name: c1\n    kind: etcd\n"))
+            result = await srv.reload()
+            assert "cluster c1: now followed as kind etcd" in result.changes, result
+            after = srv.subscriptions["c1"]
+            assert after is not before and type(after).__name__ == "EtcdSubscriptions"
+            await wait_for(lambda: not before.nodes)  # the old streams were stopped
 
 
 async def test_drain_under_load_lets_in_flight_requests_finish_on_a_slow_node(tmp_path: Path) -> None:
