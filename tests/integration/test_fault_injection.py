@@ -319,6 +319,7 @@ async def test_partitioned_leader_announcing_its_old_term_gets_no_write_once_a_n
             old = leader_of(srv)
             assert old is not None
             old_term = proxy.table.term
+            assert relays[old].writes_after(0.0)  # the relay sees the writes the leader is sent
             await asyncio.to_thread(cluster.partition, old, claim_quorum=claims_quorum)
             await wait_for(lambda: leader_of(srv) not in (None, old) and proxy.table.term > old_term,
                            timeout=10)

@@ -1,0 +1,602 @@
+"""Fuzzing the downstream HTTP/1.1 parser: generated and mutated raw requests, thousands of them.
+
+Two layers:
+
+- **mock transport** (thousands of cases, no sockets): bytes are fed to an `HttpConnection` in random cuts,
+  as tests/test_http_server.py does. Properties: nothing raises; the output is a sequence of whole, valid
+  HTTP/1.1 responses; a refusal is the last thing said and closes the connection; the handler only ever sees
+  well-formed requests; where h11 (an independent, strict parser) reads the same bytes as requests, raftlb
+  reads the same requests with the same bodies (no desync); a client that never reads costs a bounded queue.
+- **real sockets** (a few hundred cases): the same kind of bytes sent to a running raftlb in front of a fake
+  leader. Properties: every connection gets valid responses or a clean close, raftlb stays up, a healthy
+  client keeps being served between cases, and nothing is left over afterwards (connections, in-flight
+  requests, held requests, busy upstream connections).
+
+Both run under a time budget (FUZZ_BUDGET_S and FUZZ_SOCKET_BUDGET_S, 15 s each by default; the machine
+this was written on runs ~2,000 mock cases a second and ~30 socket cases): Hypothesis decides the cases, and
+cases past the budget return at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import h11
+import httptools
+import httpx
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from test_http_server import MockTransport
+
+from raftlb.config import ClusterConfig, LimitsConfig
+from raftlb.http.server import Exchange, HttpConnection, HttpServer
+
+MOCK_BUDGET = float(os.environ.get("FUZZ_BUDGET_S", "15"))
+SOCKET_BUDGET = float(os.environ.get("FUZZ_SOCKET_BUDGET_S", "15"))
+
+# -- generating requests ---------------------------------------------------------------------------------
+
+METHODS = [b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT",
+           b"get", b"FOO", b"G ET", b""]
+TARGETS = [b"/", b"/kv/a", b"/kv/a?b=c&d", b"*", b"http://example.com/x", b"/%00", b"//", b"/a b", b""]
+VERSIONS = [b"HTTP/1.1"] * 6 + [b"HTTP/1.0", b"HTTP/1.2", b"HTTP/2.0", b"HTTP/0.9", b"http/1.1",
+                                 b"HTTP/1.1 x", b"HTTP/11", b""]
+EOLS = [b"\r\n"] * 12 + [b"\n", b"\r", b"\r\r\n", b"\n\r"]
+NAMES = [b"Host", b"Content-Length", b"Transfer-Encoding", b"Expect", b"Connection", b"Upgrade",
+         b"X-Raft-Min-Index", b"X-Raft-Consistency", b"Cookie", b"Idempotency-Key", b"X-Forwarded-For", b"TE",
+         b"Trailer", b"Content-Length ", b" Host", b"Transfer_Encoding", b"X\x00", b"", b"\xc3\xa4"]
+VALUES = [b"x", b"0", b"5", b"-1", b"+5", b"5, 5", b"0x10", b"99999999999999999999", b"chunked",
+          b"Chunked", b"chunked, chunked", b"identity", b"gzip, chunked", b"100-continue", b"close",
+          b"keep-alive", b"upgrade", b"h2c", b"websocket", b"a\x00b", b"a\rb", b" ", b"", b"\xff\xfe",
+          b"a\r\n b"]
+
+
+def gen_chunked(rng: random.Random, body: bytes) -> bytes:
+    """`body` in chunks, sometimes with extensions, trailers, or a lie about a size."""
+    out = bytearray()
+    i = 0
+    while i < len(body):
+        n = rng.randint(1, len(body) - i)
+        size = b"%x" % n
+        if rng.random() < 0.1:
+            size = rng.choice([b"%x;a=b" % n, b"%X" % n, b" %x" % n, b"%x " % n, b"-%x" % n, b"0x%x" % n,
+                               b"%x" % (n + 1), b"zz", b"f" * 20])
+        out += size + b"\r\n" + body[i:i + n] + b"\r\n"
+        i += n
+    out += rng.choice([b"0\r\n\r\n"] * 6 + [b"0\r\nX-T: 1\r\n\r\n", b"0\r\n", b"", b"0\n\n"])
+    return bytes(out)
+
+
+def gen_request(rng: random.Random) -> bytes:
+    """One request from the grammar: mostly well-formed, with every framing trap now and then."""
+    method = rng.choice(METHODS)
+    target = rng.choice(TARGETS) if rng.random() < 0.8 else b"/" + rng.randbytes(rng.randint(1, 12))
+    version = rng.choice(VERSIONS)
+    eol = rng.choice(EOLS)
+    headers = [(b"Host", b"x")] if rng.random() < 0.9 else []
+    for _ in range(rng.randint(0, 5)):
+        name = rng.choice(NAMES) if rng.random() < 0.8 else rng.randbytes(rng.randint(1, 12))
+        value = rng.choice(VALUES) if rng.random() < 0.8 else rng.randbytes(rng.randint(0, 16))
+        headers.append((name, value))
+    body = rng.randbytes(rng.randint(0, 40))
+    framing = rng.choice(["none", "none", "length", "length", "chunked", "chunked", "short_length",
+                          "long_length", "both", "two_lengths"])
+    if framing == "length":
+        headers.append((b"Content-Length", b"%d" % len(body)))
+    elif framing == "short_length":
+        headers.append((b"Content-Length", b"%d" % max(0, len(body) - 3)))
+    elif framing == "long_length":
+        headers.append((b"Content-Length", b"%d" % (len(body) + 3)))
+    elif framing == "two_lengths":
+        headers += [(b"Content-Length", b"%d" % len(body)), (b"Content-Length", b"%d" % (len(body) + 1))]
+    elif framing in ("chunked", "both"):
+        headers.append((b"Transfer-Encoding", b"chunked"))
+        if framing == "both":
+            headers.append((b"Content-Length", b"%d" % len(body)))
+        body = gen_chunked(rng, body)
+    elif rng.random() < 0.8:
+        body = b""  # usually nothing; sometimes stray bytes
+    rng.shuffle(headers)
+    sep = rng.choice([b": "] * 8 + [b":", b" : ", b":\t", b"::"])
+    lines = [method + b" " + target + (b" " + version if version else b"")]
+    lines += [name + sep + value for name, value in headers]
+    return eol.join(lines) + eol + eol + body
+
+
+def mutate(rng: random.Random, data: bytes, count: int) -> bytes:
+    """`count` byte-level mutations: flip a byte, insert bytes, delete, duplicate, or truncate."""
+    buf = bytearray(data)
+    for _ in range(count):
+        if not buf:
+            buf += rng.randbytes(3)
+            continue
+        pos = rng.randrange(len(buf))
+        op = rng.randrange(5)
+        if op == 0:
+            buf[pos] ^= 1 << rng.randrange(8)
+        elif op == 1:
+            buf[pos:pos] = rng.choice([rng.randbytes(rng.randint(1, 6)), b"\r\n", b"\n", b"\x00", b" "])
+        elif op == 2:
+            del buf[pos:pos + rng.randint(1, 6)]
+        elif op == 3:
+            buf[pos:pos] = buf[pos:pos + rng.randint(1, 24)]
+        else:
+            del buf[pos:]
+    return bytes(buf)
+
+
+def cut(rng: random.Random, data: bytes) -> list[bytes]:
+    """`data` as it might arrive: whole, or in a few pieces of random sizes."""
+    if rng.random() < 0.4:
+        return [data]
+    out, i = [], 0
+    while i < len(data):
+        n = rng.choice([1, 1, 2, 3, 7, 16, 64, 1000])
+        out.append(data[i:i + n])
+        i += n
+    return out
+
+
+@dataclass(frozen=True)
+class Case:
+    """One fuzz case, fully determined by its seed (print it to replay a failure)."""
+
+    seed: int
+    requests: int = 1
+    mutations: int = 0
+
+    def build(self) -> tuple[bytes, list[bytes], random.Random]:
+        rng = random.Random(self.seed)
+        data = b"".join(gen_request(rng) for _ in range(self.requests))
+        data = mutate(rng, data, self.mutations)
+        return data, cut(rng, data), rng
+
+
+# Hypothesis draws the seed and the shape; the request is built from the seed in microseconds (a composite
+# strategy drawing every header took 15 ms a case, which would leave a few hundred cases per budget).
+cases = st.builds(Case, seed=st.integers(0, 2**32 - 1), requests=st.integers(1, 3),
+                  mutations=st.sampled_from([0, 0, 0, 1, 1, 2, 3]))
+
+
+# -- checking what was said ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ParsedResponse:
+    status: int = 0
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytearray = field(default_factory=bytearray)
+    complete: bool = False
+
+
+class ResponseReader:
+    """Parses a byte stream of HTTP/1.1 responses with httptools; raises on anything invalid."""
+
+    def __init__(self) -> None:
+        self.responses: list[ParsedResponse] = []
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_message_begin(self) -> None:
+        self.responses.append(ParsedResponse())
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.responses[-1].headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.responses[-1].status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self.responses[-1].body += body
+
+    def on_message_complete(self) -> None:
+        self.responses[-1].complete = True
+
+    def feed(self, data: bytes) -> list[ParsedResponse]:
+        if data:
+            self.parser.feed_data(data)
+        return self.responses
+
+
+def check_output(out: bytes, closed: bool, sent: bytes = b"") -> list[ParsedResponse]:
+    """Whole valid responses; an error is the last response and the connection closed after it."""
+    responses = ResponseReader().feed(out)
+    if responses and not responses[-1].complete and b"HEAD" in sent:
+        # The answer to a HEAD request has a Content-Length but no body; the response parser cannot know
+        # which request it answers, so a bodiless last answer to a connection that sent HEAD is whole.
+        last = responses[-1]
+        if not last.body and closed and any(k == b"content-length" for k, _ in last.headers):
+            last.complete, last.body = True, bytearray(b'"error": (HEAD)')
+    assert all(r.complete for r in responses), out[-200:]
+    for i, r in enumerate(responses):
+        assert 200 <= r.status < 600 or r.status == 100, r.status
+        if r.status >= 400:
+            assert i == len(responses) - 1, "something was said after a refusal"
+            assert (b"connection", b"close") in r.headers
+            assert b'"error":' in bytes(r.body)
+            assert closed, "a refusal must close the connection"
+    return responses
+
+
+# -- mock-transport fuzzing ----------------------------------------------------------------------------------
+
+
+class FuzzHandler:
+    """Answers every request once its body is in: 200 with "METHOD target body-length" (204 for HEAD)."""
+
+    def __init__(self, answer: bool = True) -> None:
+        self.exchanges: list[Exchange] = []
+        self.bodies: list[bytearray] = []
+        self.answer = answer
+
+    def on_request(self, ex: Exchange) -> None:
+        self.exchanges.append(ex)
+        body = bytearray()
+        self.bodies.append(body)
+
+        def done() -> None:
+            if not self.answer:
+                return
+            if ex.method == "HEAD":
+                ex.respond(204, b"")
+            else:
+                ex.respond(200, b"%s %d" % (ex.method.encode(), len(body)), content_type=b"text/plain")
+
+        ex.set_body_sink(body.extend, done)
+
+
+def h11_requests(data: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    """(method, target, body) of the requests h11 reads from `data`, up to its first complaint."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(data)
+    out: list[tuple[bytes, bytes, bytes]] = []
+    current: tuple[bytes, bytes] | None = None
+    body = bytearray()
+    with contextlib.suppress(h11.RemoteProtocolError, h11.LocalProtocolError):
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.Request):
+                current, body = (event.method, event.target), bytearray()
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert current is not None
+                out.append((*current, bytes(body)))
+                # Answer so that h11 moves on to the next request.
+                conn.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
+                conn.send(h11.EndOfMessage())
+                if conn.our_state is h11.MUST_CLOSE:
+                    break
+                conn.start_next_cycle()
+            else:
+                break
+    return out
+
+
+class Budget:
+    """Wall-clock budget of one fuzz test: the clock starts at its first case."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started: float | None = None
+        self.cases = 0
+
+    def spent(self) -> bool:
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+        if now - self.started > self.seconds:
+            return True
+        self.cases += 1
+        return False
+
+
+MOCK = Budget(MOCK_BUDGET)
+QUEUE = Budget(5.0)
+SOCKET = Budget(SOCKET_BUDGET)
+
+
+def run_connection(data_pieces: list[bytes], limits: LimitsConfig, handler: FuzzHandler,
+                   finish: int) -> tuple[HttpConnection, MockTransport]:
+    server = HttpServer(handler, limits)
+    conn = HttpConnection(server)
+    t = MockTransport()
+    conn.connection_made(t)
+    for piece in data_pieces:
+        if t.closed or not t.reading:
+            break  # a real transport would deliver nothing more
+        conn.data_received(piece)
+    if finish == 1 and not t.closed:
+        conn.on_deadline(time.monotonic())  # whichever timeout is pending fires
+    elif finish == 2 and not t.closed:
+        if not conn.eof_received():
+            t.close()
+    return conn, t
+
+
+LIMITS = LimitsConfig(max_header_bytes=2048, max_headers=20, max_body_bytes=4096)
+
+
+def check_case(data: bytes, data_pieces: list[bytes], finish: int, *, compare_h11: bool) -> None:
+    """Feed one case to a fresh connection and check every property of the mock layer."""
+    handler = FuzzHandler()
+    conn, t = run_connection(data_pieces, LIMITS, handler, finish)
+    out = bytes(t.out)
+    responses = check_output(out, t.closed, data)
+
+    # The handler only ever saw requests that are whole and unambiguous.
+    for ex, body in zip(handler.exchanges, handler.bodies, strict=True):
+        assert re.fullmatch(r"[A-Z]+", ex.method), ex.method
+        names = [k for k, _ in ex.headers]
+        assert not (b"content-length" in names and b"transfer-encoding" in names)
+        assert names.count(b"content-length") <= 1 and names.count(b"host") <= 1
+        if ex.http11:
+            assert b"host" in names
+        if ex.body_done and ex.content_length is not None:
+            assert len(body) == ex.content_length
+        for k, v in ex.headers:
+            assert re.fullmatch(rb"[!#$%&'*+\-.^_`|~0-9a-z]+", k), k
+            assert b"\r" not in v and b"\n" not in v and b"\x00" not in v, v
+
+    # Every answered request got exactly one 200/204, in order.
+    ok = [r for r in responses if 200 <= r.status < 400]
+    answered = [(ex, body) for ex, body in zip(handler.exchanges, handler.bodies, strict=True)
+                if ex.finished and ex.status in (200, 204)]
+    assert len(ok) == len(answered)
+    for r, (ex, body) in zip(ok, answered, strict=True):
+        if ex.method != "HEAD":
+            assert bytes(r.body) == b"%s %d" % (ex.method.encode(), len(body))
+
+    # No desync: where h11 and raftlb both read requests out of the same bytes, they read the same ones.
+    # (Up to raftlb's first refusal: what it did after one is test_mock_fuzz_nothing_after_a_refusal...)
+    if compare_h11:
+        theirs = h11_requests(data)
+        ours = [(ex.method.encode(), ex.target, bytes(b)) for ex, b in zip(handler.exchanges, handler.bodies,
+                                                                            strict=True) if ex.body_done]
+        if responses and responses[-1].status >= 400:
+            ours = ours[:len(ok)]
+        for mine, other in zip(ours, theirs, strict=False):
+            assert mine == other, (mine, other)
+
+
+BATCH = 8  # cases per Hypothesis example: its own overhead (~1 ms an example) is then paid once per batch
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(case=cases, finish=st.integers(0, 2))
+def test_mock_fuzz_never_crashes_never_desyncs_and_always_answers_validly(case: Case, finish: int) -> None:
+    for k in range(BATCH):
+        if MOCK.spent():
+            return
+        sub = replace(case, seed=(case.seed * BATCH + k) % 2**32) if k else case
+        data, data_pieces, _ = sub.build()
+        try:
+            check_case(data, data_pieces, (finish + k) % 3, compare_h11=sub.mutations == 0)
+        except Exception as exc:
+            raise AssertionError(f"{sub}: {data!r} in {len(data_pieces)} pieces") from exc
+
+
+REGRESSIONS = [
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"HEAD / HTTP/1.1\r\n\r\n",  # refused, and a HEAD answer has a length but no body
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+    b"3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nab",
+    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n"
+    b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("data", REGRESSIONS)
+@pytest.mark.parametrize("piece", [0, 1, 5])
+@pytest.mark.parametrize("finish", [0, 1, 2])
+def test_mock_fuzz_regressions(data: bytes, piece: int, finish: int) -> None:
+    data_pieces = [data] if piece == 0 else [data[i:i + piece] for i in range(0, len(data), piece)]
+    check_case(data, data_pieces, finish, compare_h11=True)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: http/server.py hands the handler requests that follow a refused "
+                                       "one in the same read; fix in the report")
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(case=st.builds(Case, seed=st.integers(0, 2**32 - 1), requests=st.just(2)))
+@example(case=Case(seed=-1))  # seed -1: the request pair below, not a generated one
+def test_mock_fuzz_nothing_after_a_refusal_reaches_the_handler(case: Case) -> None:
+    data = (b"GET / HTTP/1.1\r\n\r\nDELETE /kv/x HTTP/1.1\r\nHost: x\r\n\r\n" if case.seed == -1
+            else case.build()[0])
+    handler = FuzzHandler()
+    conn, t = run_connection([data], LIMITS, handler, 0)
+    responses = check_output(bytes(t.out), t.closed, data)
+    if responses and responses[-1].status >= 400:
+        # Handled: the answered requests, and perhaps the refused one itself if its body was what broke.
+        # Nothing after it.
+        answered = sum(1 for r in responses if 200 <= r.status < 400)
+        unanswered = [ex for ex in handler.exchanges if ex.status not in (200, 204)]
+        assert len(handler.exchanges) - len(unanswered) == answered
+        assert not unanswered or unanswered == [handler.exchanges[-1]]
+        assert not unanswered or unanswered[0].status >= 400
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(case=st.builds(Case, seed=st.integers(0, 2**32 - 1), requests=st.integers(2, 40)))
+def test_mock_fuzz_a_client_that_is_never_answered_costs_a_bounded_queue(case: Case) -> None:
+    if QUEUE.spent():
+        return
+    data, data_pieces, _ = case.build()
+    handler = FuzzHandler(answer=False)
+    limits = replace(LIMITS, write_buffer_high=1024)
+    conn, t = run_connection(data_pieces, limits, handler, 0)
+    # One handled, at most one parsed behind it (plus the refusals that end the stream); the rest waits.
+    assert sum(ex.error is None for ex in conn.queue) <= 2, case
+    assert len(conn.queue) <= 4, case
+    assert len(handler.exchanges) <= 1, case
+    buffered = sum(ex.body_buffered for ex in conn.queue)
+    assert buffered <= limits.write_buffer_high + 4096, case
+
+
+def test_mock_fuzz_ran_thousands_of_cases() -> None:
+    # Runs after the fuzz tests above (file order): the budget did not cut them down to a token run.
+    assert MOCK.started is None or MOCK.cases >= 2000, MOCK.cases
+
+
+# -- socket-level fuzzing against a running raftlb ----------------------------------------------------------
+
+
+@dataclass
+class LiveProxy:
+    """raftlb and a fake leader in a thread of their own (Hypothesis drives the test synchronously)."""
+
+    port: int = 0
+    server: object = None
+    loop: asyncio.AbstractEventLoop | None = None
+    errors: list[str] = field(default_factory=list)
+
+    def call(self, fn: object) -> object:
+        """Run `fn()` on the proxy's loop and return its result."""
+        assert self.loop is not None
+        fut: asyncio.Future[object] = asyncio.run_coroutine_threadsafe(_call(fn), self.loop)  # type: ignore[arg-type]
+        return fut.result(5)
+
+
+async def _call(fn: object) -> object:
+    return fn()  # type: ignore[operator]
+
+
+class _ErrorLog(logging.Handler):
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("raftlb") or record.name == "asyncio":
+            self.sink.append(f"{record.name}: {record.getMessage()}")
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[LiveProxy]:
+    import uvloop
+    from conftest import running
+    from fakes import FakeNode
+
+    proxy = LiveProxy()
+    ready = threading.Event()
+    stop: list[asyncio.Event] = []
+    handler = _ErrorLog(proxy.errors)
+    logging.getLogger().addHandler(handler)
+
+    async def serve() -> None:
+        async with FakeNode("n1", role="leader") as node:
+            cfg = ClusterConfig(name="c1", kind="native", nodes=(node.node_config(),), routes=(),
+                                response_timeout=2.0)
+            limits = LimitsConfig(max_header_bytes=2048, max_headers=20, max_body_bytes=4096,
+                                  header_timeout=0.3, body_timeout=0.3, idle_timeout=0.3)
+            async with running(cfg, limits=limits) as srv:
+                while srv.proxies["c1"].table.leader(time.monotonic()) is None:
+                    await asyncio.sleep(0.01)
+                proxy.port, proxy.server, proxy.loop = srv.listeners[0].port, srv, asyncio.get_running_loop()
+                stop.append(asyncio.Event())
+                ready.set()
+                await stop[0].wait()
+
+    failure: list[BaseException] = []
+
+    def main() -> None:
+        try:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(serve())
+        except BaseException as exc:
+            failure.append(exc)
+            ready.set()
+
+    thread = threading.Thread(target=main, name="fuzz-proxy", daemon=True)
+    thread.start()
+    assert ready.wait(15) and not failure, f"raftlb did not start: {failure}"
+    try:
+        yield proxy
+    finally:
+        assert proxy.loop is not None
+        proxy.loop.call_soon_threadsafe(stop[0].set)
+        thread.join(15)
+        logging.getLogger().removeHandler(handler)
+
+
+_socket_cases = 0
+
+
+def exchange(port: int, data_pieces: list[bytes], half_close: bool, timeout: float) -> tuple[bytes, bool]:
+    """Send, optionally half-close, read until raftlb closes; (bytes, closed by raftlb)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        try:
+            for piece in data_pieces:
+                s.sendall(piece)
+            if half_close:
+                s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # raftlb closed first: what it said is still readable
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                return b"".join(chunks), False
+            except ConnectionResetError:
+                return b"".join(chunks), True
+            if not chunk:
+                return b"".join(chunks), True
+            chunks.append(chunk)
+        return b"".join(chunks), False
+
+
+@pytest.mark.integration
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(case=cases, half_close=st.integers(0, 19).map(lambda n: n > 0))
+def test_socket_fuzz_every_connection_gets_valid_answers_or_a_clean_close_and_others_are_served(
+        live: LiveProxy, case: Case, half_close: bool) -> None:
+    if SOCKET.spent():
+        return
+    data, data_pieces, _ = case.build()
+    # Without a half-close, raftlb's 0.3 s header, body and idle timeouts end the connection.
+    out, closed = exchange(live.port, data_pieces, half_close, timeout=3.0)
+    assert closed, f"{case}: connection left open: {out[-200:]!r}"
+    try:
+        check_output(out, closed, data)
+    except AssertionError as exc:
+        raise AssertionError(f"{case}: {data!r}") from exc
+    if SOCKET.cases % 10 == 1:
+        # A healthy client is served between cases.
+        with httpx.Client(base_url=f"http://127.0.0.1:{live.port}", timeout=3) as c:
+            r = c.post("/kv/healthy", content=b"v")
+            assert r.status_code == 200 and r.headers["x-raft-node"] == "n1"
+    assert live.errors == []
+
+
+@pytest.mark.integration
+def test_socket_fuzz_left_nothing_behind(live: LiveProxy) -> None:
+    """After the socket fuzz (file order): nothing leaked, and raftlb still serves."""
+    srv = live.server
+
+    def state() -> tuple[int, int, int, int]:
+        proxy = srv.proxies["c1"]  # type: ignore[attr-defined]
+        pool = proxy.pools["n1"]
+        return (len(srv.listeners[0].connections), len(proxy.inflight), len(proxy.held),  # type: ignore[attr-defined]
+                len(pool.busy))
+
+    deadline = time.monotonic() + 5
+    while live.call(state) != (0, 0, 0, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live.call(state) == (0, 0, 0, 0)
+    with httpx.Client(base_url=f"http://127.0.0.1:{live.port}", timeout=3) as c:
+        assert c.put("/kv/after-fuzz", content=b"v").status_code == 200
+    assert SOCKET.started is None or SOCKET.cases >= 100, SOCKET.cases
+    print(f"fuzz cases: mock {MOCK.cases}, queue {QUEUE.cases}, socket {SOCKET.cases}")
+    assert live.errors == []
