@@ -164,6 +164,8 @@ class Reloader:
         kept: list[HttpServer] = []
         retired: list[HttpServer] = []
         wanted = {lc.name: lc for lc in new.listeners}
+        running = {lc.name: lc for lc in old.listeners}
+        kept_configs: dict[str, ListenerConfig] = {}
         for listener in srv.listeners:
             lc = wanted.get(listener.name)
             if lc is None or lc.name in started:
@@ -177,12 +179,20 @@ class Reloader:
             if listener.max_connections != lc.max_connections:
                 listener.max_connections = lc.max_connections
                 changes.append(f"listener {lc.name}: max_connections {lc.max_connections}")
+            if lc.tls != running[lc.name].tls:  # the socket stays; so does its TLS context
+                lc = dataclasses.replace(lc, tls=running[lc.name].tls)
+                changes.append(f"listener {lc.name}: new TLS settings need a restart or a new address; "
+                               "kept (SIGHUP re-reads the certificate files)")
+            kept_configs[lc.name] = lc
             kept.append(listener)
         for name, listener in started.items():
             kept.append(listener)
             if name not in {lc.name for lc in old.listeners}:
                 changes.append(f"listener {name}: added on {listener.host}:{listener.port}")
-        srv.listeners = kept
+        order = {lc.name: i for i, lc in enumerate(new.listeners)}
+        srv.listeners = sorted(kept, key=lambda listener: order[listener.name])  # config order, as at start
+        # The config tells the truth about what runs: kept listeners keep the TLS their socket has.
+        new = dataclasses.replace(new, listeners=tuple(kept_configs.get(lc.name, lc) for lc in new.listeners))
         if new.limits != old.limits:
             for listener in [*kept, *([srv.admin] if srv.admin else [])]:
                 listener.limits = new.limits
