@@ -60,6 +60,7 @@ class UpstreamConn(asyncio.Protocol):
         self.feeding = False  # inside parser.feed_data
         self.completed = False  # an answer completed during this feed
         self.extra = False  # the node sent a message with no request outstanding
+        self.paused = False  # reading paused for a slow client
 
     def __repr__(self) -> str:
         state = "busy" if self.listener is not None else ("closed" if self.closed else "idle")
@@ -183,6 +184,10 @@ class UpstreamConn(asyncio.Protocol):
         self.until_close = False
         self.head_bytes = 0
         self.requests += 1
+        if self.paused:
+            # The previous client was slow and its answer ended while reading was paused: this request
+            # must hear its own answer.
+            self.resume_reading()
         self.deadline = time.monotonic() + self.pool.response_timeout
 
     def write(self, data: bytes) -> None:
@@ -196,17 +201,23 @@ class UpstreamConn(asyncio.Protocol):
             self.transport.writelines(parts)
 
     def pause_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        """Backpressure from a slow client; undone by `resume_reading` or when the next request starts."""
+        if self.transport is not None and not self.closed and not self.paused:
+            self.paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and self.paused:
+            self.paused = False
             self.transport.resume_reading()
 
     def _complete(self) -> None:
         listener = self.listener
         self.listener = None
         self.deadline = 0.0
+        # The answer is all here: whatever backpressure its client applied is over. An idle connection
+        # keeps reading, so a node closing it is noticed, and the next request hears its own answer.
+        self.resume_reading()
         if self.feeding:
             self.completed = True  # released by data_received once the parser has returned
         elif self.keep_alive and not self.until_close and not self.closed:

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from ssl import SSLContext
+from typing import Protocol
 
 from raftlb.config import ClusterConfig, TlsConfig
 from raftlb.dialects import dialect_for
@@ -78,8 +79,16 @@ class ProxyStats:
         self.session_gaps = 0
 
 
+class RequestObserver(Protocol):
+    """Told about every finished request (metrics, access log); off the hot path when None."""
+
+    def request_done(self, cluster: str, route: RouteDecision, node: str | None, ex: Exchange) -> None: ...
+
+
 class ClusterProxy:
     """Routes requests for one cluster: the leader table, the node pools, the hold queue."""
+
+    observer: RequestObserver | None = None
 
     def __init__(self, cluster: ClusterConfig, write_buffer_high: int = 256 * 1024,
                  on_change: Callable[[LeaderChange], None] | None = None) -> None:
@@ -330,10 +339,16 @@ class ClusterProxy:
                 self.stats.released += 1
             self._send(req, node)
 
+    def node_released(self, node: str) -> None:
+        """A request no longer counts against `node`'s load (which a reload may have removed meanwhile)."""
+        pool = self.pools.get(node)
+        if pool is not None:
+            pool.outstanding -= 1
+
     def _forget(self, req: ProxyRequest) -> None:
         self.inflight.discard(req)
         if req.node is not None:
-            self.pools[req.node].outstanding -= 1
+            self.node_released(req.node)
             req.node = None
         if req.session is not None:
             nxt = self.sessions.done(req, req.session[0])

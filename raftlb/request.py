@@ -161,7 +161,7 @@ class ProxyRequest:
         if self.to_leader and proxy.table.leader(time.monotonic()) not in (node, None):
             # The leader moved while this connection was being opened.
             conn.pool.release(conn)
-            proxy.pools[node].outstanding -= 1
+            conn.pool.outstanding -= 1
             self.node = None
             proxy.dispatch(self)
             return
@@ -369,7 +369,7 @@ class ProxyRequest:
         self.attempts += 1
         proxy.stats.resends[reason] = proxy.stats.resends.get(reason, 0) + 1
         if self.node is not None:
-            proxy.pools[self.node].outstanding -= 1
+            proxy.node_released(self.node)
             self.node = None
         self.sent_body = 0
         if immediate:
@@ -387,5 +387,10 @@ class ProxyRequest:
     def _finish(self) -> None:
         if not self.finished:
             self.finished = True
-            self.proxy._forget(self)
-            self.proxy.stats.responses_by_class[min(self.ex.status // 100, 5)] += 1
+            proxy = self.proxy
+            node = self.node  # before _forget clears it
+            proxy._forget(self)
+            proxy.stats.responses_by_class[min(self.ex.status // 100, 5)] += 1
+            observer = proxy.observer
+            if observer is not None:
+                observer.request_done(proxy.cluster.name, self.route, node, self.ex)

@@ -77,8 +77,10 @@ class Server:
 
     def new_proxy(self, cluster: ClusterConfig) -> ClusterProxy:
         """A proxy for `cluster`, not yet registered or subscribed (no I/O until requests come)."""
-        return ClusterProxy(cluster, self.config.limits.write_buffer_high,
-                            on_change=functools.partial(self._on_change, cluster.name))
+        proxy = ClusterProxy(cluster, self.config.limits.write_buffer_high,
+                             on_change=functools.partial(self._on_change, cluster.name))
+        proxy.observer = self.metrics  # per-request counts, durations, failover time, access log
+        return proxy
 
     def add_cluster(self, cluster: ClusterConfig, proxy: ClusterProxy) -> None:
         """Register `proxy` and start following `cluster`'s nodes (at start, and when a reload adds one)."""

@@ -32,7 +32,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import h11
-import httptools
 import httpx
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -174,56 +173,89 @@ cases = st.builds(Case, seed=st.integers(0, 2**32 - 1), requests=st.integers(1, 
 
 @dataclass
 class ParsedResponse:
-    status: int = 0
+    status: int
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytearray = field(default_factory=bytearray)
     complete: bool = False
 
 
-class ResponseReader:
-    """Parses a byte stream of HTTP/1.1 responses with httptools; raises on anything invalid."""
-
-    def __init__(self) -> None:
-        self.responses: list[ParsedResponse] = []
-        self.parser = httptools.HttpResponseParser(self)
-
-    def on_message_begin(self) -> None:
-        self.responses.append(ParsedResponse())
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.responses[-1].headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        self.responses[-1].status = self.parser.get_status_code()
-
-    def on_body(self, body: bytes) -> None:
-        self.responses[-1].body += body
-
-    def on_message_complete(self) -> None:
-        self.responses[-1].complete = True
-
-    def feed(self, data: bytes) -> list[ParsedResponse]:
-        if data:
-            self.parser.feed_data(data)
-        return self.responses
+_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([1-5]\d\d) [\x20-\x7e]*")
+_HEADER_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+): ?([\x20-\x7e\t]*)")
 
 
-def check_output(out: bytes, closed: bool, sent: bytes = b"") -> list[ParsedResponse]:
-    """Whole valid responses; an error is the last response and the connection closed after it."""
-    responses = ResponseReader().feed(out)
-    if responses and not responses[-1].complete and b"HEAD" in sent:
-        # The answer to a HEAD request has a Content-Length but no body; the response parser cannot know
-        # which request it answers, so a bodiless last answer to a connection that sent HEAD is whole.
-        last = responses[-1]
-        if not last.body and closed and any(k == b"content-length" for k, _ in last.headers):
-            last.complete, last.body = True, bytearray(b'"error": (HEAD)')
-    assert all(r.complete for r in responses), out[-200:]
+class Unfinished(Exception):
+    """The bytes end inside a response."""
+
+
+def read_responses(out: bytes, head_possible: bool) -> list[ParsedResponse]:
+    """Split `out` into HTTP/1.1 responses, strictly; AssertionError on anything invalid, Unfinished when it
+    ends inside one. `head_possible`: a HEAD was sent, so an answer may carry a Content-Length and no body
+    (it is taken as such when what follows it is another response or the end)."""
+    responses = []
+    pos = 0
+    while pos < len(out):
+        end = out.find(b"\r\n\r\n", pos)
+        if end < 0:
+            raise Unfinished(out[pos:pos + 200])
+        status_line, *lines = out[pos:end].split(b"\r\n")
+        m = _STATUS_LINE.fullmatch(status_line)
+        assert m, status_line
+        r = ParsedResponse(int(m.group(1)))
+        for line in lines:
+            h = _HEADER_LINE.fullmatch(line)
+            assert h, line
+            r.headers.append((h.group(1).lower(), h.group(2)))
+        names = [k for k, _ in r.headers]
+        assert names.count(b"content-length") <= 1, r.headers
+        assert not (b"content-length" in names and b"transfer-encoding" in names), r.headers
+        pos = end + 4
+        length = next((int(v) for k, v in r.headers if k == b"content-length"), None)
+        if r.status < 200 or r.status in (204, 304):
+            pass
+        elif (b"transfer-encoding", b"chunked") in r.headers:
+            while True:
+                eol = out.find(b"\r\n", pos)
+                if eol < 0:
+                    raise Unfinished(out[pos:pos + 200])
+                assert re.fullmatch(rb"[0-9a-f]+", out[pos:eol]), out[pos:eol]
+                n = int(out[pos:eol], 16)
+                if len(out) < eol + 2 + n + 2:
+                    raise Unfinished(out[pos:pos + 200])
+                r.body += out[eol + 2:eol + 2 + n]
+                assert out[eol + 2 + n:eol + 4 + n] == b"\r\n"
+                pos = eol + 4 + n
+                if n == 0:
+                    break
+        elif length is not None:
+            bodiless = pos == len(out) or out.startswith(b"HTTP/1.1 ", pos)
+            if not (head_possible and bodiless):
+                if len(out) < pos + length:
+                    raise Unfinished(out[pos:pos + 200])
+                r.body += out[pos:pos + length]
+                pos += length
+        else:
+            r.body += out[pos:]  # until the close
+            pos = len(out)
+        r.complete = True
+        responses.append(r)
+    return responses
+
+
+def check_output(out: bytes, closed: bool, sent: bytes = b"", reset: bool = False) -> list[ParsedResponse]:
+    """Whole valid responses; an error is the last response and the connection closed after it. After a
+    reset (RST) the last response may be cut short: raftlb closes with unread bytes from the client, and the
+    kernel then resets, which can swallow the end of what it said (see the lingering-close test)."""
+    try:
+        responses = read_responses(out, b"HEAD" in sent)
+    except Unfinished:
+        assert reset, f"a response was cut short without a reset: {out[-200:]!r}"
+        cut = out.rfind(b"HTTP/1.1 ")
+        responses = read_responses(out[:cut], b"HEAD" in sent) if cut > 0 else []
     for i, r in enumerate(responses):
-        assert 200 <= r.status < 600 or r.status == 100, r.status
         if r.status >= 400:
             assert i == len(responses) - 1, "something was said after a refusal"
             assert (b"connection", b"close") in r.headers
-            assert b'"error":' in bytes(r.body)
+            assert b'"error":' in bytes(r.body) or not r.body  # (no body: the answer to a HEAD)
             assert closed, "a refusal must close the connection"
     return responses
 
@@ -405,8 +437,6 @@ def test_mock_fuzz_regressions(data: bytes, piece: int, finish: int) -> None:
     check_case(data, data_pieces, finish, compare_h11=True)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: http/server.py hands the handler requests that follow a refused "
-                                       "one in the same read; fix in the report")
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(case=st.builds(Case, seed=st.integers(0, 2**32 - 1), requests=st.just(2)))
 @example(case=Case(seed=-1))  # seed -1: the request pair below, not a generated one
@@ -532,8 +562,9 @@ def live() -> Iterator[LiveProxy]:
 _socket_cases = 0
 
 
-def exchange(port: int, data_pieces: list[bytes], half_close: bool, timeout: float) -> tuple[bytes, bool]:
-    """Send, optionally half-close, read until raftlb closes; (bytes, closed by raftlb)."""
+def exchange(port: int, data_pieces: list[bytes], half_close: bool,
+             timeout: float) -> tuple[bytes, bool, bool]:
+    """Send, optionally half-close, read until raftlb closes; (bytes, closed by raftlb, with a reset)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         try:
             for piece in data_pieces:
@@ -548,13 +579,13 @@ def exchange(port: int, data_pieces: list[bytes], half_close: bool, timeout: flo
             try:
                 chunk = s.recv(65536)
             except TimeoutError:
-                return b"".join(chunks), False
+                return b"".join(chunks), False, False
             except ConnectionResetError:
-                return b"".join(chunks), True
+                return b"".join(chunks), True, True
             if not chunk:
-                return b"".join(chunks), True
+                return b"".join(chunks), True, False
             chunks.append(chunk)
-        return b"".join(chunks), False
+        return b"".join(chunks), False, False
 
 
 @pytest.mark.integration
@@ -566,10 +597,10 @@ def test_socket_fuzz_every_connection_gets_valid_answers_or_a_clean_close_and_ot
         return
     data, data_pieces, _ = case.build()
     # Without a half-close, raftlb's 0.3 s header, body and idle timeouts end the connection.
-    out, closed = exchange(live.port, data_pieces, half_close, timeout=3.0)
+    out, closed, reset = exchange(live.port, data_pieces, half_close, timeout=3.0)
     assert closed, f"{case}: connection left open: {out[-200:]!r}"
     try:
-        check_output(out, closed, data)
+        check_output(out, closed, data, reset)
     except AssertionError as exc:
         raise AssertionError(f"{case}: {data!r}") from exc
     if SOCKET.cases % 10 == 1:

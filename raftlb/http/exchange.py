@@ -239,6 +239,10 @@ def _inspect_framing(ex: Exchange, limits: LimitsConfig) -> None:
         return
     if te_seen:
         ex.chunked = True
+        if not ex.http11:
+            # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing: answer it, then
+            # close the connection.
+            ex.keep_alive = False
     elif cl is not None:
         if not cl.isdigit():
             ex.error = BadRequest("invalid Content-Length")

@@ -67,6 +67,8 @@ class HttpConnection(asyncio.Protocol):
         self.parsing: Exchange | None = None
         self.closing = False
         self.closed = False
+        self.stopped = False  # a request was refused or the stream broke: parse nothing more
+        self._activation_waits = False  # the next pipelined request waits for the client to read
         self._paused = 0
         self._writing_paused = False
         self._in_headers = False
@@ -126,7 +128,10 @@ class HttpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        if self.queue:
+        if self._activation_waits:
+            self._activation_waits = False
+            self._activate_next()
+        elif self.queue:
             cb = self.queue[0].on_resume_writing
             if cb is not None:
                 cb()
@@ -136,7 +141,7 @@ class HttpConnection(asyncio.Protocol):
         return self._writing_paused
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self.stopped:
             return
         self._received_any = True
         if self._in_headers or self.parsing is None:
@@ -165,6 +170,11 @@ class HttpConnection(asyncio.Protocol):
     # -- parser callbacks ---------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.stopped:
+            # A request before this one was refused: the connection closes after answering it, and
+            # nothing behind it in the stream may reach a handler (or a node).
+            self.parsing = None
+            return
         self.parsing = Exchange(self)
         self._in_headers = True
         self._header_count = 0
@@ -173,12 +183,15 @@ class HttpConnection(asyncio.Protocol):
         self._set_deadline(DL_HEADER, self.limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
+        if self.parsing is None:
+            return
         self._url_parts.append(url)
         self._header_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
-        assert ex is not None
+        if ex is None:
+            return
         self._header_count += 1
         self._header_size += len(name) + len(value) + 4
         if self._header_count > self.limits.max_headers:
@@ -193,7 +206,8 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
-        assert ex is not None
+        if ex is None:
+            return
         self._in_headers = False
         self._header_bytes = 0
         parser = self.parser
@@ -204,6 +218,10 @@ class HttpConnection(asyncio.Protocol):
         ex.head_only = ex.method == "HEAD"
         if ex.error is None:
             _inspect_framing(ex, self.limits)
+        if ex.error is not None:
+            self.stopped = True
+            ex.keep_alive = False
+            self.pause_reading(PAUSE_BROKEN)
         self.queue.append(ex)
         if len(self.queue) == 1:
             self._activate(ex)
@@ -216,7 +234,7 @@ class HttpConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
-        if ex is None or ex.finished:
+        if ex is None or ex.finished or ex.error is not None:
             return
         ex.body_received += len(body)
         if ex.body_received > self.limits.max_body_bytes:
@@ -270,6 +288,11 @@ class HttpConnection(asyncio.Protocol):
     def _activate_next(self) -> None:
         if self.closed or not self.queue:
             return
+        if self._writing_paused:
+            # A client that pipelines but does not read: its next request waits until it reads what it
+            # has been sent, so each connection costs one bounded buffer, however much it asks for.
+            self._activation_waits = True
+            return
         if len(self.queue) == 1:
             self.resume_reading(PAUSE_PIPELINE)
         self._activate(self.queue[0])
@@ -278,6 +301,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _protocol_error(self, err: ProxyError) -> None:
         """The byte stream is unusable from here on: answer in order, then close."""
+        self.stopped = True
         self.pause_reading(PAUSE_BROKEN)
         self._in_headers = False
         ex = self.parsing
@@ -298,6 +322,7 @@ class HttpConnection(asyncio.Protocol):
             self._activate(bad)
 
     def _fail_body(self, ex: Exchange, err: ProxyError) -> None:
+        self.stopped = True
         self.pause_reading(PAUSE_BROKEN)
         self.parsing = None
         if self.queue and ex is self.queue[0]:

@@ -156,8 +156,6 @@ async def test_reload_under_load_adds_moves_and_removes_nodes_without_a_failed_r
     assert load.ok > 200
 
 
-@pytest.mark.xfail(strict=True, reason="request.py indexes proxy.pools[node] for a node a reload removed "
-                   "(KeyError in _resend); see the issue 6 report")
 async def test_removing_a_node_with_reads_in_flight_resends_them(tmp_path: Path) -> None:
     async with FakeCluster(3) as fc:
         fc.elect("n1")
