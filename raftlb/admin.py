@@ -29,6 +29,7 @@ from raftlb.http.app import serve as serve_app
 from raftlb.http.server import HttpServer
 from raftlb.metrics import CONTENT_TYPE, lag_entries
 from raftlb.proxy import ClusterProxy
+from raftlb.tls import server_context
 
 if TYPE_CHECKING:
     from raftlb.server import Server
@@ -61,7 +62,9 @@ class Admin:
         self._page: bytes | None = None
 
     async def start(self, host: str, port: int) -> HttpServer:
-        return await serve_app(self.handle, host, port, self.server.config.limits, name="admin")
+        tls = self.server.config.admin.tls
+        ctx = server_context(tls) if tls is not None else None
+        return await serve_app(self.handle, host, port, self.server.config.limits, name="admin", ssl=ctx)
 
     async def handle(self, req: Request) -> Response | EventStream:
         path = req.path.rstrip("/") or "/"

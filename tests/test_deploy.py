@@ -171,6 +171,6 @@ def test_metric_name_extraction(expr: str, names: set[str]) -> None:
 
 
 def test_every_metric_is_documented() -> None:
-    doc = (ROOT / "docs" / "observability.md").read_text()
+    doc = (ROOT / "README.md").read_text()
     missing = [name for name in SPECS if f"`{name}`" not in doc]
-    assert not missing, f"docs/observability.md does not describe {missing}"
+    assert not missing, f"README.md does not describe {missing}"

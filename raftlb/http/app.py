@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from ssl import SSLContext
 from urllib.parse import parse_qsl
 
 from raftlb.config import LimitsConfig
@@ -172,8 +173,9 @@ class _TaskSet(set[asyncio.Task[None]]):
 
 
 async def serve(handler: Handler, host: str, port: int, limits: LimitsConfig | None = None,
-                name: str = "app") -> HttpServer:
-    """Start serving `handler` on host:port. The returned server's `.port` is the bound port."""
+                name: str = "app", ssl: SSLContext | None = None) -> HttpServer:
+    """Start serving `handler` on host:port (HTTPS with `ssl`). The returned server's `.port` is the bound
+    port."""
     server = HttpServer(AppHandler(handler), limits or LimitsConfig(), name=name)
-    await server.start(host, port)
+    await server.start(host, port, ssl=ssl)
     return server

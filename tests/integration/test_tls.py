@@ -114,3 +114,27 @@ clusters:
 """
     with pytest.raises(ConfigError, match=r"listeners\[0\]\.tls\.cert: file not found"):
         parse_config(text)
+
+
+async def test_admin_over_tls_and_reload_needs_the_token(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_pem = write_pem(tmp_path / "ca.pem", ca.cert_pem)
+    tls = TlsConfig(cert=write_pem(tmp_path / "a.pem", cert.cert_chain_pems[0]),
+                    key=write_pem(tmp_path / "a.key", cert.private_key_pem))
+    async with FakeCluster(1) as fc:
+        fc.elect("n1")
+        cfg = make_config(fc.config(), admin=True)
+        cfg = replace(cfg, admin=replace(cfg.admin, tls=tls, token="s3cret-token-0123456789"))
+        server = Server(cfg)
+        await server.start()
+        try:
+            assert server.admin is not None
+            url = f"https://127.0.0.1:{server.admin.port}"
+            async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=ca_pem)) as c:
+                assert (await c.get(f"{url}/healthz")).status_code == 200
+                assert (await c.post(f"{url}/v1/reload")).status_code == 401
+                r = await c.post(f"{url}/v1/reload", headers={"Authorization": "Bearer wrong-token-000000"})
+                assert r.status_code in (401, 403)
+        finally:
+            await server.stop()
