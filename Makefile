@@ -25,5 +25,14 @@ test: lint typecheck
 demo: install
 	$(BIN)/raftlb demo
 
+# Failover (SIGKILL the leader under writes) and read scaling (fenced reads vs leader-only), raftlb against
+# HAProxy: docs/failover.md. Not part of `make test`; each takes a few minutes and installs haproxy if missing.
+.PHONY: bench-failover bench-readscale
+bench-failover: install
+	$(BIN)/python bench/failover.py
+
+bench-readscale: install
+	$(BIN)/python bench/readscale.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
