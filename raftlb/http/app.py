@@ -16,7 +16,14 @@ from ssl import SSLContext
 from urllib.parse import parse_qsl
 
 from raftlb.config import LimitsConfig
-from raftlb.http.server import FRAMING_CHUNKED, Exchange, HttpServer, status_line
+from raftlb.http.server import (
+    FRAMING_CHUNKED,
+    FRAMING_LENGTH,
+    FRAMING_NONE,
+    Exchange,
+    HttpServer,
+    status_line,
+)
 
 log = logging.getLogger("raftlb.http.app")
 
@@ -123,9 +130,9 @@ class _AppExchange:
             return
         if isinstance(result, Response):
             ex.status = result.status
-            ex.send_head(_head(result.status, result.content_type, result.headers),
-                         1 if result.body or result.status not in (204, 304) else 0, len(result.body))
-            ex.send_body(result.body)
+            framing = FRAMING_LENGTH if result.body or result.status not in (204, 304) else FRAMING_NONE
+            ex.send_head(_head(result.status, result.content_type, result.headers), framing, len(result.body),
+                         result.body)  # one write: a node killed mid-answer never leaves a head alone
             ex.end()
             return
         await self._stream(result)

@@ -127,9 +127,10 @@ class Exchange:
 
     # -- response -----------------------------------------------------------------------------------------
 
-    def send_head(self, head: bytes, framing: int, length: int = 0) -> None:
+    def send_head(self, head: bytes, framing: int, length: int = 0, body: bytes = b"") -> None:
         """Write the status line and headers. `head` holds the status line and header lines (each ending in
-        CRLF) but not the framing headers, `Connection`, or the blank line: those are added here."""
+        CRLF) but not the framing headers, `Connection`, or the blank line: those are added here. A whole
+        Content-Length `body` given here goes out in the same write, so no one ever sees the head alone."""
         if self.response_started or self.finished:
             return
         self.response_started = True
@@ -151,6 +152,8 @@ class Exchange:
             parts.append(b"\r\n")
         if self.head_only:
             framing = FRAMING_NONE
+        elif body and framing == FRAMING_LENGTH:
+            parts.append(body)
         self._framing = framing
         conn.writelines(parts)
 
@@ -181,8 +184,7 @@ class Exchange:
             for k, v in headers:
                 parts += (k, b": ", v, b"\r\n")
         self.send_head(b"".join(parts), FRAMING_LENGTH if body or status not in (204, 304) else FRAMING_NONE,
-                       len(body))
-        self.send_body(body)
+                       len(body), body)
         self.end()
 
     def respond_error(self, err: ProxyError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
