@@ -47,6 +47,9 @@ DL_NONE = 0
 DL_IDLE = 1  # keep-alive, waiting for the next request
 DL_HEADER = 2  # a request has started; its headers are not complete
 DL_BODY = 3  # headers are complete; the body stalls
+DL_LINGER = 4  # answered and half-closed; draining what the client still sends
+
+LINGER_TIMEOUT = 2.0
 
 class RequestHandler(Protocol):
     """What a listener serves: called once per request, when the request is at the head of its pipeline."""
@@ -275,7 +278,10 @@ class HttpConnection(asyncio.Protocol):
         queue = self.queue
         if queue and queue[0] is ex:
             queue.popleft()
-        if ex.close_after or not ex.body_done or self.closing:
+        if not ex.body_done and not self.closed:
+            self._linger()
+            return
+        if ex.close_after or self.closing:
             self._close()
             return
         if queue:
@@ -343,7 +349,7 @@ class HttpConnection(asyncio.Protocol):
     def on_deadline(self, now: float) -> None:
         kind = self.deadline_kind
         self.deadline_kind = DL_NONE
-        if kind == DL_IDLE:
+        if kind in (DL_IDLE, DL_LINGER):
             self._close()
         elif kind == DL_HEADER:
             self._protocol_error(RequestTimeout("request headers not received in time"))
@@ -353,6 +359,21 @@ class HttpConnection(asyncio.Protocol):
                 self._fail_body(ex, RequestTimeout("request body not received in time"))
             else:
                 self._close()
+
+    def _linger(self) -> None:
+        """Close while the client may still be sending its body (RFC 9112 §9.6): send FIN after the
+        answer, read and drop what still comes for a moment, then close. Closing at once with unread
+        bytes would make the kernel reset the connection, and the client might never see the answer
+        (a 413 to an upload, say)."""
+        transport = self.transport
+        if transport is None or not transport.can_write_eof():
+            self._close()
+            return
+        self.stopped = True  # data_received drops everything from here on
+        transport.write_eof()
+        self._paused = 0
+        transport.resume_reading()
+        self._set_deadline(DL_LINGER, LINGER_TIMEOUT)
 
     def _set_deadline(self, kind: int, timeout: float) -> None:
         self.deadline_kind = kind

@@ -236,9 +236,6 @@ async def test_header_byte_limit_holds_however_the_head_is_shaped(shape: str) ->
         assert node.requests == []
 
 
-@pytest.mark.xfail(strict=True, reason="gap: no lingering close - raftlb closes with the client's upload "
-                                       "unread, the kernel resets, and the client never sees the 413; see "
-                                       "the report")
 async def test_an_upload_over_the_body_limit_gets_its_413_while_still_sending() -> None:
     # What every ordinary client does: send the whole body, then read the answer. raftlb answers 413 as soon
     # as the declared (or streamed) size passes the limit; the answer must survive the close.
