@@ -612,9 +612,6 @@ def test_socket_fuzz_every_connection_gets_valid_answers_or_a_clean_close_and_ot
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=False, reason="bug (lingering close, 50c9458): some refused connections outlive "
-                                        "the client's close; pinned by test_hostile_clients.py::"
-                                        "test_a_refused_connection_is_gone_once_the_client_closes")
 def test_socket_fuzz_left_nothing_behind(live: LiveProxy) -> None:
     """After the socket fuzz (file order): nothing leaked, and raftlb still serves."""
     srv = live.server

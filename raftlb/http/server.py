@@ -117,8 +117,8 @@ class HttpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         # The client half-closed. Requests already received are still answered; then the connection closes.
-        if not self.queue:
-            return None
+        if self.deadline_kind == DL_LINGER or not self.queue:
+            return None  # (lingering: the answer is out, and the client is done sending)
         self.closing = True
         return True
 
@@ -164,7 +164,8 @@ class HttpConnection(asyncio.Protocol):
                 self.data_received(rest)
             return
         except httptools.HttpParserError as exc:
-            self._protocol_error(BadRequest(_parser_error_detail(exc)))
+            if not self.stopped:  # after a refusal, what follows is not parsed, let alone answered
+                self._protocol_error(BadRequest(_parser_error_detail(exc)))
             return
         if self._in_headers and self._header_bytes > self.limits.max_header_bytes:
             limit = self.limits.max_header_bytes
@@ -230,7 +231,9 @@ class HttpConnection(asyncio.Protocol):
             self._activate(ex)
         else:
             self.pause_reading(PAUSE_PIPELINE)
-        if ex.has_body and not ex.finished:
+        if self.deadline_kind == DL_LINGER:
+            pass  # refused and answered at once: the connection is already closing
+        elif ex.has_body and not ex.finished:
             self._set_deadline(DL_BODY, self.limits.body_timeout)
         else:
             self.deadline_kind = DL_NONE
