@@ -239,3 +239,11 @@ async def test_upgrade_requests_are_answered_as_plain_http11() -> None:
     assert t.out.count(b"HTTP/1.1 200 OK") == 2
     assert t.out.endswith(b"GET /next 0")
     assert not t.closed
+
+
+async def test_http_versions_other_than_1x_get_505() -> None:
+    rec = Recorder()
+    conn, t = connect(rec)
+    conn.data_received(b"GET / HTTP/2.0\r\nHost: x\r\n\r\n")
+    assert t.out.startswith(b"HTTP/1.1 505 ") and b"http_version_not_supported" in t.out
+    assert not rec.exchanges

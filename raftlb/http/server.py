@@ -217,7 +217,11 @@ class HttpConnection(asyncio.Protocol):
         parser = self.parser
         ex.target = b"".join(self._url_parts)
         ex.method = parser.get_method().decode("ascii")
-        ex.http11 = parser.get_http_version() == "1.1"
+        version = parser.get_http_version()
+        ex.http11 = version == "1.1"
+        if version not in ("1.1", "1.0") and ex.error is None:
+            ex.error = ProxyError(f"HTTP/{version} is not spoken here (HTTP/1.1 and 1.0 are)")
+            ex.error.status, ex.error.code = 505, "http_version_not_supported"
         ex.keep_alive = parser.should_keep_alive()
         ex.head_only = ex.method == "HEAD"
         if ex.error is None:
