@@ -25,6 +25,12 @@ test: lint typecheck
 demo: install
 	$(BIN)/raftlb demo
 
+# raftlb against HAProxy and direct (nginx backend, wrk, one core per proxy): req/s, p50/p99, CPU/request,
+# RSS, 10,000 held connections; bench/run.py. Not part of `make test`; installs nginx, haproxy, wrk if missing.
+.PHONY: bench
+bench: install
+	$(BIN)/python bench/run.py --json bench/results/latest.json
+
 # Failover (SIGKILL the leader under writes) and read scaling (fenced reads vs leader-only), raftlb against
 # HAProxy: docs/failover.md. Not part of `make test`; each takes a few minutes and installs haproxy if missing.
 .PHONY: bench-failover bench-readscale
