@@ -16,6 +16,7 @@ from collections.abc import Callable
 from ssl import SSLContext
 from typing import Protocol
 
+from raftlb.burstlog import BurstLog
 from raftlb.config import ClusterConfig, TlsConfig
 from raftlb.dialects import dialect_for
 from raftlb.errors import HoldQueueFull, NoLeader, SessionGap
@@ -112,7 +113,7 @@ class ClusterProxy:
         self.stats = ProxyStats()
         self.on_change = on_change
         self.leaderless_since: float | None = time.monotonic()
-        self._rejection_logged: dict[str, tuple[float, int]] = {}  # node -> (last warning, held back since)
+        self._rejections = BurstLog(log)
         self._configure_nodes(cluster)
 
     def __repr__(self) -> str:
@@ -365,14 +366,8 @@ class ClusterProxy:
         except ValueError as exc:
             self.stats.rejected_announcements += 1
             # A node whose term goes backwards is lying or restored from an old disk: say so, once a burst.
-            last, held = self._rejection_logged.get(node_id, (float("-inf"), 0))
-            if now - last >= 5.0:
-                more = f" ({held} more since the last warning)" if held else ""
-                log.warning("cluster %s: announcement from %s rejected: %s%s",
-                            self.cluster.name, node_id, exc, more)
-                self._rejection_logged[node_id] = (now, 0)
-            else:
-                self._rejection_logged[node_id] = (last, held + 1)
+            self._rejections.warning(node_id, "cluster %s: announcement from %s rejected: %s%s",
+                                     self.cluster.name, node_id, exc)
             return
         if change is not None:
             self._leader_changed(change, now)

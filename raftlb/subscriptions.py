@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from raftlb.burstlog import BurstLog
 from raftlb.config import ClusterConfig, NodeConfig
 from raftlb.leader_table import Announcement
 from raftlb.tasks import TaskSet
@@ -35,7 +36,6 @@ OnAnnouncement = Callable[[str, Announcement], None]
 OnDown = Callable[[str, str], None]
 
 STREAM_RETRY_INTERVAL = 30.0  # a polled node is offered the stream again this often
-LOG_INTERVAL = 5.0  # at most one warning per node and reason in this window
 MAX_EVENT_BYTES = 64 * 1024  # no announcement is this long; a stream sending one is cut
 ANNOUNCE_EVENT_TYPES = frozenset({"message", "announce"})  # other event types are ignored, not rejected
 _EOL = re.compile(rb"\r\n|\r|\n")
@@ -167,7 +167,7 @@ class NodeSubscription:
         self._deadline = 0.0  # loop time by which the next valid announcement must arrive
         self._failures = 0  # in a row, for the backoff
         self._last_seq: int | None = None  # on the current stream
-        self._logged: dict[str, tuple[float, int]] = {}  # key -> (last warning, warnings held back since)
+        self._burst = BurstLog(log)
 
     def __repr__(self) -> str:
         state = {None: "unknown", True: "up", False: "down"}[self.up]
@@ -365,14 +365,7 @@ class NodeSubscription:
 
     def _warn(self, key: str, msg: str, detail: str, exc_info: bool = False) -> None:
         """Log at WARNING at most once per LOG_INTERVAL per key, saying how many were held back."""
-        now = time.monotonic()
-        last, held = self._logged.get(key, (float("-inf"), 0))
-        if now - last < LOG_INTERVAL:
-            self._logged[key] = (last, held + 1)
-            return
-        self._logged[key] = (now, 0)
-        more = f" (and {held} more in {now - last:.0f}s)" if held else ""
-        log.warning(msg + "%s", self.node.id, detail, more, exc_info=exc_info)
+        self._burst.warning(key, msg + "%s", self.node.id, detail, exc_info=exc_info)
 
 
 class ClusterSubscriptions:

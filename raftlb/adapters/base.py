@@ -24,9 +24,10 @@ from typing import Any, Protocol
 
 import httpx
 
+from raftlb.burstlog import BurstLog
 from raftlb.config import ClusterConfig, NodeConfig
 from raftlb.leader_table import Announcement
-from raftlb.subscriptions import LOG_INTERVAL, ClusterSubscriptions, OnAnnouncement, OnDown
+from raftlb.subscriptions import ClusterSubscriptions, OnAnnouncement, OnDown
 from raftlb.tasks import TaskSet
 
 log = logging.getLogger("raftlb.adapters")
@@ -135,7 +136,7 @@ class NodePoller:
         self._seq = 0
         self._deadline = 0.0
         self._failures = 0
-        self._logged: dict[str, tuple[float, int]] = {}
+        self._burst = BurstLog(log)
 
     def __repr__(self) -> str:
         state = {None: "unknown", True: "up", False: "down"}[self.up]
@@ -254,14 +255,7 @@ class NodePoller:
 
     def _warn(self, key: str, msg: str, detail: str, exc_info: bool = False) -> None:
         """Log at WARNING at most once per LOG_INTERVAL per key, saying how many were held back."""
-        now = time.monotonic()
-        last, held = self._logged.get(key, (float("-inf"), 0))
-        if now - last < LOG_INTERVAL:
-            self._logged[key] = (last, held + 1)
-            return
-        self._logged[key] = (now, 0)
-        more = f" (and {held} more in {now - last:.0f}s)" if held else ""
-        log.warning(msg + "%s", self.node.id, detail, more, exc_info=exc_info)
+        self._burst.warning(key, msg + "%s", self.node.id, detail, exc_info=exc_info)
 
 
 def _describe(exc: BaseException) -> str:
