@@ -92,6 +92,22 @@ def machine_busy_ticks() -> int:
     return sum(values) - values[3] - values[4]
 
 
+def net_counters() -> dict[str, int]:
+    """Machine-wide kernel counters that explain latency spikes on loopback: TCP retransmissions, packets
+    dropped because a CPU's input backlog was full (net.core.netdev_max_backlog), listen queue overflows."""
+    out = {"tcp_retrans": 0, "backlog_drops": 0, "listen_overflows": 0}
+    rows = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines() if ln.startswith("Tcp:")]
+    if len(rows) == 2:
+        out["tcp_retrans"] = int(dict(zip(rows[0], rows[1], strict=True))["RetransSegs"])
+    netstat = Path("/proc/net/netstat").read_text().splitlines()
+    rows = [ln.split() for ln in netstat if ln.startswith("TcpExt:")]
+    if len(rows) == 2:
+        out["listen_overflows"] = int(dict(zip(rows[0], rows[1], strict=True)).get("ListenOverflows", 0))
+    for line in Path("/proc/net/softnet_stat").read_text().splitlines():
+        out["backlog_drops"] += int(line.split()[1], 16)
+    return out
+
+
 def wait_quiet(max_cores: float, timeout: float, window: float = 0.5) -> float:
     """Wait until the machine as a whole uses less than `max_cores` of CPU over `window` seconds (other
     people's test runs on a shared machine would skew every number). The last load seen, in cores."""

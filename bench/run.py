@@ -49,6 +49,7 @@ from procs import (
     free_port,
     http_get,
     machine_busy_ticks,
+    net_counters,
     tool,
     wait_port,
     wait_quiet,
@@ -172,9 +173,9 @@ class Bench:
         exact_peak = proc.reset_peak_rss() if reset_rss else False
         before = [p.cpu().seconds for p in ours]
         kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        busy0, t0 = machine_busy_ticks(), time.monotonic()
+        net0, busy0, t0 = net_counters(), machine_busy_ticks(), time.monotonic()
         out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
-        busy1, wall = machine_busy_ticks(), time.monotonic() - t0
+        busy1, wall, net1 = machine_busy_ticks(), time.monotonic() - t0, net_counters()
         kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         used = [p.cpu().seconds - b for p, b in zip(ours, before, strict=True)]
         proc.check_alive()
@@ -201,6 +202,8 @@ class Bench:
             # How busy the client core was: near 1.0 means wrk + nginx, not the proxy, set the pace.
             "client_core_busy": (wrk_cpu + backend_cpu) / wall,
             "proxy_core_busy": proxy_cpu / wall if proc is not backend else 0.0,
+            # Machine-wide, so other users' traffic counts too: retransmissions mean tail latency of 200 ms+.
+            "net": {k: net1[k] - net0[k] for k in net1},
             # CPU the machine spent beyond our processes (other users, interrupts): should be near 0.
             "foreign_cores": max(0.0, machine_cpu - wrk_cpu - sum(used)) / wall,
         }
@@ -287,6 +290,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _net_note(net: dict[str, int]) -> str:
+    return "".join(f"  {k} {v}" for k, v in net.items() if v)
+
+
 def _raise_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -331,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"p50 {r['p50_us']:>6} µs  p99 {r['p99_us']:>6} µs  "
                               f"cpu {r['cpu_us_per_req']:5.1f} µs/req  rss {r['peak_rss_mib']:5.1f} MB  "
                               f"errors {r['errors']}  client core {r['client_core_busy']:.0%}"
-                              f"{'  DISTURBED' if r['disturbed'] else ''}", flush=True)
+                              f"{_net_note(r['net'])}{'  DISTURBED' if r['disturbed'] else ''}", flush=True)
             if args.hold:
                 for target in [t for t in ("raftlb", "haproxy") if t in targets]:
                     print(f"bench: holding {args.hold:,} connections on {target}", flush=True)

@@ -1,0 +1,137 @@
+"""The data path's own cost per request, without sockets: one keep-alive client connection and one pooled
+upstream connection with fake transports, a request in, the node's answer in, the client's bytes out.
+
+    .venv/bin/python bench/hotpath.py [--n 50000] [--calls]
+
+Prints µs per request (best of 5 batches) and, with --calls, the Python function calls per request by
+function. Useful to see what a change to the per-request path costs before `make bench` measures it for
+real (that one includes the system calls, which this leaves out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import gc
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from raftlb.config import parse_config  # noqa: E402
+from raftlb.http.server import HttpConnection, HttpServer  # noqa: E402
+from raftlb.leader_table import Announcement  # noqa: E402
+from raftlb.metrics import Metrics  # noqa: E402
+from raftlb.pool import UpstreamConn  # noqa: E402
+from raftlb.proxy import ClusterProxy  # noqa: E402
+
+CONFIG = """
+listeners: [{name: bench, address: "127.0.0.1:1"}]
+clusters:
+  - name: bench
+    liveness_timeout: 1h            # no announcer here: the one announcement below stays current
+    nodes: [{id: n1, url: "http://127.0.0.1:2"}]
+    routes: [{methods: [GET, HEAD], kind: read, policy: leader}]
+"""
+REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
+ANSWER = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Thu, 26 Nov 2026 12:00:00 GMT\r\n"
+          b"Content-Type: text/plain\r\nContent-Length: 100\r\nConnection: keep-alive\r\n\r\n" + b"x" * 100)
+
+
+class FakeTransport:
+    def __init__(self, peer: tuple[str, int]) -> None:
+        self.peer = peer
+        self.out = 0
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.peer if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.out += len(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.out += sum(map(len, parts))
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        raise AssertionError("closed")
+
+    def abort(self) -> None:
+        raise AssertionError("aborted")
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=50000)
+    p.add_argument("--calls", action="store_true")
+    p.add_argument("--metrics", action="store_true", help="with the metrics observer (as `raftlb run`)")
+    args = p.parse_args()
+    cfg = parse_config(CONFIG)
+    proxy = ClusterProxy(cfg.clusters[0])
+    if args.metrics:
+        metrics = Metrics(None, process=False)
+        proxy.observer = metrics
+    now = time.monotonic()
+    proxy.on_announcement("n1", Announcement("n1", 1, "leader", "n1", 1, 1, True, 1, 0))
+    assert proxy.table.leader(now) == "n1"
+    server = HttpServer(proxy, cfg.limits)
+    client = HttpConnection(server)
+    client_tr = FakeTransport(("127.0.0.1", 40000))
+    client.connection_made(client_tr)  # type: ignore[arg-type]
+    pool = proxy.pools["n1"]
+    up = UpstreamConn(pool)
+    up_tr = FakeTransport(("127.0.0.1", 2))
+    up.connection_made(up_tr)  # type: ignore[arg-type]
+    pool.idle.append(up)
+
+    def one() -> None:
+        client.data_received(REQUEST)
+        up.data_received(ANSWER)
+
+    for _ in range(2000):
+        one()
+    assert up_tr.out and client_tr.out and not client.closed, "the request did not go through"
+    per_req = client_tr.out / 2000
+    best = float("inf")
+    for _ in range(5):
+        gc.collect()
+        t0 = time.perf_counter()
+        for _ in range(args.n // 5):
+            one()
+        best = min(best, (time.perf_counter() - t0) / (args.n // 5))
+    print(f"{best * 1e6:.2f} µs per request (best of 5 × {args.n // 5}); {per_req:.0f} bytes to the client "
+          f"each; gc counts now {gc.get_count()}")
+    if args.calls:
+        counts: collections.Counter[str] = collections.Counter()
+
+        def prof(frame, event, arg):  # type: ignore[no-untyped-def]
+            if event == "call":
+                co = frame.f_code
+                counts[f"{Path(co.co_filename).name}:{co.co_name}"] += 1
+            elif event == "c_call":
+                counts[f"C:{getattr(arg, '__qualname__', arg)}"] += 1
+        sys.setprofile(prof)
+        for _ in range(100):
+            one()
+        sys.setprofile(None)
+        total = sum(counts.values()) / 100
+        print(f"{total:.1f} calls per request:")
+        for name, n in counts.most_common():
+            print(f"  {n / 100:5.1f}  {name}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
