@@ -114,6 +114,14 @@ async def main() -> None:
         best = min(best, (time.perf_counter() - t0) / (args.n // 5))
     print(f"{best * 1e6:.2f} µs per request (best of 5 × {args.n // 5}); {per_req:.0f} bytes to the client "
           f"each; gc counts now {gc.get_count()}")
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    for _ in range(1000):
+        one()
+    gc.collect()
+    print(f"{len(gc.garbage) / 1000:.1f} objects per request left for the cyclic GC")
+    gc.set_debug(0)
+    gc.garbage.clear()
     if args.calls:
         counts: collections.Counter[str] = collections.Counter()
 

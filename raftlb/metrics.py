@@ -16,18 +16,20 @@ can run many servers. Labels are bounded: cluster, node, listener and the fixed 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from raftlb import __version__
 from raftlb.leader_table import ROLES, LeaderChange, LeaderTable
-from raftlb.logs import access_enabled, log_access
+from raftlb.logs import access_enabled, access_log, log_access
 
 if TYPE_CHECKING:
     from raftlb.http.server import Exchange
@@ -132,6 +134,8 @@ SPECS: dict[str, MetricSpec] = {s.name: s for s in (
 )}
 
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Bucket bounds as the text format writes them (what prometheus_client's own histograms print).
+_DURATION_LE = [*(repr(float(b)) for b in DURATION_BUCKETS), "+Inf"]
 FAILOVER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 _CODES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 
@@ -253,6 +257,35 @@ class ServerCollector(Collector):
                 fams["raftlb_upstream_connect_failures_total"].add_metric(n_, pool.connect_failures)
 
 
+class _Buckets:
+    """One histogram series kept by hand: counts per bucket (the last one is +Inf) and the sum."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+
+class RequestCollector(Collector):
+    """raftlb_requests_total and raftlb_request_duration_seconds from the plain per-request counters."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        spec = SPECS["raftlb_requests_total"]
+        requests = CounterMetricFamily(spec.family, spec.help, labels=spec.labels)
+        for labels, count in list(self.metrics.request_counts.items()):
+            requests.add_metric(list(labels), count[0])
+        spec = SPECS["raftlb_request_duration_seconds"]
+        duration = HistogramMetricFamily(spec.family, spec.help, labels=spec.labels)
+        for hlabels, hist in list(self.metrics.request_durations.items()):
+            cumulative = list(accumulate(hist.counts))
+            duration.add_metric(list(hlabels), list(zip(_DURATION_LE, cumulative, strict=True)), hist.sum)
+        return [requests, duration]
+
+
 @dataclass
 class _Failover:
     """A leader loss not yet followed by a write the new leader answered."""
@@ -267,8 +300,6 @@ class Metrics:
     def __init__(self, server: Server | None = None, *, process: bool = True) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = _counter("raftlb_requests_total", r)
-        self.duration = _histogram("raftlb_request_duration_seconds", r, DURATION_BUCKETS)
         self.failover = _histogram("raftlb_failover_seconds", r, FAILOVER_BUCKETS)
         self.reloads = _counter("raftlb_config_reloads_total", r)
         spec = SPECS["raftlb_config_last_reload_success_timestamp_seconds"]
@@ -280,12 +311,14 @@ class Metrics:
             "raftlb_requests_total", "raftlb_config_reloads_total",
             "raftlb_config_last_reload_success_timestamp_seconds",
         })
-        # Children cached by label values: the per-request path does one dict lookup per instrument.
-        self._counters: dict[tuple[str, str, str, str, str], Counter] = {}
-        self._histograms: dict[tuple[str, str, str], Histogram] = {}
+        # Per-request counts and durations in plain lists (no lock, no label lookup per request), turned
+        # into metric families at scrape time by RequestCollector.
+        self.request_counts: dict[tuple[str, str, str, str, str], list[int]] = {}
+        self.request_durations: dict[tuple[str, str, str], _Buckets] = {}
         self._failovers: dict[str, _Failover] = {}
         self._gap_start: dict[str, float] = {}  # cluster -> monotonic start of its leaderless gap
         self._gap_total: dict[str, float] = {}
+        r.register(RequestCollector(self))
         if server is not None:
             r.register(ServerCollector(server, self))
         if process:
@@ -329,22 +362,23 @@ class Metrics:
         writes the access log line, when `logging.access_log` is on."""
         seconds = time.monotonic() - ex.started_at
         self.observe_request(cluster, route.kind, route.policy, node, ex.status, seconds)
-        if access_enabled():
+        if not access_log.disabled and access_enabled():  # (the first test alone when it is off, the default)
             log_access(cluster, node, ex, seconds)
 
     def observe_request(self, cluster: str, kind: str, policy: str, node: str | None, status: int,
                         seconds: float) -> None:
         code = _CODES[min(status // 100, 5)] if status > 0 else "none"
         key = (cluster, node or "none", kind, policy, code)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters[key] = self.requests.labels(*key)
-        counter.inc()
+        count = self.request_counts.get(key)
+        if count is None:
+            count = self.request_counts[key] = [0]
+        count[0] += 1
         hkey = (cluster, kind, policy)
-        hist = self._histograms.get(hkey)
+        hist = self.request_durations.get(hkey)
         if hist is None:
-            hist = self._histograms[hkey] = self.duration.labels(*hkey)
-        hist.observe(seconds)
+            hist = self.request_durations[hkey] = _Buckets(DURATION_BUCKETS)
+        hist.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        hist.sum += seconds
         if kind == "write" and self._failovers and 200 <= status < 500:
             pending = self._failovers.get(cluster)
             if pending is not None and pending.target is not None and node == pending.target:

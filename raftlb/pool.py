@@ -142,15 +142,10 @@ class UpstreamConn(asyncio.Protocol):
         self.head_received = True
         self.deadline = 0.0
         self.keep_alive = self.parser.should_keep_alive()
-        length: int | None = None
-        chunked = False
-        for k, v in self.headers:
-            if k == b"content-length":
-                length = int(v)
-            elif k == b"transfer-encoding":
-                chunked = True
-        self.resp_length = length
-        self.resp_chunked = chunked
+        named = dict(self.headers)  # (llhttp has refused conflicting Content-Length headers)
+        cl = named.get(b"content-length")
+        length = self.resp_length = None if cl is None else int(cl)
+        chunked = self.resp_chunked = b"transfer-encoding" in named
         self.until_close = not chunked and length is None and status not in (204, 304) and not self.head_only
         listener = self.listener
         if listener is not None:
@@ -174,7 +169,7 @@ class UpstreamConn(asyncio.Protocol):
 
     # -- request lifecycle --------------------------------------------------------------------------------
 
-    def start(self, listener: UpstreamListener, head_only: bool) -> None:
+    def start(self, listener: UpstreamListener, head_only: bool, now: float | None = None) -> None:
         """Bind to a request; the caller writes it with `write`/`writelines` right after."""
         self.listener = listener
         self.head_only = head_only
@@ -188,7 +183,7 @@ class UpstreamConn(asyncio.Protocol):
             # The previous client was slow and its answer ended while reading was paused: this request
             # must hear its own answer.
             self.resume_reading()
-        self.deadline = time.monotonic() + self.pool.response_timeout
+        self.deadline = (time.monotonic() if now is None else now) + self.pool.response_timeout
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -217,7 +212,8 @@ class UpstreamConn(asyncio.Protocol):
         self.deadline = 0.0
         # The answer is all here: whatever backpressure its client applied is over. An idle connection
         # keeps reading, so a node closing it is noticed, and the next request hears its own answer.
-        self.resume_reading()
+        if self.paused:
+            self.resume_reading()
         if self.feeding:
             self.completed = True  # released by data_received once the parser has returned
         elif self.keep_alive and not self.until_close and not self.closed:
@@ -283,6 +279,16 @@ class NodePool:
     def is_available(self) -> bool:
         return bool(self.idle)
 
+    def take_idle(self) -> UpstreamConn | None:
+        """An idle connection, now marked busy, or None."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                self.busy.add(conn)
+                return conn
+        return None
+
     def acquire(self, listener: UpstreamListener) -> None:
         """Give `listener` a connection: now if one is idle, else when one opens or frees up (or an error)."""
         idle = self.idle
@@ -346,6 +352,10 @@ class NodePool:
     def release(self, conn: UpstreamConn) -> None:
         self.busy.discard(conn)
         if conn.closed:
+            return
+        if not self.waiters and not self.closed and len(self.idle) < self.max_idle:
+            conn.idle_since = time.monotonic()
+            self.idle.append(conn)
             return
         self._hand(conn)
 

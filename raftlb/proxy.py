@@ -25,7 +25,7 @@ from raftlb.leader_table import Announcement, LeaderChange, LeaderTable
 from raftlb.pool import NodePool
 from raftlb.reads import ReadIndexBroker, eligible_nodes
 from raftlb.request import ProxyRequest
-from raftlb.router import RouteDecision, Router, power_of_two
+from raftlb.router import IDEMPOTENT_METHODS, RouteDecision, Router, power_of_two
 from raftlb.sessions import SessionOrder
 from raftlb.tls import client_context
 
@@ -36,6 +36,26 @@ REQUEST_DROP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     b"proxy-authorization", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
 })
+
+# Request headers the single pass over a request's headers stops at: the dropped ones and those raftlb reads.
+REQUEST_WATCH = REQUEST_DROP | frozenset({
+    b"x-raft-consistency", b"x-raft-min-index", b"cookie", b"x-raft-session", b"x-raft-seq",
+    b"idempotency-key",
+})
+
+
+def _drop_connection_tokens(parts: list[bytes], headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """The upstream head again without the headers that a `Connection` header names (RFC 9110 §7.6.1)."""
+    drop = set(REQUEST_DROP)
+    for k, v in headers:
+        if k == b"connection":
+            drop.update(t.strip().lower() for t in v.split(b","))
+    out = parts[:4]
+    for k, v in headers:
+        if k not in drop:
+            out += (k, b": ", v, b"\r\n")
+    return out
+
 
 def cookie_index(header: bytes | None) -> int:
     """The raftlb-index token from a Cookie header (0 when absent or malformed)."""
@@ -114,6 +134,7 @@ class ClusterProxy:
         self.on_change = on_change
         self.leaderless_since: float | None = time.monotonic()
         self._rejections = BurstLog(log)
+        self._term_header = (-1, b"")
         self._configure_nodes(cluster)
 
     def __repr__(self) -> str:
@@ -149,50 +170,48 @@ class ClusterProxy:
 
     def on_request(self, ex: Exchange) -> None:
         self.stats.requests += 1
+        # One pass over the request headers: the upstream head is built and the headers raftlb acts on are
+        # picked out on the way.
+        parts = [ex.method_bytes, b" ", ex.target, b" HTTP/1.1\r\n"]
+        consistency = token = cookie = sid = seq = xff = None
+        idempotency_key = False
+        hop_tokens = False
+        for k, v in ex.headers:
+            if k in REQUEST_WATCH:
+                if k in REQUEST_DROP:
+                    if k == b"x-forwarded-for":
+                        xff = v
+                    elif k == b"connection" and v.lower() not in (b"close", b"keep-alive"):
+                        hop_tokens = True
+                    continue
+                if k == b"x-raft-consistency":
+                    consistency = v
+                elif k == b"x-raft-min-index":
+                    if token is None:
+                        token = v
+                elif k == b"cookie":
+                    if cookie is None:
+                        cookie = v
+                elif k == b"x-raft-session":
+                    if sid is None:
+                        sid = v
+                elif k == b"x-raft-seq":
+                    if seq is None:
+                        seq = v
+                elif k == b"idempotency-key":
+                    idempotency_key = True
+            parts += (k, b": ", v, b"\r\n")
+        if hop_tokens:
+            # Headers named in Connection are hop-by-hop too (rare: a second pass drops them).
+            parts = _drop_connection_tokens(parts, ex.headers)
         target = ex.target
         q = target.find(b"?")
         path = (target[:q] if q >= 0 else target).decode("latin-1")
-        consistency = ex.header(b"x-raft-consistency")
         route = self.router.classify(ex.method, path,
                                      consistency.decode("latin-1") if consistency is not None else None)
-        req = ProxyRequest(self, ex, route, self._upstream_head(ex, route))
-        ex.on_abort = req.on_client_abort
-        ex.set_body_sink(req.on_client_body, req.on_client_body_end)
-        if req.finished:
-            return
-        if route.policy != "any" or route.kind == "write":
-            # `any` promises nothing, so it ignores the token (and never waits or retries for it).
-            token = ex.header(b"x-raft-min-index")
-            if token is not None and token.isdigit():
-                req.min_index = int(token)
-            if route.cookie:
-                req.min_index = max(req.min_index, cookie_index(ex.header(b"cookie")))
-        if route.kind == "write":
-            sid, seq = ex.header(b"x-raft-session"), ex.header(b"x-raft-seq")
-            if sid is not None and seq is not None and seq.isdigit():
-                req.session = (sid.decode("latin-1"), int(seq))
-                if not self.sessions.admit(req, req.session[0], req.session[1], time.monotonic()):
-                    self.stats.session_parked += 1
-                    return
-        self.dispatch(req)
-
-    def _upstream_head(self, ex: Exchange, route: RouteDecision) -> bytes:
-        parts = [ex.method.encode("ascii"), b" ", ex.target, b" HTTP/1.1\r\n"]
-        xff: bytes | None = None
-        drop = REQUEST_DROP
-        for k, v in ex.headers:
-            if k == b"connection" and v.lower() not in (b"close", b"keep-alive"):
-                # Headers named in Connection are hop-by-hop too.
-                drop = drop | frozenset(t.strip().lower() for t in v.split(b","))
-        for k, v in ex.headers:
-            if k in drop:
-                if k == b"x-forwarded-for":
-                    xff = v
-                continue
-            parts += (k, b": ", v, b"\r\n")
-        client = ex.conn.peer_host.encode()
-        xff = xff + b", " + client if xff else client
-        parts += (b"x-forwarded-for: ", xff, b"\r\nx-forwarded-proto: http\r\n")
+        client = ex.conn.peer_bytes
+        parts += (b"x-forwarded-for: ", xff + b", " + client if xff else client,
+                  b"\r\nx-forwarded-proto: http\r\n")
         if route.kind == "write" and self.dialect.write_headers:
             parts.append(self.dialect.write_headers)
         if ex.chunked:
@@ -201,7 +220,37 @@ class ClusterProxy:
             parts.append(b"content-length: %d\r\n\r\n" % ex.content_length)
         else:
             parts.append(b"\r\n")
-        return b"".join(parts)
+        # Safe to re-send after an ambiguous failure: idempotent by method or by route, marked by the client,
+        # or a session write (X-Raft-Session + X-Raft-Seq) that a node with sessions applies at most once.
+        safe = (ex.method in IDEMPOTENT_METHODS or route.idempotent or idempotency_key
+                or (sid is not None and seq is not None))
+        req = ProxyRequest(self, ex, route, b"".join(parts), safe)
+        ex.on_abort = req.on_client_abort
+        if ex.has_body or ex.expect_continue:
+            ex.set_body_sink(req.on_client_body, req.on_client_body_end)
+        else:
+            req.body_done = True  # nothing to relay: the end of the (empty) body needs no callback
+        if req.finished:
+            return
+        if (token is not None or route.cookie) and (route.policy != "any" or route.kind == "write"):
+            # `any` promises nothing, so it ignores the token (and never waits or retries for it).
+            if token is not None and token.isdigit():
+                req.min_index = int(token)
+            if route.cookie:
+                req.min_index = max(req.min_index, cookie_index(cookie))
+        if route.kind == "write" and sid is not None and seq is not None and seq.isdigit():
+            req.session = (sid.decode("latin-1"), int(seq))
+            if not self.sessions.admit(req, req.session[0], req.session[1], time.monotonic()):
+                self.stats.session_parked += 1
+                return
+        if req.to_leader:
+            # The common case, without the general dispatch: a leader and an idle connection to it.
+            now = time.monotonic()
+            leader = self.table.leader(now)
+            if leader is not None:
+                self._send(req, leader, now)
+                return
+        self.dispatch(req)
 
     def pick(self, req: ProxyRequest, now: float) -> str | None:
         """The node for this request now, or None (no leader, or no node eligible for the read)."""
@@ -271,14 +320,26 @@ class ClusterProxy:
         self.stats.fence_fallback += 1
         self.dispatch(req)
 
-    def _send(self, req: ProxyRequest, node: str) -> None:
+    def _send(self, req: ProxyRequest, node: str, now: float | None = None) -> None:
         req.node = node
         pool = self.pools[node]
         pool.outstanding += 1
-        pool.acquire(req)
+        conn = pool.take_idle()
+        if conn is not None:
+            req.start(conn, time.monotonic() if now is None else now)
+        else:
+            pool.acquire(req)
+
+    def term_header(self) -> bytes:
+        """`x-raft-term: <the table's term>` as a header line, made once per term."""
+        term = self.table.term
+        cached = self._term_header
+        if cached[0] != term:
+            cached = self._term_header = (term, b"x-raft-term: %d\r\n" % term)
+        return cached[1]
 
     def count_read(self, req: ProxyRequest, node: str) -> None:
-        if node == self.table.leader(time.monotonic()):
+        if req.to_leader or node == self.table.leader(time.monotonic()):
             self.stats.reads_leader += 1
         else:
             self.stats.reads_follower += 1
@@ -349,7 +410,9 @@ class ClusterProxy:
     def _forget(self, req: ProxyRequest) -> None:
         self.inflight.discard(req)
         if req.node is not None:
-            self.node_released(req.node)
+            pool = self.pools.get(req.node)  # (node_released, inlined: this is per request)
+            if pool is not None:
+                pool.outstanding -= 1
             req.node = None
         if req.session is not None:
             nxt = self.sessions.done(req, req.session[0])

@@ -29,9 +29,10 @@ from raftlb.errors import (
     UpstreamFailed,
     UpstreamTimeout,
 )
+from raftlb.http.exchange import STATUS_LINES
 from raftlb.http.server import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE, Exchange, status_line
 from raftlb.pool import UpstreamConn
-from raftlb.router import IDEMPOTENT_METHODS, RouteDecision
+from raftlb.router import RouteDecision
 
 if TYPE_CHECKING:
     from raftlb.proxy import ClusterProxy
@@ -42,6 +43,10 @@ RESPONSE_DROP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     b"proxy-authenticate", b"content-length", b"x-raft-node",
 })
+RESPONSE_WATCH = RESPONSE_DROP | {b"x-raft-index", b"x-raft-term"}
+
+# Answers with a Content-Length body up to this size are sent on in one write, head and body together.
+SMALL_ANSWER = 16 * 1024
 
 
 class ProxyRequest:
@@ -54,7 +59,8 @@ class ProxyRequest:
         "waited", "deferred", "body", "leader_only", "leader_ok",
     )
 
-    def __init__(self, proxy: ClusterProxy, ex: Exchange, route: RouteDecision, head: bytes) -> None:
+    def __init__(self, proxy: ClusterProxy, ex: Exchange, route: RouteDecision, head: bytes,
+                 safe_to_repeat: bool) -> None:
         self.proxy = proxy
         self.ex = ex
         self.route = route
@@ -68,12 +74,7 @@ class ProxyRequest:
         self.attempts = 0
         self.held_at = 0.0
         self.retry_at = 0.0
-        # Safe to re-send after an ambiguous failure: idempotent by method or by route, marked by the client,
-        # or a session write (X-Raft-Session + X-Raft-Seq) that a node with sessions applies at most once.
-        self.safe_to_repeat = (ex.method in IDEMPOTENT_METHODS or route.idempotent
-                               or ex.header(b"idempotency-key") is not None
-                               or (ex.header(b"x-raft-session") is not None
-                                   and ex.header(b"x-raft-seq") is not None))
+        self.safe_to_repeat = safe_to_repeat  # may be re-sent after an ambiguous failure (see the module doc)
         self.upstream_chunked = ex.chunked
         self.sent_body = 0  # how many of `chunks` the current connection has been sent
         self.finished = False
@@ -88,8 +89,10 @@ class ProxyRequest:
         self.waited = False
         self.leader_only = False  # only the leader had the client's index when last picked
         self.leader_ok = False  # ... and waiting for a follower is over: the leader may serve it
-        self.deferred: tuple[int, list[tuple[bytes, bytes]]] | None = None  # an answer held to read its index
-        self.body = bytearray()
+        # An answer held back until its body is in: (status, head parts, has X-Raft-Term, index; -2 when
+        # the index is to be read from the body), and the body so far.
+        self.deferred: tuple[int, list[bytes], bool, int] | None = None
+        self.body: list[bytes] = []
 
     @property
     def floor(self) -> int:
@@ -153,21 +156,28 @@ class ProxyRequest:
     # -- upstream side ------------------------------------------------------------------------------------
 
     def on_upstream_ready(self, conn: UpstreamConn) -> None:
+        """A connection opened or freed up for this request, which has been waiting for one."""
         proxy = self.proxy
         node = self.node
         if self.finished or node is None:
             conn.pool.release(conn)
             return
-        if self.to_leader and proxy.table.leader(time.monotonic()) not in (node, None):
+        now = time.monotonic()
+        if self.to_leader and proxy.table.leader(now) not in (node, None):
             # The leader moved while this connection was being opened.
             conn.pool.release(conn)
             conn.pool.outstanding -= 1
             self.node = None
             proxy.dispatch(self)
             return
+        self.start(conn, now)
+
+    def start(self, conn: UpstreamConn, now: float) -> None:
+        """Send the request on `conn` (to `self.node`, picked just now)."""
+        proxy = self.proxy
         self.conn = conn
         self.sent_term = proxy.table.term
-        conn.start(self, self.ex.head_only)
+        conn.start(self, self.ex.head_only, now)
         proxy.inflight.add(self)
         if self.chunks:
             parts = [self.head]
@@ -213,28 +223,46 @@ class ProxyRequest:
             proxy.on_misdirected(self.node or "", hint, term)
             self._resend("misdirected", immediate=True)
             return
+        # One pass over the node's headers: the client's head is built, X-Raft-Index/-Term noted on the way.
+        parts = [STATUS_LINES.get(status) or status_line(status)]
         index = -1
+        seen_index = has_term = False
         for k, v in headers:
-            if k == b"x-raft-index":
-                index = int(v) if v.isdigit() else -1
-                break
-        if (index < 0 and proxy.dialect.index_from_body is not None and status == 200
-                and conn.resp_length is not None and conn.resp_length <= BODY_INDEX_LIMIT
-                and not self.ex.head_only):
-            # The index is in the body (etcd): hold the small answer back until it is read.
-            self.deferred = (status, headers)
-            self.body = bytearray()
+            if k in RESPONSE_WATCH:
+                if k == b"x-raft-index":
+                    if not seen_index:
+                        seen_index = True
+                        index = int(v) if v.isdigit() else -1
+                elif k == b"x-raft-term":
+                    has_term = True
+                else:
+                    continue  # hop-by-hop, or framing that is redone
+            parts += (k, b": ", v, b"\r\n")
+        length = conn.resp_length
+        if length is not None and not self.ex.head_only and status >= 200:
+            if (index < 0 and proxy.dialect.index_from_body is not None and status == 200
+                    and length <= BODY_INDEX_LIMIT):
+                # The index is in the body (etcd): hold the small answer back until it is read.
+                self.deferred = (status, parts, has_term, -2)
+                return
+            if index >= 0 and self._stale(conn, status, index):
+                return
+            if 0 < length <= SMALL_ANSWER and status not in (204, 304):
+                # A small answer leaves in one write, head and body together, once its body is in.
+                self.deferred = (status, parts, has_term, index)
+                return
+        elif index >= 0 and self._stale(conn, status, index):
             return
-        if self._stale(conn, status, index):
-            return
-        self._answer_head(conn, status, headers, index)
+        self._answer_head(conn, status, parts, has_term, index)
         if self.ex.conn.writing_paused:
             conn.pause_reading()
 
     def _stale(self, conn: UpstreamConn | None, status: int, index: int) -> bool:
         """A read answered from state older than the client's token is never returned: retry elsewhere."""
+        if index < 0 or self.route.kind != "read" or status >= 500:
+            return False
         floor = self.floor
-        if not (0 <= index < floor and self.route.kind == "read" and status < 500):
+        if index >= floor:
             return False
         proxy = self.proxy
         if conn is not None:
@@ -249,33 +277,30 @@ class ProxyRequest:
         self._resend("fence_stale", immediate=not was_leader)
         return True
 
-    def _answer_head(self, conn: UpstreamConn, status: int, headers: list[tuple[bytes, bytes]],
-                     index: int) -> None:
-        """Send the response head to the client (`conn` is only read for the body's framing)."""
+    def _answer_head(self, conn: UpstreamConn, status: int, parts: list[bytes], has_term: bool, index: int,
+                     body: bytes | None = None) -> None:
+        """Send the response head to the client (`conn` is only read for the body's framing), with the
+        whole body when it is given."""
         proxy = self.proxy
         ex = self.ex
         ex.status = status
-        ex.on_pause_writing = self.on_client_pause
-        ex.on_resume_writing = self.on_client_resume
-        parts = [status_line(status)]
-        has_term = False
-        for k, v in headers:
-            if k in RESPONSE_DROP:
-                continue
-            if k == b"x-raft-term":
-                has_term = True
-            parts += (k, b": ", v, b"\r\n")
         node = self.node
         assert node is not None
         parts.append(proxy.node_headers[node])
         if not has_term:
-            parts.append(b"x-raft-term: %d\r\n" % proxy.table.term)
-        if self.route.cookie:
+            parts.append(proxy.term_header())
+        route = self.route
+        if route.cookie:
             token = index if index > self.min_index else self.min_index
             if token > 0:
                 parts.append(b"set-cookie: raftlb-index=%d; Path=/; SameSite=Lax\r\n" % token)
-        if self.route.kind == "read":
+        if route.kind == "read":
             proxy.count_read(self, node)
+        if body is not None:
+            ex.send_parts(parts, FRAMING_LENGTH, len(body), body)
+            return
+        ex.on_pause_writing = self.on_client_pause
+        ex.on_resume_writing = self.on_client_resume
         if status in (204, 304) or (status < 200):
             framing, length = FRAMING_NONE, 0
         elif conn.resp_chunked or conn.until_close:
@@ -284,12 +309,12 @@ class ProxyRequest:
             framing, length = FRAMING_LENGTH, conn.resp_length
         else:
             framing, length = FRAMING_NONE, 0
-        ex.send_head(b"".join(parts), framing, length)
+        ex.send_parts(parts, framing, length)
 
     def on_upstream_body(self, data: bytes) -> None:
         if self.conn is not None:
             if self.deferred is not None:
-                self.body += data
+                self.body.append(data)
             else:
                 self.ex.send_body(data)
 
@@ -298,17 +323,21 @@ class ProxyRequest:
         if conn is None:
             return
         self.conn = None
-        if self.deferred is not None:
-            status, headers = self.deferred
+        deferred = self.deferred
+        if deferred is not None:
             self.deferred = None
-            body = bytes(self.body)
-            index = self.proxy.dialect.index_from_body(body) if self.proxy.dialect.index_from_body else None
-            if index is not None:
-                headers = [*headers, (b"x-raft-index", b"%d" % index)]
-            if self._stale(None, status, -1 if index is None else index):
-                return
-            self._answer_head(conn, status, headers, -1 if index is None else index)
-            self.ex.send_body(body)
+            status, parts, has_term, index = deferred
+            body = b"".join(self.body)
+            self.body = []
+            if index == -2:
+                dialect = self.proxy.dialect
+                found = dialect.index_from_body(body) if dialect.index_from_body is not None else None
+                index = -1 if found is None else found
+                if found is not None:
+                    parts += (b"x-raft-index: ", b"%d" % found, b"\r\n")
+                if self._stale(None, status, index):
+                    return
+            self._answer_head(conn, status, parts, has_term, index, body)
         self.ex.end()
         self._finish()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from raftlb.config import SUPPORTED_READ_POLICIES, RouteConfig
 
@@ -28,10 +28,11 @@ class RouteDecision:
     fence_wait: float = 1.0
     max_lag_entries: int | None = None
     max_lag_ms: int | None = None
+    # Writes and leader reads: derived from kind and policy (a field, not a property: read per request).
+    needs_leader: bool = field(init=False, repr=False, compare=False)
 
-    @property
-    def needs_leader(self) -> bool:
-        return self.kind == "write" or self.policy == "leader"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "needs_leader", self.kind == "write" or self.policy == "leader")
 
 
 WRITE = RouteDecision("write", "leader")

@@ -22,6 +22,9 @@ class RecordingPool:
         self.outstanding = 0
         self.acquired: list[ProxyRequest] = []
 
+    def take_idle(self) -> None:
+        return None  # never an idle connection: every request asks (and is recorded)
+
     def acquire(self, req: Any) -> None:
         self.acquired.append(req)
 

@@ -35,7 +35,14 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def status_line(status: int) -> bytes:
-    return b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Unknown"))
+    line = STATUS_LINES.get(status)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Unknown"))
+    return line
+
+
+STATUS_LINES: dict[int, bytes] = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason)
+                                  for code, reason in REASONS.items()}
 
 
 class Exchange:
@@ -48,7 +55,8 @@ class Exchange:
     """
 
     __slots__ = (
-        "conn", "method", "target", "headers", "http11", "keep_alive", "content_length", "chunked",
+        "conn", "method", "method_bytes", "target", "headers", "http11", "keep_alive", "content_length",
+        "chunked",
         "expect_continue", "head_only", "error", "body_buf", "body_buffered", "body_received", "body_done",
         "on_body", "on_body_end", "on_abort", "on_pause_writing", "on_resume_writing", "response_started",
         "finished", "close_after", "_framing", "started_at", "ctx", "status",
@@ -57,6 +65,7 @@ class Exchange:
     def __init__(self, conn: HttpConnection) -> None:
         self.conn = conn
         self.method = ""
+        self.method_bytes = b""
         self.target = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.http11 = True
@@ -101,6 +110,13 @@ class Exchange:
                 return v
         return None
 
+    def drop_callbacks(self) -> None:
+        """The exchange is over: forget the handler's callbacks. They are bound methods of an object that
+        refers back to this exchange, and without this each request would leave a reference cycle for the
+        cyclic garbage collector (~10 objects, and GC pauses that grow with the load)."""
+        self.on_body = self.on_body_end = self.on_abort = None
+        self.on_pause_writing = self.on_resume_writing = None
+
     # -- request body -------------------------------------------------------------------------------------
 
     def set_body_sink(self, on_body: Callable[[bytes], None], on_end: Callable[[], None]) -> None:
@@ -131,6 +147,10 @@ class Exchange:
         """Write the status line and headers. `head` holds the status line and header lines (each ending in
         CRLF) but not the framing headers, `Connection`, or the blank line: those are added here. A whole
         Content-Length `body` given here goes out in the same write, so no one ever sees the head alone."""
+        self.send_parts([head], framing, length, body)
+
+    def send_parts(self, parts: list[bytes], framing: int, length: int = 0, body: bytes = b"") -> None:
+        """`send_head` with the head still in pieces (which this extends): one join, one write."""
         if self.response_started or self.finished:
             return
         self.response_started = True
@@ -139,7 +159,6 @@ class Exchange:
             framing = FRAMING_CLOSE
         if not self.keep_alive or conn.closing or framing == FRAMING_CLOSE or self.error is not None:
             self.close_after = True
-        parts = [head]
         if framing == FRAMING_LENGTH:
             parts.append(b"content-length: %d\r\n" % length)
         elif framing == FRAMING_CHUNKED:
@@ -155,7 +174,7 @@ class Exchange:
         elif body and framing == FRAMING_LENGTH:
             parts.append(body)
         self._framing = framing
-        conn.writelines(parts)
+        conn.write(b"".join(parts))
 
     def send_body(self, data: bytes) -> None:
         if self.finished or not data:
@@ -183,8 +202,8 @@ class Exchange:
         if headers:
             for k, v in headers:
                 parts += (k, b": ", v, b"\r\n")
-        self.send_head(b"".join(parts), FRAMING_LENGTH if body or status not in (204, 304) else FRAMING_NONE,
-                       len(body), body)
+        self.send_parts(parts, FRAMING_LENGTH if body or status not in (204, 304) else FRAMING_NONE,
+                        len(body), body)
         self.end()
 
     def respond_error(self, err: ProxyError, headers: list[tuple[bytes, bytes]] | None = None) -> None:

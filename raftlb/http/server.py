@@ -66,6 +66,7 @@ class HttpConnection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.peer_host = ""
+        self.peer_bytes = b""
         self.queue: deque[Exchange] = deque()
         self.parsing: Exchange | None = None
         self.closing = False
@@ -94,6 +95,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer_host = peer[0] if isinstance(peer, tuple) else ""
+        self.peer_bytes = self.peer_host.encode()
         transport.set_write_buffer_limits(high=self.limits.write_buffer_high)
         server = self.server
         server.connections.add(self)
@@ -113,6 +115,7 @@ class HttpConnection(asyncio.Protocol):
                 ex.finished = True
                 if ex.on_abort is not None:
                     ex.on_abort("client_closed")
+            ex.drop_callbacks()
         self.queue.clear()
 
     def eof_received(self) -> bool | None:
@@ -179,12 +182,13 @@ class HttpConnection(asyncio.Protocol):
             # nothing behind it in the stream may reach a handler (or a node).
             self.parsing = None
             return
-        self.parsing = Exchange(self)
+        ex = self.parsing = Exchange(self)
         self._in_headers = True
         self._header_count = 0
         self._header_size = 0
         self._url_parts = []
-        self._set_deadline(DL_HEADER, self.limits.header_timeout)
+        self.deadline_kind = DL_HEADER
+        self.deadline = ex.started_at + self.limits.header_timeout
 
     def on_url(self, url: bytes) -> None:
         if self.parsing is None:
@@ -216,7 +220,8 @@ class HttpConnection(asyncio.Protocol):
         self._header_bytes = 0
         parser = self.parser
         ex.target = b"".join(self._url_parts)
-        ex.method = parser.get_method().decode("ascii")
+        method = ex.method_bytes = parser.get_method()
+        ex.method = method.decode("ascii")
         version = parser.get_http_version()
         ex.http11 = version == "1.1"
         if version not in ("1.1", "1.0") and ex.error is None:
@@ -237,7 +242,7 @@ class HttpConnection(asyncio.Protocol):
             self.pause_reading(PAUSE_PIPELINE)
         if self.deadline_kind == DL_LINGER:
             pass  # refused and answered at once: the connection is already closing
-        elif ex.has_body and not ex.finished:
+        elif (ex.chunked or ex.content_length) and not ex.finished:
             self._set_deadline(DL_BODY, self.limits.body_timeout)
         else:
             self.deadline_kind = DL_NONE
@@ -282,6 +287,8 @@ class HttpConnection(asyncio.Protocol):
         self.server.handler.on_request(ex)
 
     def _response_done(self, ex: Exchange) -> None:
+        # The exchange is over: its callbacks go (see Exchange.drop_callbacks; inlined, this is per request).
+        ex.on_body = ex.on_body_end = ex.on_abort = ex.on_pause_writing = ex.on_resume_writing = None
         queue = self.queue
         if queue and queue[0] is ex:
             queue.popleft()
@@ -294,9 +301,11 @@ class HttpConnection(asyncio.Protocol):
         if queue:
             asyncio.get_running_loop().call_soon(self._activate_next)
         else:
-            self.resume_reading(PAUSE_PIPELINE)
+            if self._paused & PAUSE_PIPELINE:
+                self.resume_reading(PAUSE_PIPELINE)
             if self.parsing is None:
-                self._set_deadline(DL_IDLE, self.limits.idle_timeout)
+                self.deadline_kind = DL_IDLE
+                self.deadline = time.monotonic() + self.limits.idle_timeout
 
     def _activate_next(self) -> None:
         if self.closed or not self.queue:
