@@ -14,11 +14,13 @@ import argparse
 import asyncio
 import collections
 import gc
+import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# RAFTLB_SRC: measure the raftlb package in another directory (a patched copy) instead of this tree's.
+sys.path.insert(0, os.environ.get("RAFTLB_SRC") or str(Path(__file__).resolve().parent.parent))
 
 from raftlb.config import parse_config  # noqa: E402
 from raftlb.http.server import HttpConnection, HttpServer  # noqa: E402

@@ -100,6 +100,32 @@ async def test_simple_request_gets_answer_and_keeps_alive() -> None:
     assert rec.exchanges[0].header(b"host") == b"x"
 
 
+@pytest.mark.parametrize(("target", "path", "host"), [
+    (b"http://node.example:2379/v2/keys/a?x=1", b"/v2/keys/a?x=1", b"node.example:2379"),
+    (b"HTTP://node.example", b"/", b"node.example"),
+    (b"https://h:1?q", b"/?q", b"h:1"),
+])
+async def test_absolute_form_targets_become_paths_and_their_authority_the_host(target: bytes, path: bytes,
+                                                                              host: bytes) -> None:
+    # RFC 9112 §3.2.2: absolute-form is accepted; the Host header received is ignored for the authority.
+    rec = Recorder()
+    conn, t = connect(rec)
+    conn.data_received(b"GET " + target + b" HTTP/1.1\r\nHost: elsewhere\r\n\r\n")
+    assert t.out.startswith(b"HTTP/1.1 200 OK\r\n"), bytes(t.out)
+    ex = rec.exchanges[0]
+    assert ex.target == path
+    assert [v for k, v in ex.headers if k == b"host"] == [host]
+
+
+@pytest.mark.parametrize("target", [b"ftp://h/x", b"http:///x", b"http://user@h/x", b"x/y"])
+async def test_other_request_targets_are_400(target: bytes) -> None:
+    rec = Recorder()
+    conn, t = connect(rec)
+    conn.data_received(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert t.out.startswith(b"HTTP/1.1 400 "), bytes(t.out)
+    assert rec.exchanges == []
+
+
 async def test_request_split_byte_by_byte() -> None:
     rec = Recorder()
     conn, t = connect(rec)

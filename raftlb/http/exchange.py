@@ -56,10 +56,9 @@ class Exchange:
 
     __slots__ = (
         "conn", "method", "method_bytes", "target", "headers", "http11", "keep_alive", "content_length",
-        "chunked",
-        "expect_continue", "head_only", "error", "body_buf", "body_buffered", "body_received", "body_done",
-        "on_body", "on_body_end", "on_abort", "on_pause_writing", "on_resume_writing", "response_started",
-        "finished", "close_after", "_framing", "started_at", "ctx", "status",
+        "chunked", "expect_continue", "head_only", "error", "body_buf", "body_buffered", "body_received",
+        "body_done", "on_body", "on_body_end", "on_abort", "on_pause_writing", "on_resume_writing",
+        "response_started", "finished", "close_after", "_framing", "started_at", "ctx", "status",
     )
 
     def __init__(self, conn: HttpConnection) -> None:
@@ -75,7 +74,7 @@ class Exchange:
         self.expect_continue = False
         self.head_only = False
         self.error: ProxyError | None = None
-        self.body_buf: list[bytes] = []
+        self.body_buf: list[bytes] | None = None  # body that arrived before the handler attached its sink
         self.body_buffered = 0
         self.body_received = 0
         self.body_done = False
@@ -127,7 +126,7 @@ class Exchange:
             self.expect_continue = False
             self.conn.write(_CONTINUE)
         if self.body_buf:
-            buf, self.body_buf, self.body_buffered = self.body_buf, [], 0
+            buf, self.body_buf, self.body_buffered = self.body_buf, None, 0
             self.conn.resume_reading(PAUSE_BODY)
             for chunk in buf:
                 on_body(chunk)

@@ -219,9 +219,11 @@ class HttpConnection(asyncio.Protocol):
         self._in_headers = False
         self._header_bytes = 0
         parser = self.parser
-        ex.target = b"".join(self._url_parts)
+        target = ex.target = b"".join(self._url_parts)
         method = ex.method_bytes = parser.get_method()
         ex.method = method.decode("ascii")
+        if target[:1] != b"/" and target != b"*" and method != b"CONNECT":  # (CONNECT is refused below)
+            _absolute_form(ex, target)
         version = parser.get_http_version()
         ex.http11 = version == "1.1"
         if version not in ("1.1", "1.0") and ex.error is None:
@@ -260,6 +262,8 @@ class HttpConnection(asyncio.Protocol):
         if ex.on_body is not None:
             ex.on_body(body)
         else:
+            if ex.body_buf is None:
+                ex.body_buf = []
             ex.body_buf.append(body)
             ex.body_buffered += len(body)
             if ex.body_buffered > self.limits.write_buffer_high:
@@ -438,6 +442,29 @@ class HttpConnection(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         return not self.queue and self.parsing is None
+
+
+def _absolute_form(ex: Exchange, target: bytes) -> None:
+    """`GET http://host/path HTTP/1.1` (RFC 9112 §3.2.2): the target becomes origin-form (`/path`), for
+    routing and for the node, and its authority replaces any Host header the request carried."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        if ex.error is None:
+            ex.error = BadRequest("request target must be a path (or an absolute http URL)")
+        return
+    end = len(rest)
+    for c in (b"/", b"?", b"#"):
+        i = rest.find(c)
+        if 0 <= i < end:
+            end = i
+    authority, path = rest[:end], rest[end:]
+    if not authority or b"@" in authority:
+        if ex.error is None:
+            ex.error = BadRequest("absolute request target without a usable authority")
+        return
+    ex.target = path if path.startswith(b"/") else b"/" + path
+    ex.headers = [(k, v) for k, v in ex.headers if k != b"host"]
+    ex.headers.append((b"host", authority))
 
 
 def _parser_error_detail(exc: Exception) -> str:

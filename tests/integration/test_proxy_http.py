@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 from dataclasses import replace
 
@@ -101,6 +102,27 @@ async def test_hop_by_hop_headers_dropped_and_forwarding_headers_added() -> None
             assert req.header("x-forwarded-proto") == "http"
             assert r.headers["x-raft-node"] == "n1"
             assert "x-raft-term" in r.headers and "x-raft-index" in r.headers
+
+
+async def test_absolute_form_targets_are_routed_by_their_path() -> None:
+    # `GET http://host/r/a` is a read on the /r route (a follower may serve it), not a write to the leader;
+    # the node gets origin-form and the URL's authority as Host.
+    reads = (RouteConfig(methods=frozenset({"GET", "HEAD"}), path=re.compile("^/r/"), kind="read",
+                         policy="any", idempotent=False),)
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        async with running(fc.config(routes=reads)) as srv:
+            await wait_for(lambda: _leader_ready(srv))
+            await wait_for(lambda: len(srv.proxies["c1"].table.live_nodes(time.monotonic())) == 3)
+            for _ in range(10):
+                raw = await raw_exchange(srv.listeners[0].port,
+                                         b"GET http://kv.example:80/r/a?x=1 HTTP/1.1\r\n"
+                                         b"Host: ignored\r\nConnection: close\r\n\r\n")
+                assert raw.startswith(b"HTTP/1.1 200 "), raw
+            got = [r for n in fc.nodes for r in n.requests]
+            assert len(got) == 10
+            assert {(r.target, r.header("host")) for r in got} == {("/r/a?x=1", "kv.example:80")}
+            assert any(r.node.id != "n1" for r in got)  # reads went to followers: it was classified a read
 
 
 async def test_expect_100_continue() -> None:
