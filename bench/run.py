@@ -274,7 +274,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hold-parallel", type=int, default=256, help="requests in flight while opening")
     p.add_argument("--proxy-core", type=int, default=1)
     p.add_argument("--client-core", type=int, default=0)
-    p.add_argument("--max-idle", type=int, default=128, help="raftlb pool.max_idle_per_node (default 128)")
+    p.add_argument("--max-idle", type=int, default=512,
+                   help="raftlb pool.max_idle_per_node (default 512, raftlb's own default)")
     p.add_argument("--max-foreign", type=float, default=0.15,
                    help="CPU (in cores) other processes may use during a run before it is repeated")
     p.add_argument("--retries", type=int, default=2, help="repeats of a disturbed run (default 2)")

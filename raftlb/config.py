@@ -58,7 +58,7 @@ class HoldConfig:
 
 @dataclass(frozen=True)
 class PoolConfig:
-    max_idle_per_node: int = 128
+    max_idle_per_node: int = 512  # at least the concurrency expected per node, or connections churn
     idle_timeout: float = 30.0
 
 

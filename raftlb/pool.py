@@ -38,6 +38,12 @@ class UpstreamListener(Protocol):
 class UpstreamConn(asyncio.Protocol):
     """One keep-alive connection to a node."""
 
+    __slots__ = (
+        "closed", "completed", "deadline", "extra", "feeding", "head_bytes", "head_only", "head_received",
+        "headers", "idle_since", "informational", "keep_alive", "listener", "parser", "paused", "pool",
+        "requests", "resp_chunked", "resp_length", "transport", "until_close", "written",
+    )
+
     def __init__(self, pool: NodePool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
