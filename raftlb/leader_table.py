@@ -208,6 +208,16 @@ class LeaderTable:
         self._term = max(self._term, ann.term)
         return self._settle(now)
 
+    def note_applied(self, node_id: str, index: int) -> bool:
+        """An answer from the node reflected `index` (its X-Raft-Index): it has applied at least that much.
+        Answers only raise what the last announcement said; the next announcement governs again (a node
+        restored from an old disk may go back). True when the table learned something."""
+        view = self._nodes.get(node_id)
+        if view is None or (view.applied_index is not None and view.applied_index >= index):
+            return False
+        view.applied_index = index
+        return True
+
     def node_down(self, node_id: str, now: float) -> LeaderChange | None:
         """The node's subscription lost it (refused, reset, silent stream) until its next announcement."""
         self._view(node_id).down = True

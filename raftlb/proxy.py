@@ -330,6 +330,12 @@ class ClusterProxy:
         else:
             pool.acquire(req)
 
+    def learned_index(self, node: str, index: int) -> None:
+        """A node answered from `index`: between announcements (which may come only once a heartbeat), reads
+        waiting for that index may go to it now, and later ones are not kept from it."""
+        if self.table.note_applied(node, index) and self.fence_waiting:
+            self._recheck_fenced(time.monotonic())
+
     def term_header(self) -> bytes:
         """`x-raft-term: <the table's term>` as a header line, made once per term."""
         term = self.table.term

@@ -238,6 +238,8 @@ class ProxyRequest:
                 else:
                     continue  # hop-by-hop, or framing that is redone
             parts += (k, b": ", v, b"\r\n")
+        if index >= 0 and status < 500 and self.node is not None:
+            proxy.learned_index(self.node, index)
         length = conn.resp_length
         if length is not None and not self.ex.head_only and status >= 200:
             if (index < 0 and proxy.dialect.index_from_body is not None and status == 200
@@ -335,6 +337,8 @@ class ProxyRequest:
                 index = -1 if found is None else found
                 if found is not None:
                     parts += (b"x-raft-index: ", b"%d" % found, b"\r\n")
+                    if self.node is not None:
+                        self.proxy.learned_index(self.node, found)
                 if self._stale(None, status, index):
                     return
             self._answer_head(conn, status, parts, has_term, index, body)

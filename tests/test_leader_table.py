@@ -559,3 +559,18 @@ def test_reported_changes_track_the_write_target(script: tuple[list[str], list[t
             assert target == current[0]
             assert target is None or current[1] == table.term
             current = (target, table.term)
+
+
+def test_answers_raise_the_applied_index_and_the_next_announcement_governs() -> None:
+    t = LeaderTable(["n1", "n2"], TIMEOUT)
+    t.apply(Announcement("n2", 1, "follower", "n1", commit_index=10, applied_index=10), 0.0)
+    assert t.note_applied("n2", 15) is True
+    assert t.nodes["n2"].applied_index == 15
+    assert t.note_applied("n2", 12) is False  # an older answer teaches nothing
+    assert t.nodes["n2"].applied_index == 15
+    assert t.note_applied("n1", 3) is True  # not heard yet: what its answer shows
+    assert t.note_applied("n9", 3) is False  # not a node of this cluster
+    # The node's own word wins again, even lower (a node restored from an old disk goes back).
+    t.apply(Announcement("n2", 1, "follower", "n1", commit_index=11, applied_index=11), 0.1)
+    assert t.nodes["n2"].applied_index == 11
+    assert t.applied_at_least(12, 0.2) == []

@@ -65,6 +65,30 @@ async def test_fenced_read_waits_for_an_announcement_then_goes() -> None:
             assert srv.proxies["c1"].stats.fence_waited == 1
 
 
+async def test_the_index_on_answers_counts_between_announcements() -> None:
+    # Nodes that announce only once in a long while (tick-only, here 30 s): a follower's answers show it has
+    # applied index 50 while its last announcement said 10. A read with token 30 goes to it at once, where
+    # it would otherwise wait out fence_wait, fall back to the leader (at 10) and fail.
+    async with FakeCluster(3, tick=30.0) as fc:
+        fc.elect("n1")
+        for n in fc.nodes:
+            n.set(applied_index=10, commit_index=10)
+        cfg = fc.config(routes=reads(), fence_wait=2.0, liveness_timeout=60.0)
+        async with running(cfg) as srv, httpx.AsyncClient(base_url=url_of(srv)) as c:
+            await wait_for(lambda: all(applied(srv, n) == 10 for n in ("n1", "n2", "n3")))
+            fc["n2"].applied_index = 50  # no announcement: only its answers say so
+            for _ in range(40):
+                if (await c.get("/kv/a")).headers["x-raft-node"] == "n2":
+                    break
+            assert applied(srv, "n2") == 50
+            t0 = time.monotonic()
+            r = await c.get("/kv/a", headers={"X-Raft-Min-Index": "30"})
+            assert (r.status_code, r.headers["x-raft-node"], r.headers["x-raft-index"]) == (200, "n2", "50")
+            assert time.monotonic() - t0 < 1.0  # it did not wait for an announcement
+            assert srv.proxies["c1"].stats.fence_waited == 0
+            assert applied(srv, "n3") == 10  # nothing learned about the others
+
+
 async def test_fenced_read_falls_back_to_the_leader_after_fence_wait() -> None:
     async with FakeCluster(3) as fc:
         fc.elect("n1")
