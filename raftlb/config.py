@@ -151,6 +151,7 @@ class LimitsConfig:
     body_timeout: float = 30.0
     idle_timeout: float = 60.0
     write_buffer_high: int = 256 * 1024  # pause the other side above this many buffered bytes
+    send_timeout: float = 60.0  # a client that reads nothing of its answer for this long is cut off
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,7 @@ _LIMITS: dict[str, Conv] = {
     "max_header_bytes": lambda c: c.size(minimum=1024), "max_headers": at_least_one,
     "max_body_bytes": Cursor.size, "write_buffer_high": lambda c: c.size(minimum=1),
     "header_timeout": Cursor.duration, "body_timeout": Cursor.duration, "idle_timeout": Cursor.duration,
+    "send_timeout": Cursor.duration,
 }
 _LOGGING: dict[str, Conv] = {
     "level": lambda c: c.choice(LOG_LEVELS), "format": lambda c: c.choice(LOG_FORMATS),

@@ -119,6 +119,8 @@ SPECS: dict[str, MetricSpec] = {s.name: s for s in (
     MetricSpec("raftlb_downstream_connections_rejected_total", "counter", _L, "Client connections refused "
                "at the connection limit"),
     MetricSpec("raftlb_downstream_requests_total", "counter", _L, "Requests received on the listener"),
+    MetricSpec("raftlb_downstream_send_timeouts_total", "counter", _L, "Client connections cut because the "
+               "client read nothing of its answer for limits.send_timeout"),
     MetricSpec("raftlb_upstream_connections", "gauge", (*_N, "state"), "Connections to the node: active, "
                "idle, connecting"),
     MetricSpec("raftlb_upstream_outstanding_requests", "gauge", _N, "Requests assigned to the node and "
@@ -183,6 +185,7 @@ class ServerCollector(Collector):
             fams["raftlb_downstream_connections"].add_metric(lbl, len(srv.connections))
             fams["raftlb_downstream_connections_rejected_total"].add_metric(lbl, srv.rejected_connections)
             fams["raftlb_downstream_requests_total"].add_metric(lbl, srv.requests)
+            fams["raftlb_downstream_send_timeouts_total"].add_metric(lbl, srv.send_timeouts)
         fams["raftlb_draining"].add_metric([], 1 if self.server.draining else 0)
         fams["raftlb_build_info"].add_metric([__version__], 1)
         return fams.values()

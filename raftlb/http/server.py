@@ -61,9 +61,10 @@ class HttpConnection(asyncio.Protocol):
     """One client connection: parsing, pipelining, limits, timeouts and flow control."""
 
     __slots__ = (  # (10,000 idle connections cost ~3 KB each: no per-instance dict)
-        "_activation_waits", "_header_bytes", "_header_count", "_header_size", "_in_headers", "_paused",
-        "_received_any", "_url_parts", "_writing_paused", "closed", "closing", "deadline", "deadline_kind",
-        "limits", "parser", "parsing", "peer_bytes", "peer_host", "queue", "server", "stopped", "transport",
+        "_activation_waits", "_stalled_at", "_header_bytes", "_header_count", "_header_size", "_in_headers",
+        "_paused", "_received_any", "_url_parts", "_writing_paused", "closed", "closing", "deadline",
+        "deadline_kind", "limits", "parser", "parsing", "peer_bytes", "peer_host", "queue", "server",
+        "stopped", "transport",
     )
 
     def __init__(self, server: HttpServer) -> None:
@@ -81,6 +82,7 @@ class HttpConnection(asyncio.Protocol):
         self._activation_waits = False  # the next pipelined request waits for the client to read
         self._paused = 0
         self._writing_paused = False
+        self._stalled_at = 0.0  # when the client stopped taking what it is sent (writing paused)
         self._in_headers = False
         self._header_bytes = 0
         self._header_count = 0
@@ -116,13 +118,7 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
-        for ex in self.queue:
-            if not ex.finished:
-                ex.finished = True
-                if ex.on_abort is not None:
-                    ex.on_abort("client_closed")
-            ex.drop_callbacks()
-        self.queue.clear()
+        self._fail_all("client_closed")
 
     def eof_received(self) -> bool | None:
         # The client half-closed. Requests already received are still answered; then the connection closes.
@@ -133,6 +129,7 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writing_paused = True
+        self._stalled_at = time.monotonic()
         if self.queue:
             cb = self.queue[0].on_pause_writing
             if cb is not None:
@@ -140,6 +137,7 @@ class HttpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        self._stalled_at = 0.0
         if self._activation_waits:
             self._activation_waits = False
             self._activate_next()
@@ -151,6 +149,11 @@ class HttpConnection(asyncio.Protocol):
     @property
     def writing_paused(self) -> bool:
         return self._writing_paused
+
+    @property
+    def stalled_since(self) -> float:
+        """When the client's writes stalled (monotonic), or 0.0 while it keeps up."""
+        return self._stalled_at
 
     def data_received(self, data: bytes) -> None:
         if self.closed or self.stopped:
@@ -386,6 +389,22 @@ class HttpConnection(asyncio.Protocol):
             else:
                 self._close()
 
+    def on_send_timeout(self) -> None:
+        """The client has taken nothing of what it is sent for `send_timeout`: cut it off, so a client that
+        never reads does not keep a node connection (and buffers) forever."""
+        self.server.send_timeouts += 1
+        self._fail_all("send_timeout")
+        self.abort("send_timeout")
+
+    def _fail_all(self, reason: str) -> None:
+        for ex in self.queue:
+            if not ex.finished:
+                ex.finished = True
+                if ex.on_abort is not None:
+                    ex.on_abort(reason)
+            ex.drop_callbacks()
+        self.queue.clear()
+
     def _linger(self) -> None:
         """Close while the client may still be sending its body (RFC 9112 §9.6): send FIN after the
         answer, read and drop what still comes for a moment, then close. Closing at once with unread
@@ -490,6 +509,7 @@ class HttpServer:
         self.connections: set[HttpConnection] = set()
         self.requests = 0
         self.rejected_connections = 0
+        self.send_timeouts = 0  # connections cut because the client stopped reading (limits.send_timeout)
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self.host = ""
@@ -512,7 +532,7 @@ class HttpServer:
 
     def _schedule_sweep(self) -> None:
         lim = self.limits
-        tick = min(lim.header_timeout, lim.body_timeout, lim.idle_timeout) / 4
+        tick = min(lim.header_timeout, lim.body_timeout, lim.idle_timeout, lim.send_timeout) / 4
         tick = max(0.05, min(tick, 0.5))
         self._sweeper = asyncio.get_running_loop().call_later(tick, self._sweep)
 
@@ -520,6 +540,9 @@ class HttpServer:
         now = time.monotonic()
         for conn in [c for c in self.connections if c.deadline_kind and c.deadline <= now]:
             conn.on_deadline(now)
+        stalled = now - self.limits.send_timeout
+        for conn in [c for c in self.connections if c.stalled_since and c.stalled_since <= stalled]:
+            conn.on_send_timeout()
         self._schedule_sweep()
 
     def stop_accepting(self) -> None:

@@ -386,6 +386,57 @@ async def test_a_slow_reader_never_hands_a_paused_upstream_connection_to_another
             slow.close()
 
 
+async def test_a_client_that_stops_reading_is_cut_off_after_send_timeout() -> None:
+    limits = LimitsConfig(write_buffer_high=16 * 1024, send_timeout=0.5)
+    async with fast_node(limits) as srv, httpx.AsyncClient(base_url=url_of(srv), timeout=5) as c:
+        loop = asyncio.get_running_loop()
+        slow = await slow_socket(srv.listeners[0].port)
+        try:
+            conn = await asyncio.wait_for(_only_connection(srv), 2)
+            await loop.sock_sendall(slow, b"GET /s/4000000 HTTP/1.1\r\nHost: x\r\n\r\n")  # 4 MB, unread
+            await wait_for(lambda: conn.writing_paused)  # type: ignore[attr-defined]
+            stalled = time.monotonic()
+            # Meanwhile a client that reads is served as usual.
+            assert (await c.get("/s/10")).status_code == 200
+            await wait_for(lambda: not srv.listeners[0].connections or
+                           conn not in srv.listeners[0].connections, timeout=5)
+            took = time.monotonic() - stalled
+            assert 0.4 <= took < 2.5, took
+            assert srv.listeners[0].send_timeouts == 1
+            pool = srv.proxies["c1"].pools["n1"]
+            await wait_for(lambda: not pool.busy)  # the node connection it held is given up, not leaked
+            assert srv.proxies["c1"].pools["n1"].outstanding == 0
+            # The client sees its connection cut (reset or closed), never a complete answer.
+            got = bytearray()
+            with contextlib.suppress(ConnectionError):
+                while chunk := await asyncio.wait_for(loop.sock_recv(slow, 1 << 20), 2):
+                    got += chunk
+            assert len(got) < 4_000_000
+        finally:
+            slow.close()
+
+
+async def test_a_slow_but_steady_reader_is_not_cut_off() -> None:
+    # send_timeout is about a client that takes nothing at all, not a slow one: one that drains a little at
+    # a time (writing paused and resumed again and again) gets its whole answer.
+    limits = LimitsConfig(write_buffer_high=16 * 1024, send_timeout=0.4)
+    async with fast_node(limits) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.listeners[0].port, limit=1 << 16)
+        try:
+            writer.write(b"GET /s/600000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            got = 0
+            t0 = time.monotonic()
+            while got < 600_000:
+                got += len(await asyncio.wait_for(reader.read(8192), 2))
+                await asyncio.sleep(0.01)  # ~800 KB/s at most: longer than send_timeout in all
+            assert got == 600_000 and time.monotonic() - t0 > 0.4
+            assert srv.listeners[0].send_timeouts == 0
+        finally:
+            writer.close()
+
+
 async def _only_connection(srv: Server) -> object:
     while len(srv.listeners[0].connections) != 1:
         await asyncio.sleep(0.005)
