@@ -30,6 +30,7 @@ from raftlb.errors import ConfigError
 from raftlb.http.server import HttpServer
 
 if TYPE_CHECKING:
+    from raftlb.adapters import Subscriptions
     from raftlb.proxy import ClusterProxy
     from raftlb.server import Server
 
@@ -149,13 +150,14 @@ class Reloader:
             old_ids, new_ids = [n.id for n in before.nodes], [n.id for n in cluster.nodes]
             proxy.write_buffer_high = new.limits.write_buffer_high
             proxy.reconfigure(cluster)
-            if (cluster.kind, cluster.sidecar) == (before.kind, before.sidecar):
+            if (cluster.kind, cluster.sidecar, cluster.tls) == (before.kind, before.sidecar, before.tls):
                 srv.subscriptions[cluster.name].update(cluster)
             else:  # followed another way now: new subscriptions; the old ones stop in the background
                 retired_subs = srv.subscriptions[cluster.name]
                 srv.add_cluster(cluster, proxy)
-                self._spawn(retired_subs.stop(), f"reload:unsubscribe:{cluster.name}")
-                changes.append(f"cluster {cluster.name}: now followed as kind {cluster.kind}")
+                self._spawn(self._unsubscribe(retired_subs), f"reload:unsubscribe:{cluster.name}")
+                changes.append(f"cluster {cluster.name}: now followed as kind {cluster.kind}"
+                               if cluster.tls == before.tls else f"cluster {cluster.name}: new TLS settings")
             for node_id in set(old_ids) - set(new_ids):
                 srv.events.forget_node(cluster.name, node_id)
             what = [f"node {n} added" for n in new_ids if n not in old_ids]
@@ -209,6 +211,10 @@ class Reloader:
         if retired or removed:
             self._spawn(self._retire(retired, removed, new.drain_timeout), "reload:retire")
             changes += [f"cluster {name}: removed" for name in removed]
+
+    async def _unsubscribe(self, subs: Subscriptions) -> None:
+        await subs.stop()
+        await self.server.close_retired_clients()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = self.server.tasks.spawn(coro, name=name)

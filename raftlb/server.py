@@ -19,7 +19,7 @@ from collections.abc import Callable
 import httpx
 
 from raftlb.adapters import Subscriptions, make_subscriptions
-from raftlb.config import ClusterConfig, Config, ListenerConfig
+from raftlb.config import ClusterConfig, Config, ListenerConfig, TlsConfig
 from raftlb.events import EventBus
 from raftlb.http.server import HttpServer
 from raftlb.leader_table import LeaderChange
@@ -53,7 +53,8 @@ class Server:
         self.change_listeners += [self.metrics.on_leader_change, self.events.leader_change]
         self.reloader = Reloader(self)
         self._client: httpx.AsyncClient | None = None
-        self._tls_clients: dict[str, httpx.AsyncClient] = {}
+        self._tls_clients: dict[str, tuple[TlsConfig, httpx.AsyncClient]] = {}  # cluster: (settings, client)
+        self._retired_clients: list[httpx.AsyncClient] = []
         self._stop = asyncio.Event()
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -96,16 +97,29 @@ class Server:
         """The shared control-plane client, or one of the cluster's own when its nodes need TLS settings."""
         if cluster.tls is None:
             return self._client
-        client = self._tls_clients.get(cluster.name)
-        if client is None:
-            client = self._tls_clients[cluster.name] = ClusterSubscriptions.make_client(
-                client_context(cluster.tls))
+        cached = self._tls_clients.get(cluster.name)
+        if cached is not None and cached[0] == cluster.tls:
+            return cached[1]
+        client = ClusterSubscriptions.make_client(client_context(cluster.tls))
+        self._tls_clients[cluster.name] = (cluster.tls, client)
+        if cached is not None:
+            # A reload changed the cluster's TLS settings (a new CA, a new client certificate): the old
+            # client closes once the subscriptions that use it have stopped.
+            self._retired_clients.append(cached[1])
         return client
+
+    async def close_retired_clients(self) -> None:
+        """Close control-plane clients that a reload replaced (their subscriptions have stopped)."""
+        retired, self._retired_clients = self._retired_clients, []
+        for client in retired:
+            await client.aclose()
 
     def reload_certificates(self) -> None:
         """Re-read every TLS listener's certificate and key (SIGHUP): new handshakes use them at once."""
-        for srv, lc in zip(self.listeners, self.config.listeners, strict=False):
-            if srv.ssl is not None and lc.tls is not None:
+        configs = {lc.name: lc for lc in self.config.listeners}  # (by name: reloads add and retire listeners)
+        for srv in self.listeners:
+            lc = configs.get(srv.name)
+            if lc is not None and srv.ssl is not None and lc.tls is not None:
                 try:
                     reload_server_context(srv.ssl, lc.tls)
                     log.info("listener %s: certificate reloaded from %s", lc.name, lc.tls.cert)
@@ -182,8 +196,9 @@ class Server:
         await self.tasks.close()
         if self._client is not None:
             await self._client.aclose()
-        for client in self._tls_clients.values():
+        for _, client in self._tls_clients.values():
             await client.aclose()
+        await self.close_retired_clients()
 
     async def run(self) -> int:
         """For the CLI: start, serve until SIGTERM/SIGINT, drain, exit code 0."""

@@ -138,3 +138,48 @@ async def test_admin_over_tls_and_reload_needs_the_token(tmp_path: Path) -> None
                 assert r.status_code in (401, 403)
         finally:
             await server.stop()
+
+
+async def test_a_reload_with_a_new_ca_reaches_the_announce_streams_too(tmp_path: Path) -> None:
+    # The nodes' certificates come from `ca`; raftlb starts trusting only `wrong` (no leader: every
+    # announce handshake fails), then a reload points it at the right CA. The control plane (announce
+    # streams) must take the new settings, not only the data path's pools.
+    from raftlb.config import load_config
+
+    ca, wrong = trustme.CA(), trustme.CA()
+    ca_pem = write_pem(tmp_path / "ca.pem", ca.cert_pem)
+    wrong_pem = write_pem(tmp_path / "wrong.pem", wrong.cert_pem)
+    node_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(node_ctx)
+    fc = FakeCluster(1)
+    fc.nodes[0].ssl = node_ctx
+
+    def config(ca_file: str) -> str:
+        return ("listeners: [{name: main, address: '127.0.0.1:0', cluster: c1}]\n"
+                "admin: {enabled: false}\n"
+                "clusters:\n  - name: c1\n    liveness_timeout: 0.3s\n"
+                f"    tls: {{ca: '{ca_file}'}}\n"
+                f"    nodes: [{{id: n1, url: '{fc.nodes[0].url}'}}]\n")
+
+    async with fc:
+        fc.elect("n1")
+        path = tmp_path / "raftlb.yaml"
+        path.write_text(config(wrong_pem))
+        server = Server(load_config(str(path)))
+        await server.start()
+        try:
+            await asyncio.sleep(0.8)
+            assert server.proxies["c1"].table.leader(time.monotonic()) is None
+            assert fc["n1"].stream_opens == 0
+            path.write_text(config(ca_pem))
+            result = await server.reload()
+            assert result.to_json()["result"] == "applied", result
+            assert "cluster c1: new TLS settings" in result.changes
+            await wait_for(lambda: server.proxies["c1"].table.leader(time.monotonic()) == "n1", timeout=10)
+            port = server.listeners[0].port
+            async with httpx.AsyncClient() as c:
+                r = await c.put(f"http://127.0.0.1:{port}/kv/a", content=b"v")
+                assert r.status_code == 200 and r.headers["x-raft-node"] == "n1"
+            await wait_for(lambda: not server._retired_clients)  # the old client was closed
+        finally:
+            await server.stop()
