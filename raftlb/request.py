@@ -405,6 +405,8 @@ class ProxyRequest:
             proxy.node_released(self.node)
             self.node = None
         self.sent_body = 0
+        self.deferred = None  # an answer held back from the failed attempt is not this one's
+        self.body = []
         if immediate:
             proxy.dispatch(self)
         else:

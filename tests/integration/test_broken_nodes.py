@@ -295,6 +295,34 @@ async def test_reset_mid_response_cuts_the_client_and_never_completes_the_body(c
             assert r.status_code == 200 and r.content == fake_bytes(size)
 
 
+async def test_a_small_answer_cut_short_is_re_sent_and_the_next_answer_relayed_whole() -> None:
+    # Small answers are held until their body is in (one write to the client). One cut short is re-sent
+    # (a GET may be); the answer to the re-send, here a large streamed one, is relayed whole: nothing of
+    # the first attempt's held head or body may leak into it.
+    big = fake_bytes(200_000)
+    calls = 0
+
+    async def flaky(req: FakeRequest) -> FakeResponse | None:
+        nonlocal calls
+        if not req.path.startswith("/r/"):
+            return None
+        calls += 1
+        if calls == 1:
+            return FakeResponse(200, [("x-raft-index", "1")], b"a" * 1000, truncate=500)
+        return FakeResponse(200, [("x-raft-index", "2")], big)
+
+    async with FakeCluster(1) as fc:
+        fc.elect("n1")
+        fc["n1"].handler = flaky
+        async with running(fc.config(routes=READS_ANY)) as srv, \
+                httpx.AsyncClient(base_url=url_of(srv), timeout=5) as c:
+            await wait_for(lambda: leader_of(srv) == "n1")
+            r = await c.get("/r/x")
+            assert (r.status_code, len(r.content), r.headers["x-raft-index"]) == (200, len(big), "2")
+            assert r.content == big
+            assert calls == 2 and srv.proxies["c1"].stats.resends == {"idempotent_retry": 1}
+
+
 async def test_reset_in_a_close_delimited_body_is_not_passed_on_as_complete() -> None:
     # An HTTP/1.0-style answer: no Content-Length, no chunking, the body ends when the node closes. Only a
     # clean close (FIN) ends it; a reset means the body was cut short.
