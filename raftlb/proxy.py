@@ -180,12 +180,13 @@ class ClusterProxy:
             if k in REQUEST_WATCH:
                 if k in REQUEST_DROP:
                     if k == b"x-forwarded-for":
-                        xff = v
+                        xff = v if xff is None else xff + b", " + v
                     elif k == b"connection" and v.lower() not in (b"close", b"keep-alive"):
                         hop_tokens = True
                     continue
                 if k == b"x-raft-consistency":
-                    consistency = v
+                    if consistency is None:
+                        consistency = v
                 elif k == b"x-raft-min-index":
                     if token is None:
                         token = v

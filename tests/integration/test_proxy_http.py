@@ -99,6 +99,13 @@ async def test_hop_by_hop_headers_dropped_and_forwarding_headers_added() -> None
             assert req.header("keep-alive") is None
             assert req.header("x-custom") == "kept"
             assert req.header("x-forwarded-for") == "10.1.2.3, 127.0.0.1"
+            # Several X-Forwarded-For headers are one list (RFC 9110 §5.3): all of it is kept, in order.
+            raw = await raw_exchange(srv.listeners[0].port,
+                                     b"GET /kv/x HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 10.0.0.1\r\n"
+                                     b"X-Forwarded-For: 10.0.0.2, 10.0.0.3\r\nConnection: close\r\n\r\n")
+            assert raw.startswith(b"HTTP/1.1 200 ")
+            forwarded = [v for k, v in fc["n1"].requests[-1].headers if k == "x-forwarded-for"]
+            assert forwarded == ["10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"]
             assert req.header("x-forwarded-proto") == "http"
             assert r.headers["x-raft-node"] == "n1"
             assert "x-raft-term" in r.headers and "x-raft-index" in r.headers
