@@ -173,8 +173,8 @@ class ClusterProxy:
         # One pass over the request headers: the upstream head is built and the headers raftlb acts on are
         # picked out on the way.
         parts = [ex.method_bytes, b" ", ex.target, b" HTTP/1.1\r\n"]
-        consistency = token = cookie = sid = seq = xff = None
-        idempotency_key = False
+        picked: dict[bytes, bytes] = {}  # the first value of each header raftlb reads
+        xff: bytes | None = None
         hop_tokens = False
         for k, v in ex.headers:
             if k in REQUEST_WATCH:
@@ -184,24 +184,12 @@ class ClusterProxy:
                     elif k == b"connection" and v.lower() not in (b"close", b"keep-alive"):
                         hop_tokens = True
                     continue
-                if k == b"x-raft-consistency":
-                    if consistency is None:
-                        consistency = v
-                elif k == b"x-raft-min-index":
-                    if token is None:
-                        token = v
-                elif k == b"cookie":
-                    if cookie is None:
-                        cookie = v
-                elif k == b"x-raft-session":
-                    if sid is None:
-                        sid = v
-                elif k == b"x-raft-seq":
-                    if seq is None:
-                        seq = v
-                elif k == b"idempotency-key":
-                    idempotency_key = True
+                picked.setdefault(k, v)
             parts += (k, b": ", v, b"\r\n")
+        consistency = token = cookie = sid = seq = None
+        if picked:
+            consistency, token = picked.get(b"x-raft-consistency"), picked.get(b"x-raft-min-index")
+            cookie, sid, seq = picked.get(b"cookie"), picked.get(b"x-raft-session"), picked.get(b"x-raft-seq")
         if hop_tokens:
             # Headers named in Connection are hop-by-hop too (rare: a second pass drops them).
             parts = _drop_connection_tokens(parts, ex.headers)
@@ -223,7 +211,7 @@ class ClusterProxy:
             parts.append(b"\r\n")
         # Safe to re-send after an ambiguous failure: idempotent by method or by route, marked by the client,
         # or a session write (X-Raft-Session + X-Raft-Seq) that a node with sessions applies at most once.
-        safe = (ex.method in IDEMPOTENT_METHODS or route.idempotent or idempotency_key
+        safe = (ex.method in IDEMPOTENT_METHODS or route.idempotent or b"idempotency-key" in picked
                 or (sid is not None and seq is not None))
         req = ProxyRequest(self, ex, route, b"".join(parts), safe)
         ex.on_abort = req.on_client_abort
