@@ -155,7 +155,8 @@ class Reloader:
             else:  # followed another way now: new subscriptions; the old ones stop in the background
                 retired_subs = srv.subscriptions[cluster.name]
                 srv.add_cluster(cluster, proxy)
-                self._spawn(self._unsubscribe(retired_subs), f"reload:unsubscribe:{cluster.name}")
+                self._spawn(self._unsubscribe(retired_subs, cluster.name),
+                            f"reload:unsubscribe:{cluster.name}")
                 changes.append(f"cluster {cluster.name}: now followed as kind {cluster.kind}"
                                if cluster.tls == before.tls else f"cluster {cluster.name}: new TLS settings")
             for node_id in set(old_ids) - set(new_ids):
@@ -212,9 +213,9 @@ class Reloader:
             self._spawn(self._retire(retired, removed, new.drain_timeout), "reload:retire")
             changes += [f"cluster {name}: removed" for name in removed]
 
-    async def _unsubscribe(self, subs: Subscriptions) -> None:
+    async def _unsubscribe(self, subs: Subscriptions, cluster: str) -> None:
         await subs.stop()
-        await self.server.close_retired_clients()
+        await self.server.close_retired_clients(cluster)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = self.server.tasks.spawn(coro, name=name)

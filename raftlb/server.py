@@ -54,7 +54,7 @@ class Server:
         self.reloader = Reloader(self)
         self._client: httpx.AsyncClient | None = None
         self._tls_clients: dict[str, tuple[TlsConfig, httpx.AsyncClient]] = {}  # cluster: (settings, client)
-        self._retired_clients: list[httpx.AsyncClient] = []
+        self._retired_clients: dict[str, list[httpx.AsyncClient]] = {}  # cluster: replaced by a reload
         self._stop = asyncio.Event()
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -95,24 +95,27 @@ class Server:
 
     def _client_for(self, cluster: ClusterConfig) -> httpx.AsyncClient | None:
         """The shared control-plane client, or one of the cluster's own when its nodes need TLS settings."""
-        if cluster.tls is None:
-            return self._client
         cached = self._tls_clients.get(cluster.name)
         if cached is not None and cached[0] == cluster.tls:
             return cached[1]
+        if cached is not None:
+            # A reload changed the cluster's TLS settings (a new CA, a new client certificate, or none): the
+            # old client closes once the subscriptions that use it have stopped (close_retired_clients).
+            del self._tls_clients[cluster.name]
+            self._retired_clients.setdefault(cluster.name, []).append(cached[1])
+        if cluster.tls is None:
+            return self._client
         client = ClusterSubscriptions.make_client(client_context(cluster.tls))
         self._tls_clients[cluster.name] = (cluster.tls, client)
-        if cached is not None:
-            # A reload changed the cluster's TLS settings (a new CA, a new client certificate): the old
-            # client closes once the subscriptions that use it have stopped.
-            self._retired_clients.append(cached[1])
         return client
 
-    async def close_retired_clients(self) -> None:
-        """Close control-plane clients that a reload replaced (their subscriptions have stopped)."""
-        retired, self._retired_clients = self._retired_clients, []
-        for client in retired:
-            await client.aclose()
+    async def close_retired_clients(self, cluster: str | None = None) -> None:
+        """Close the control-plane clients a reload replaced for `cluster` (all: None), once the
+        subscriptions that used them have stopped."""
+        names = list(self._retired_clients) if cluster is None else [cluster]
+        for name in names:
+            for client in self._retired_clients.pop(name, []):
+                await client.aclose()
 
     def reload_certificates(self) -> None:
         """Re-read every TLS listener's certificate and key (SIGHUP): new handshakes use them at once."""
