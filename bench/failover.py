@@ -53,7 +53,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -68,6 +67,16 @@ ROOT = HERE.parent
 sys.path[1:1] = [str(ROOT), str(ROOT / "tests")]
 
 from etcd_cluster import EtcdCluster, etcd_binary, etcd_version  # noqa: E402  (tests/etcd_cluster.py)
+from procs import (  # noqa: E402  (bench/procs.py)
+    Proc,
+    Procs,
+    ensure_tools,
+    free_port,
+    raise_exit,
+    run_async,
+    tool,
+    wait_port,
+)
 
 from raftlb.bench_http import HttpConnection, HttpResponse, Target, TransportError  # noqa: E402
 from raftlb.demo.cluster import DemoCluster  # noqa: E402
@@ -89,131 +98,6 @@ MODE_LABELS = {
     "haproxy-100ms": "HAProxy leader check, inter 100ms fall 2 rise 1",
     "haproxy-all": "HAProxy all members, GET /health, inter 1s fall 2 rise 1",
 }
-
-
-def ensure_haproxy() -> None:
-    """Install Debian's haproxy when missing (as root: apt-get update once, then apt-get install -y)."""
-    if shutil.which("haproxy") or Path("/usr/sbin/haproxy").exists():
-        return
-    if os.geteuid() != 0:
-        sys.exit("bench: haproxy is missing; as root: apt-get install -y haproxy")
-    print("bench: installing haproxy from Debian", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "haproxy"], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
-
-
-# -- processes -----------------------------------------------------------------------------------------------
-
-def tool(name: str) -> str:
-    path = shutil.which(name) or str(Path("/usr/sbin", name))
-    if not Path(path).exists():
-        sys.exit(f"bench: {name} not found")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def http_get(port: int, path: str = "/") -> tuple[int, bytes]:
-    """One GET on a fresh connection; status 0 when the connection fails."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2.0) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-    except OSError:
-        return 0, b""
-    head, _, body = data.partition(b"\r\n\r\n")
-    try:
-        return int(head.split(b" ", 2)[1]), body
-    except (IndexError, ValueError):
-        return 0, b""
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-class Proc:
-    """A process we started, with its log."""
-
-    def __init__(self, name: str, popen: subprocess.Popen[bytes], log: Path) -> None:
-        self.name, self.popen, self.log = name, popen, log
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def check_alive(self) -> None:
-        if self.popen.poll() is not None:
-            tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-            raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{tail}")
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-
-
-class Procs:
-    """Everything a benchmark starts, stopped in reverse order on exit (errors and Ctrl-C too); started in
-    sessions of their own, and SIGKILLed by the kernel if this process dies first (setpriv --pdeathsig)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: list[Proc] = []
-
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
-        setpriv = shutil.which("setpriv")
-        if setpriv and threading.current_thread() is threading.main_thread():
-            argv = [setpriv, "--pdeathsig", "KILL", *argv]
-        log = self.workdir / f"{name}.log"
-        with log.open("wb") as out:
-            popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, cwd=self.workdir, start_new_session=True)
-        proc = Proc(name, popen, log)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: Proc) -> None:
-        proc.stop()
-        if proc in self.procs:
-            self.procs.remove(proc)
-
-    def __enter__(self) -> Procs:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        while self.procs:
-            self.procs.pop().stop()
-
-
-def wait_port(port: int, proc: Proc, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        proc.check_alive()
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{proc.name}: nothing listens on port {port} after {timeout:g}s")
 
 
 def b64(text: str) -> str:
@@ -804,7 +688,7 @@ def bench_cluster(args: argparse.Namespace, procs: Procs, cluster: Cluster, work
                     print(r.line(), flush=True)
                     runs.append(r)
 
-        _run_async(all_runs())
+        run_async(all_runs())
         return runs
     finally:
         for p in reversed(started):
@@ -899,19 +783,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _raise_exit(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _run_async(coro: Any) -> Any:
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:
-        return asyncio.run(coro)
-
-
 @contextlib.contextmanager
 def _workdir(keep: bool) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="raftlb-failover-"))
@@ -926,13 +797,13 @@ def _workdir(keep: bool) -> Iterator[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_exit)
+    signal.signal(signal.SIGTERM, raise_exit)
     if args.check_shim:
         pairs = [(int(port), url) for port, _, url in (s.partition("=") for s in args.check_shim)]
         with contextlib.suppress(KeyboardInterrupt):
-            _run_async(_shim_serve(pairs))
+            run_async(_shim_serve(pairs))
         return 0
-    ensure_haproxy()
+    ensure_tools("haproxy")
     t0 = time.monotonic()
     load = os.getloadavg()
     print(f"bench: {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "

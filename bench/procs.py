@@ -3,25 +3,30 @@ counters, and stop every one of them however the run ends."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 DEBIAN_TOOLS = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk", "taskset": "util-linux"}
 
 
-def ensure_tools() -> None:
-    """Install what is missing from Debian (once: `apt-get update`, then one `apt-get install`)."""
-    missing = sorted({pkg for tool, pkg in DEBIAN_TOOLS.items() if shutil.which(tool) is None
-                      and not Path("/usr/sbin", tool).exists()})
+def ensure_tools(*tools: str) -> None:
+    """Install what is missing from Debian (once: `apt-get update`, then one `apt-get install`); by default
+    every tool `make bench` uses."""
+    wanted = tools or tuple(DEBIAN_TOOLS)
+    missing = sorted({DEBIAN_TOOLS[t] for t in wanted if shutil.which(t) is None
+                      and not Path("/usr/sbin", t).exists()})
     if not missing:
         return
     if os.geteuid() != 0:
@@ -47,7 +52,7 @@ def free_port() -> int:
         return port
 
 
-def wait_port(port: int, proc: Proc, timeout: float = 10.0) -> None:
+def wait_port(port: int, proc: Proc, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         proc.check_alive()
@@ -56,7 +61,7 @@ def wait_port(port: int, proc: Proc, timeout: float = 10.0) -> None:
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout:g}s")
+    raise RuntimeError(f"{proc.name}: nothing listens on port {port} after {timeout:g}s")
 
 
 def http_get(port: int, path: str = "/") -> tuple[int, bytes]:
@@ -77,7 +82,7 @@ def http_get(port: int, path: str = "/") -> tuple[int, bytes]:
         return 0, b""
 
 
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -188,15 +193,20 @@ class Proc:
 
 
 class Procs:
-    """Everything the benchmark starts, stopped in reverse order on exit (also on Ctrl-C and errors)."""
+    """Everything a benchmark starts, stopped in reverse order on exit (also on Ctrl-C and errors)."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.procs: list[Proc] = []
 
-    def start(self, name: str, argv: list[str], core: int | None, env: dict[str, str] | None = None) -> Proc:
+    def start(self, name: str, argv: list[str], core: int | None = None,
+              env: dict[str, str] | None = None) -> Proc:
         if core is not None:
             argv = [tool("taskset"), "-c", str(core), *argv]
+        setpriv = shutil.which("setpriv")
+        if setpriv and threading.current_thread() is threading.main_thread():
+            # SIGKILLed by the kernel if this script dies without stopping it (kill -9, a crash).
+            argv = [setpriv, "--pdeathsig", "KILL", *argv]
         log = self.workdir / f"{name}.log"
         with log.open("wb") as out:
             # A session of its own: Ctrl-C reaches only the bench script, which then stops it in order.
@@ -222,3 +232,17 @@ class Procs:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+
+
+def raise_exit(signum: int, frame: object) -> None:
+    """A SIGTERM handler: unwind like Ctrl-C does, so every started process is stopped."""
+    raise SystemExit(128 + signum)
+
+
+def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)

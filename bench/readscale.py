@@ -34,7 +34,6 @@ of any phase has a consistency violation.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -47,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from failover import Procs, ensure_haproxy, free_port, http_get, tool, wait_port, wait_until
+from procs import Procs, ensure_tools, free_port, http_get, raise_exit, run_async, tool, wait_port, wait_until
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -155,19 +154,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _raise_exit(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _run_async(coro: Any) -> Any:
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:
-        return asyncio.run(coro)
-
-
 def announce_label(period: str) -> str:
     return ("nodes announce every 50 ms tick (as the demo node)" if _seconds(period) == 0 else
             f"nodes announce every 50 ms tick and at once when their applied index moves (at most every "
@@ -216,7 +202,7 @@ def phase(args: argparse.Namespace, modes: list[str], announce: str, workdir: Pa
                                 read_ratio=args.read_ratio, keys_per_client=args.keys_per_client,
                                 consistency="leader" if mode == "raftlb-leader" else None,
                                 run_id=f"{mode}-{os.getpid()}-{len(rows)}")
-            report: BenchReport = _run_async(run_bench(opts))
+            report: BenchReport = run_async(run_bench(opts))
             for p in procs.procs:
                 p.check_alive()
             r = row(mode, report)
@@ -258,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         sys.exit(f"bench: unknown path(s) {unknown}; choose from {list(MODES)}")
-    signal.signal(signal.SIGTERM, _raise_exit)
+    signal.signal(signal.SIGTERM, raise_exit)
     if "haproxy-leader" in modes:
-        ensure_haproxy()
+        ensure_tools("haproxy")
     t0 = time.monotonic()
     load0 = os.getloadavg()
     print(f"bench: {os.cpu_count()} cores, load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}; "

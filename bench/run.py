@@ -50,6 +50,8 @@ from procs import (
     http_get,
     machine_busy_ticks,
     net_counters,
+    raise_exit,
+    run_async,
     tool,
     wait_port,
     wait_quiet,
@@ -295,15 +297,11 @@ def _net_note(net: dict[str, int]) -> str:
     return "".join(f"  {k} {v}" for k, v in net.items() if v)
 
 
-def _raise_exit(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     ensure_tools()
-    signal.signal(signal.SIGTERM, _raise_exit)
+    signal.signal(signal.SIGTERM, raise_exit)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by everything started below
     if args.hold and args.hold + 1000 > hard:
@@ -343,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.hold:
                 for target in [t for t in ("raftlb", "haproxy") if t in targets]:
                     print(f"bench: holding {args.hold:,} connections on {target}", flush=True)
-                    hold[target] = _run_async(bench.hold(target))
+                    hold[target] = run_async(bench.hold(target))
                     print(f"  {json.dumps(hold[target])}", flush=True)
     finally:
         if not args.keep_tmp:
@@ -375,15 +373,6 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
     print(f"\nbench: JSON in {args.json}")
     return 0 if all(c.passed for c in results) else 1
-
-
-def _run_async(coro: Any) -> Any:
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:
-        return asyncio.run(coro)
 
 
 if __name__ == "__main__":
