@@ -19,6 +19,7 @@ unauthorized, invalid_config, bind_failed, no_config_file, draining, internal_er
 from __future__ import annotations
 
 import hmac
+import os
 import time
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -130,6 +131,8 @@ class Admin:
                       "connections": len(s.connections), "requests": s.requests} for s in srv.listeners]
         return {
             "version": __version__,
+            "pid": os.getpid(),
+            "worker": {"index": srv.worker.index, "count": srv.worker.count} if srv.worker else None,
             "uptime_s": round(time.time() - srv.started_at, 3),
             "draining": srv.draining,
             "config": srv.config.source,
@@ -206,6 +209,8 @@ class Admin:
             return error(503, "draining", "the server is shutting down")
         result = await self.server.reload("api")
         if result.applied:
+            if self.server.worker is not None:
+                self.server.worker.reload_others()  # (the supervisor sends the other workers SIGHUP)
             return json_response(result.to_json())
         status = 422 if result.error in ("invalid_config", "bind_failed") else 409
         return json_response(result.to_json(), status)

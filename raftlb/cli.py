@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -57,7 +58,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"raftlb: config error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.logging)
-    return run_async(lambda: Server(config).run())
+    if config.workers == 1:
+        return run_async(lambda: Server(config).run())
+    from raftlb.workers import Supervisor, WorkerInfo
+
+    def worker_main(worker: WorkerInfo) -> int:
+        setup_logging(config.logging, worker=worker.index)
+        cfg = config
+        if worker.restarted:
+            # A worker started again reads the file, as its siblings did on each reload since the start.
+            try:
+                cfg = load_config(args.config)
+            except ConfigError as exc:
+                logging.getLogger("raftlb").error("config error, starting with the one read at start: %s",
+                                                  exc)
+        return run_async(lambda: Server(cfg, worker=worker).run())
+
+    return Supervisor(config.workers, worker_main, config.drain_timeout).run()
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -178,6 +178,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     drain_timeout: float = 10.0
+    workers: int = 1  # processes sharing the listeners (SO_REUSEPORT); worker i serves the admin on port + i
     source: str | None = None  # the file it came from
 
     def cluster(self, name: str) -> ClusterConfig:
@@ -190,6 +191,7 @@ class Config:
 CLUSTER_KINDS: tuple[str, ...] = ("native", "etcd", "json")
 ETCD_POLL_INTERVAL = 0.025  # etcd's status answer is cheap: poll it often, so a new leader is seen soon
 _ANNOUNCE_ROLES: tuple[str, ...] = ("leader", "follower", "candidate", "learner")  # as leader_table.ROLES
+MAX_WORKERS = 64
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 LOG_FORMATS: tuple[str, ...] = ("text", "json")
 

@@ -22,6 +22,7 @@ from raftlb.config import (
     ETCD_POLL_INTERVAL,
     LOG_FORMATS,
     LOG_LEVELS,
+    MAX_WORKERS,
     READ_POLICIES,
     SUPPORTED_READ_POLICIES,
     AdminConfig,
@@ -152,6 +153,7 @@ _TOP: dict[str, Conv] = {
     "limits": make_conv(LimitsConfig, _LIMITS),
     "logging": make_conv(LoggingConfig, _LOGGING),
     "drain_timeout": lambda c: c.duration(allow_zero=True),
+    "workers": lambda c: _workers(c),  # (checked against the ports in _check_shared_ports)
 }
 # (host, port, YAML path, line) of each address bound so far: two sockets must not share one.
 _Bound = list[tuple[str, int, str, int | None]]
@@ -167,7 +169,38 @@ def _config(root: Cursor) -> Config:
     listeners = tuple(
         _listener(cur, i, clusters, names, bound) for i, cur in enumerate(m.require("listeners").items())
     )
-    return Config(listeners=listeners, clusters=clusters, admin=admin, source=root.file, **m.fields(_TOP))
+    top = m.fields(_TOP)
+    if top.get("workers", 1) > 1:
+        _check_shared_ports(top["workers"], m, admin, listeners)
+    return Config(listeners=listeners, clusters=clusters, admin=admin, source=root.file, **top)
+
+
+def _workers(cur: Cursor) -> int:
+    n = cur.integer(minimum=1)
+    if n > MAX_WORKERS:
+        raise cur.error(f"at most {MAX_WORKERS} workers, got {n}")
+    return n
+
+
+def _check_shared_ports(workers: int, m: Map, admin: AdminConfig,
+                        listeners: tuple[ListenerConfig, ...]) -> None:
+    """With several workers every listener port is shared (SO_REUSEPORT), so it must be a fixed one; the
+    admin listener takes one port per worker (port, port + 1, ...), none of them a listener's."""
+    cur = m.require("workers")
+    for lc in listeners:
+        if lc.port == 0:
+            raise cur.error(f"listener {lc.name} has port 0 (any free port), which {workers} workers cannot "
+                            "share: give it a port")
+    if not admin.enabled or admin.port == 0:
+        return  # (port 0: each worker's admin listener gets a free port of its own, logged at start)
+    last = admin.port + workers - 1
+    if last > 65535:
+        raise cur.error(f"the admin ports of {workers} workers ({admin.port}-{last}) go past 65535")
+    for lc in listeners:
+        same_host = lc.host == admin.host or lc.host in _WILDCARD_HOSTS or admin.host in _WILDCARD_HOSTS
+        if same_host and admin.port <= lc.port <= last:
+            raise cur.error(f"the admin ports of {workers} workers ({admin.port}-{last}) include listener "
+                            f"{lc.name}'s port {lc.port}")
 
 
 def _admin(cur: Cursor | None, bound: _Bound) -> AdminConfig:

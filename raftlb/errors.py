@@ -20,6 +20,7 @@ RaftLBError
 from __future__ import annotations
 
 import json
+import os
 
 
 class RaftLBError(Exception):
@@ -130,3 +131,8 @@ class Overloaded(ProxyError):
     def __init__(self, detail: str = "", retry_after: int = 1, **extra: object) -> None:
         super().__init__(detail, **extra)
         self.retry_after = retry_after
+
+
+def os_reason(exc: OSError) -> str:
+    """The system's words for a failed call ("Address already in use"), without the library's wrapping."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)

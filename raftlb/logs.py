@@ -16,15 +16,20 @@ if TYPE_CHECKING:
 access_log = logging.getLogger("raftlb.access")
 
 
+_worker: int | None = None  # this process's worker index (`workers: N`), for every log line
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
+        doc: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if _worker is not None:
+            doc["worker"] = _worker
         fields = getattr(record, "access", None)
         if isinstance(fields, dict):
             doc.update(fields)
@@ -33,12 +38,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
-def setup_logging(cfg: LoggingConfig) -> None:
+def setup_logging(cfg: LoggingConfig, worker: int | None = None) -> None:
+    """Log lines to stderr; `worker` (set once, in a worker process) is named on each line."""
+    global _worker
+    if worker is not None:
+        _worker = worker
     handler = logging.StreamHandler(sys.stderr)
     if cfg.format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        who = "%(name)s" if _worker is None else f"%(name)s[w{_worker}]"
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s {who}: %(message)s"))
     root = logging.getLogger("raftlb")
     root.handlers[:] = [handler]
     root.setLevel(cfg.level.upper())

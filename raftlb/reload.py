@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from raftlb.config import Config, ListenerConfig, load_config
-from raftlb.errors import ConfigError
+from raftlb.errors import ConfigError, os_reason
 from raftlb.http.server import HttpServer
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ class Reloader:
                 for srv in started.values():
                     await srv.close()
                 raise ConfigError(f"listeners[{i}].address", f"cannot listen on {lc.host}:{lc.port}: "
-                                  f"{exc.strerror or exc}", file=new.source) from exc
+                                  f"{os_reason(exc)}", file=new.source) from exc
         return started
 
     def _apply(self, old: Config, new: Config, added: dict[str, ClusterProxy],
@@ -207,6 +207,9 @@ class Reloader:
             changes.append("logging changed")
         if new.drain_timeout != old.drain_timeout:
             changes.append(f"drain_timeout {new.drain_timeout:g}s")
+        if new.workers != old.workers:
+            changes.append(f"workers: {new.workers} needs a restart; kept {old.workers}")
+            new = dataclasses.replace(new, workers=old.workers)
         srv.config = new
         removed = [name for name in srv.proxies if name not in {c.name for c in new.clusters}]
         if retired or removed:

@@ -20,6 +20,7 @@ import httpx
 
 from raftlb.adapters import Subscriptions, make_subscriptions
 from raftlb.config import ClusterConfig, Config, ListenerConfig, TlsConfig
+from raftlb.errors import ConfigError, os_reason
 from raftlb.events import EventBus
 from raftlb.http.server import HttpServer
 from raftlb.leader_table import LeaderChange
@@ -29,6 +30,7 @@ from raftlb.reload import Reloader, ReloadResult
 from raftlb.subscriptions import ClusterSubscriptions
 from raftlb.tasks import TaskSet
 from raftlb.tls import client_context, reload_server_context, server_context
+from raftlb.workers import WorkerInfo
 
 log = logging.getLogger("raftlb.server")
 
@@ -38,8 +40,9 @@ SWEEP_INTERVAL = 0.02  # leader liveness, hold timeouts, upstream timeouts
 class Server:
     """Everything one raftlb process runs."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker: WorkerInfo | None = None) -> None:
         self.config = config
+        self.worker = worker  # one of `workers: N` processes (listener ports shared), or None: the only one
         self.tasks = TaskSet("raftlb")
         self.proxies: dict[str, ClusterProxy] = {}
         self.subscriptions: dict[str, Subscriptions] = {}
@@ -67,12 +70,22 @@ class Server:
         self._client = ClusterSubscriptions.make_client()
         for cluster in cfg.clusters:
             self.add_cluster(cluster, self.new_proxy(cluster))
-        for lc in cfg.listeners:
-            self.listeners.append(await self.start_listener(lc, self.proxies[lc.cluster]))
+        for i, lc in enumerate(cfg.listeners):
+            try:
+                self.listeners.append(await self.start_listener(lc, self.proxies[lc.cluster]))
+            except OSError as exc:
+                raise ConfigError(f"listeners[{i}].address", f"cannot listen on {lc.host}:{lc.port}: "
+                                  f"{os_reason(exc)}", file=cfg.source) from exc
         if cfg.admin.enabled:
             from raftlb.admin import Admin
 
-            self.admin = await Admin(self).start(cfg.admin.host, cfg.admin.port)
+            # Worker i of several serves the admin API on port + i (each worker is scraped on its own).
+            port = cfg.admin.port + self.worker.index if self.worker and cfg.admin.port else cfg.admin.port
+            try:
+                self.admin = await Admin(self).start(cfg.admin.host, port)
+            except OSError as exc:
+                raise ConfigError("admin.address", f"cannot listen on {cfg.admin.host}:{port}: "
+                                  f"{os_reason(exc)}", file=cfg.source) from exc
             log.info("admin on %s:%d", self.admin.host, self.admin.port)
         self._schedule_sweep()
 
@@ -131,7 +144,8 @@ class Server:
 
     async def start_listener(self, lc: ListenerConfig, proxy: ClusterProxy) -> HttpServer:
         srv = HttpServer(proxy, self.config.limits, lc.max_connections, name=lc.name)
-        await srv.start(lc.host, lc.port, ssl=server_context(lc.tls) if lc.tls is not None else None)
+        await srv.start(lc.host, lc.port, reuse_port=self.worker is not None,
+                        ssl=server_context(lc.tls) if lc.tls is not None else None)
         log.info("listener %s on %s:%d fronts cluster %s", lc.name, srv.host, srv.port, lc.cluster)
         return srv
 
@@ -204,12 +218,19 @@ class Server:
         await self.close_retired_clients()
 
     async def run(self) -> int:
-        """For the CLI: start, serve until SIGTERM/SIGINT, drain, exit code 0."""
-        await self.start()
+        """For the CLI: start, serve until SIGTERM/SIGINT, drain, exit 0; 1 when a listener cannot bind."""
+        try:
+            await self.start()
+        except ConfigError as exc:
+            log.error("cannot start: %s", exc)
+            await self.stop()
+            return 1
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        if self.worker is not None:
+            self.worker.ready()
         await self._stop.wait()
         log.info("stopping: draining in-flight requests (up to %gs)", self.config.drain_timeout)
         await self.stop()

@@ -304,6 +304,25 @@ BAD = [
         GOOD + "logging: {level: verbose}\n", "logging.level: must be one of debug,", id="log-level"
     ),
     pytest.param(GOOD + "admin: [1]\n", "admin: must be a mapping, got a list", id="admin-not-mapping"),
+    pytest.param(GOOD + "workers: 0\n", "test.yaml:12: workers: must be at least 1, got 0",
+                 id="workers-zero"),
+    pytest.param(GOOD + "workers: 65\n", "workers: at most 64 workers, got 65", id="workers-too-many"),
+    pytest.param(GOOD + "workers: two\n", "workers: must be a whole number", id="workers-not-a-number"),
+    pytest.param(
+        GOOD.replace("127.0.0.1:8080", "127.0.0.1:0") + "workers: 2\n",
+        "test.yaml:12: workers: listener listener0 has port 0 (any free port), which 2 workers cannot share",
+        id="workers-port-0",
+    ),
+    pytest.param(
+        GOOD + "admin: {address: '0.0.0.0:8077'}\nworkers: 4\n",
+        "workers: the admin ports of 4 workers (8077-8080) include listener listener0's port 8080",
+        id="workers-admin-ports-clash",
+    ),
+    pytest.param(
+        GOOD + "admin: {address: '127.0.0.1:65535'}\nworkers: 2\n",
+        "workers: the admin ports of 2 workers (65535-65536) go past 65535",
+        id="workers-admin-ports-past-65535",
+    ),
     pytest.param("- 1\n", "test.yaml:1: must be a mapping, got a list", id="top-not-mapping"),
     pytest.param("", "test.yaml: the file is empty", id="empty"),
 ]
@@ -419,3 +438,12 @@ def test_announce_auth_takes_one_or_two_keys_and_a_skew() -> None:
     with pytest.raises(ConfigError, match="at most two keys"):
         three = "[aaaaaaaaaaaaaaaa, bbbbbbbbbbbbbbbb, cccccccccccccccc]"
         parse_config(GOOD + f"    announce_auth: {{keys: {three}}}\n")
+
+
+def test_workers_default_to_one_and_admin_port_0_or_disabled_admin_need_no_range() -> None:
+    assert parse(GOOD).workers == 1
+    assert parse(GOOD + "workers: 4\n").workers == 4  # admin 9090-9093, listener 8080
+    assert parse(GOOD + "admin: {address: '127.0.0.1:0'}\nworkers: 3\n").workers == 3
+    assert parse(GOOD + "admin: {address: '127.0.0.1:8079', enabled: false}\nworkers: 3\n").workers == 3
+    # a listener on another address may sit inside the admin range
+    assert parse(GOOD.replace("127.0.0.1:8080", "127.0.0.2:9091") + "workers: 4\n").workers == 4

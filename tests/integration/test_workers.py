@@ -1,0 +1,244 @@
+"""`workers: N` on a real demo cluster: `raftlb run` as a process with two workers sharing the listener port
+(SO_REUSEPORT). Connections spread over both; a fenced read through one worker sees a write made through the
+other; a worker killed with SIGKILL is started again while the other serves; SIGHUP and `POST /v1/reload`
+reach both; SIGTERM drains both and exits 0; a port taken by another program stops it at once, exit 1; a
+supervisor killed outright takes its workers with it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tools import free_port
+
+from raftlb.demo.cluster import DemoCluster
+
+pytestmark = pytest.mark.integration
+
+
+def config_text(cluster: DemoCluster, port: int, admin_port: int, *, workers: int = 2,
+                extra: str = "") -> str:
+    nodes = "".join(f"      - {{id: {s.id}, url: '{s.url}'}}\n" for s in cluster.nodes.values())
+    return (f"listeners: [{{name: main, address: '127.0.0.1:{port}'}}]\n"
+            f"admin: {{address: '127.0.0.1:{admin_port}'}}\n"
+            f"workers: {workers}\n"
+            "drain_timeout: 3s\n"
+            "clusters:\n"
+            "  - name: demo\n"
+            "    liveness_timeout: 1s\n"
+            f"{extra}"
+            f"    nodes:\n{nodes}")
+
+
+class Run:
+    """`raftlb run -c FILE` with its stderr in a file (read by `log`)."""
+
+    def __init__(self, cfg: Path) -> None:
+        self.log_path = cfg.with_suffix(".log")
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "raftlb", "run", "-c", str(cfg)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, pattern: str, timeout: float = 20.0, count: int = 1) -> list[re.Match[str]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = list(re.finditer(pattern, self.log()))
+            if len(found) >= count:
+                return found
+            assert self.proc.poll() is None or len(found) >= count, f"raftlb exited:\n{self.log()}"
+            assert time.monotonic() < deadline, f"no {pattern!r} ({count}x) in:\n{self.log()}"
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+def wait_until(what: Callable[[], Any], timeout: float = 15.0, message: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if result := what():
+                return result
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, message or f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # (a zombie, not yet reaped by its parent, is gone for this purpose)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def status(admin_port: int) -> dict[str, Any]:
+    r = httpx.get(f"http://127.0.0.1:{admin_port}/v1/clusters", timeout=5)
+    r.raise_for_status()
+    doc: dict[str, Any] = r.json()
+    return doc
+
+
+def requests_served(admin_port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("raftlb_requests_total{"))
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[DemoCluster]:
+    c = DemoCluster(3, log_level="warning")
+    c.start(timeout=30)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def ports() -> tuple[int, int]:
+    while True:  # an admin port whose neighbour is free too (worker 1 takes admin + 1)
+        port, admin = free_port(), free_port()
+        probe = socket.socket()
+        try:
+            probe.bind(("127.0.0.1", admin + 1))
+            if port not in (admin, admin + 1):
+                return port, admin
+        except OSError:
+            pass
+        finally:
+            probe.close()
+
+
+def one_request(method: str, url: str, **kw: Any) -> httpx.Response:
+    """On a connection of its own (the kernel picks the worker per connection)."""
+    with httpx.Client(timeout=10) as c:
+        return c.request(method, url, **kw)
+
+
+@pytest.mark.timeout(150)
+def test_two_workers_share_the_port_restart_reload_and_drain(cluster: DemoCluster, ports: tuple[int, int],
+                                                              tmp_path: Path) -> None:
+    port, admin = ports
+    cfg = tmp_path / "raftlb.yaml"
+    cfg.write_text(config_text(cluster, port, admin))
+    run = Run(cfg)
+    try:
+        run.wait_log(r"worker \d \(pid \d+\) serving", count=2)
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: all(status(admin + i)["clusters"]["demo"]["leader"] for i in (0, 1)),
+                   message="the workers never saw a leader")
+        pids = [status(admin + i)["pid"] for i in (0, 1)]
+        assert [status(admin + i)["worker"] for i in (0, 1)] == [{"index": 0, "count": 2},
+                                                                 {"index": 1, "count": 2}]
+        assert len(set(pids)) == 2 and run.proc.pid not in pids
+
+        # Writes and fenced reads on fresh connections: both workers serve, and a read carrying the index of
+        # a write (made through whichever worker) never sees older state.
+        for k in range(60):
+            w = one_request("PUT", f"{base}/kv/w{k}", content=f"v{k}".encode())
+            assert w.status_code == 200, w.text
+            r = one_request("GET", f"{base}/kv/w{k}", headers={"X-Raft-Min-Index": w.headers["x-raft-index"]})
+            assert (r.status_code, r.text) == (200, f"v{k}")
+        served = [requests_served(admin + i) for i in (0, 1)]
+        assert sum(served) == 120 and min(served) > 0, f"requests per worker: {served}"
+
+        # A worker killed outright: the other one serves every request meanwhile; it comes back.
+        os.kill(pids[1], signal.SIGKILL)
+        run.wait_log(r"worker 1 \(pid \d+\) exited with code -9 after [\d.]+s; starting it again")
+        for k in range(20):
+            assert one_request("GET", f"{base}/kv/w{k}").status_code == 200
+        run.wait_log(r"worker 1 \(pid \d+\) serving", count=2)
+        new_pid = wait_until(lambda: status(admin + 1)["pid"])
+        assert new_pid != pids[1] and status(admin)["pid"] == pids[0]
+
+        # SIGHUP to raftlb: both workers re-read the file. POST /v1/reload on one: the other follows.
+        cfg.write_text(config_text(cluster, port, admin, extra="    response_timeout: 7s\n"))
+        run.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: all(status(admin + i)["reloads"] == 1 for i in (0, 1)),
+                   message=f"SIGHUP did not reach both workers:\n{run.log()}")
+        # (the number of workers is set at start: a reload says so and keeps it)
+        cfg.write_text(config_text(cluster, port, admin, workers=3, extra="    response_timeout: 8s\n"))
+        r = httpx.post(f"http://127.0.0.1:{admin}/v1/reload", timeout=10)
+        assert r.status_code == 200, r.text
+        assert "workers: 3 needs a restart; kept 2" in r.json()["changes"], r.text
+        wait_until(lambda: status(admin + 1)["reloads"] == 2,
+                   message=f"a reload through worker 0's admin did not reach worker 1:\n{run.log()}")
+        assert status(admin)["reloads"] == 2  # (once each: no echo back to the one that asked)
+        assert status(admin + 1)["worker"]["count"] == 2
+        with pytest.raises(httpx.ConnectError):
+            status(admin + 2)
+        run.proc.send_signal(signal.SIGTERM)
+        assert run.proc.wait(20) == 0, run.log()
+        assert not any(alive(pid) for pid in (pids[0], new_pid))
+        assert run.log().rstrip().endswith("raftlb.workers: stopped")
+    finally:
+        run.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_port_taken_by_another_program_stops_raftlb_with_exit_1_and_says_why(
+        cluster: DemoCluster, ports: tuple[int, int], tmp_path: Path, workers: int) -> None:
+    port, admin = ports
+    taken = socket.socket()  # no SO_REUSEPORT: nobody else may bind this port
+    taken.bind(("127.0.0.1", port))
+    taken.listen()
+    cfg = tmp_path / "raftlb.yaml"
+    cfg.write_text(config_text(cluster, port, admin, workers=workers))
+    run = Run(cfg)
+    try:
+        assert run.proc.wait(30) == 1
+        log = run.log()
+        assert f"cannot start: {cfg}: listeners[0].address: cannot listen on 127.0.0.1:{port}: " \
+               "Address already in use" in log, log
+        assert "Traceback" not in log, log
+        if workers > 1:
+            assert re.search(r"worker \d exited with code 1 before it was serving: stopping", log), log
+            pids = [int(p) for p in re.findall(r"started 2 workers: (\d+) (\d+)", log)[0]]
+            assert not any(alive(pid) for pid in pids)
+            assert log.rstrip().endswith("stopped: a worker could not start")
+    finally:
+        run.close()
+        taken.close()
+
+
+@pytest.mark.timeout(60)
+def test_workers_stop_when_the_supervisor_is_killed(cluster: DemoCluster, ports: tuple[int, int],
+                                                   tmp_path: Path) -> None:
+    port, admin = ports
+    cfg = tmp_path / "raftlb.yaml"
+    cfg.write_text(config_text(cluster, port, admin))
+    run = Run(cfg)
+    try:
+        run.wait_log(r"worker \d \(pid \d+\) serving", count=2)
+        pids = [status(admin + i)["pid"] for i in (0, 1)]
+        run.proc.kill()
+        run.proc.wait(10)
+        wait_until(lambda: not any(alive(pid) for pid in pids), timeout=20,
+                   message=f"workers outlived their supervisor:\n{run.log()}")
+        with pytest.raises(httpx.ConnectError):
+            one_request("GET", f"http://127.0.0.1:{port}/kv/x")
+    finally:
+        run.close()

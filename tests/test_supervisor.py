@@ -1,0 +1,191 @@
+"""The `workers: N` supervisor with stand-in workers (real forked processes, no raftlb server in them):
+restarts with back-off, a worker failing at its first start stopping all, signals passed on, a reload
+asked by one worker sent to the others, a worker that ignores SIGTERM killed after the drain. The same with
+raftlb in the workers, on a real cluster: tests/integration/test_workers.py. Config: tests/test_config.py."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+SCRIPT = """
+import logging, os, signal, sys, time
+from raftlb.workers import Supervisor, WorkerInfo
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+OUT = sys.argv[1]
+
+def note(text):
+    with open(OUT, "a") as f:
+        f.write(text + "\\n")
+
+{body}
+
+sys.exit(Supervisor({count}, worker_main, drain_timeout={drain}, kill_after={kill_after}).run())
+"""
+
+
+class Sup:
+    def __init__(self, tmp_path: Path, body: str, count: int = 2, drain: float = 1.0,
+                 kill_after: float = 10.0) -> None:
+        self.out = tmp_path / "notes.txt"
+        self.out.write_text("")
+        script = SCRIPT.format(body=textwrap.dedent(body), count=count, drain=drain, kill_after=kill_after)
+        self.proc = subprocess.Popen([sys.executable, "-c", script, str(self.out)], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def notes(self) -> list[str]:
+        return self.out.read_text().splitlines()
+
+    def wait_notes(self, pred: object, timeout: float = 10.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while not pred(self.notes()):  # type: ignore[operator]
+            assert self.proc.poll() is None, f"supervisor exited {self.proc.returncode}: {self.stderr()}"
+            assert time.monotonic() < deadline, f"notes: {self.notes()}"
+            time.sleep(0.02)
+        return self.notes()
+
+    def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read() if self.proc.poll() is not None else "(running)"
+
+    def finish(self, timeout: float = 20.0) -> tuple[int, str]:
+        code = self.proc.wait(timeout)
+        assert self.proc.stderr is not None
+        return code, self.proc.stderr.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+SERVE = """
+def worker_main(w):
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    signal.signal(signal.SIGHUP, lambda *a: note(f"hup {w.index}"))
+    note(f"start {w.index} {os.getpid()} restarted={w.restarted}")
+    w.ready()
+    while not stop:
+        time.sleep(0.01)
+    note(f"drained {w.index}")
+    return 0
+"""
+
+
+def test_signals_reach_every_worker_and_sigterm_drains_all_with_exit_0(tmp_path: Path) -> None:
+    sup = Sup(tmp_path, SERVE)
+    try:
+        sup.wait_notes(lambda n: sum(x.startswith("start") for x in n) == 2)
+        sup.proc.send_signal(signal.SIGHUP)
+        sup.wait_notes(lambda n: {"hup 0", "hup 1"} <= set(n))
+        sup.proc.send_signal(signal.SIGTERM)
+        code, err = sup.finish()
+        assert code == 0, err
+        assert {"drained 0", "drained 1"} <= set(sup.notes())
+        assert "stopped" in err.splitlines()[-1]
+    finally:
+        sup.close()
+
+
+def test_a_reload_asked_by_one_worker_is_sent_to_the_others_only(tmp_path: Path) -> None:
+    body = SERVE.replace("    w.ready()\n", "    w.ready()\n    if w.index == 0:\n"
+                                            "        time.sleep(0.5)\n        w.reload_others()\n")
+    sup = Sup(tmp_path, body, count=3)
+    try:
+        notes = sup.wait_notes(lambda n: {"hup 1", "hup 2"} <= set(n))
+        time.sleep(0.3)
+        assert "hup 0" not in sup.notes(), notes
+        sup.proc.send_signal(signal.SIGTERM)
+        assert sup.finish()[0] == 0
+    finally:
+        sup.close()
+
+
+def test_a_worker_that_dies_after_serving_is_started_again_with_back_off(tmp_path: Path) -> None:
+    body = """
+    def worker_main(w):
+        note(f"start {w.index} {time.monotonic()} restarted={w.restarted}")
+        w.ready()
+        if w.index == 1:
+            time.sleep(0.05)
+            return 3  # dies soon after every start
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+        while True:
+            time.sleep(0.01)
+    """
+    sup = Sup(tmp_path, body)
+    try:
+        notes = sup.wait_notes(lambda n: sum(x.startswith("start 1") for x in n) >= 4, timeout=15)
+        starts = [float(x.split()[2]) for x in notes if x.startswith("start 1")]
+        gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        # 0.5 s, then doubling while it keeps dying soon after its start (plus its own 50 ms and start-up).
+        for gap, wait in zip(gaps, (0.5, 1.0, 2.0), strict=False):
+            assert wait <= gap < wait + 1.0, gaps
+        assert [x.split()[-1] for x in notes if x.startswith("start 1")][:2] == ["restarted=False",
+                                                                                 "restarted=True"]
+        assert sum(x.startswith("start 0") for x in notes) == 1  # the healthy one is left alone
+        sup.proc.send_signal(signal.SIGTERM)
+        code, err = sup.finish()
+        assert code == 1, err  # (the crashing worker's last run did not end cleanly)
+        assert re.search(r"worker 1 \(pid \d+\) exited with code 3 after [\d.]+s; starting it again in 0.5s",
+                         err), err
+        assert re.search(r"worker 1 exited with code (3|-15)\n", err), err  # (-15: stopped mid-run)
+    finally:
+        sup.close()
+
+
+def test_a_worker_that_fails_at_its_first_start_stops_all_with_exit_1(tmp_path: Path) -> None:
+    body = """
+    def worker_main(w):
+        if w.index == 1:
+            time.sleep(0.2)
+            raise OSError(98, "Address already in use")
+        signal.signal(signal.SIGTERM, lambda *a: (note("term 0"), sys.exit(0)))
+        w.ready()
+        while True:
+            time.sleep(0.01)
+    """
+    sup = Sup(tmp_path, body)
+    try:
+        code, err = sup.finish()
+        assert code == 1, err
+        assert "worker 1 failed" in err and "Address already in use" in err  # (its traceback, logged)
+        assert "worker 1 exited with code 1 before it was serving: stopping" in err
+        assert sup.notes() == ["term 0"]  # the other one was told to stop, and was not started again
+    finally:
+        sup.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_still_running_after_the_drain_is_killed(tmp_path: Path) -> None:
+    body = """
+    def worker_main(w):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a stuck drain
+        note(f"start {w.index} {os.getpid()}")
+        w.ready()
+        while True:
+            time.sleep(0.01)
+    """
+    sup = Sup(tmp_path, body, count=1, drain=0.2, kill_after=0.3)
+    try:
+        notes = sup.wait_notes(lambda n: len(n) == 1)
+        t0 = time.monotonic()
+        sup.proc.send_signal(signal.SIGTERM)
+        code, err = sup.finish()
+        assert time.monotonic() - t0 < 5
+        assert code == 1, err
+        pid = notes[0].split()[2]
+        assert f"worker 0 (pid {pid}) still running after the drain: killed" in err
+        assert "worker 0 exited with code -9" in err
+    finally:
+        sup.close()
