@@ -95,6 +95,11 @@ class Reloader:
         except ConfigError as exc:
             return ReloadResult(False, error="invalid_config", detail=str(exc), path=exc.path or None)
         old = self.server.config
+        if self.server.worker is not None and (shared := [lc for lc in new.listeners if lc.port == 0]):
+            # (the running workers stay, whatever `workers` the file now says: their ports are shared)
+            path = f"listeners[{new.listeners.index(shared[0])}].address"
+            return ReloadResult(False, error="invalid_config", path=path, detail=(
+                f"{new.source}: {path}: port 0 (any free port) cannot be shared by {old.workers} workers"))
         changes: list[str] = []
         if new.admin.token != old.admin.token:
             changes.append("admin token changed")

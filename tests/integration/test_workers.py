@@ -189,6 +189,12 @@ def test_two_workers_share_the_port_restart_reload_and_drain(cluster: DemoCluste
         assert status(admin + 1)["worker"]["count"] == 2
         with pytest.raises(httpx.ConnectError):
             status(admin + 2)
+        # A file that would give each worker a port of its own (port 0, valid for one worker) is refused.
+        cfg.write_text(config_text(cluster, 0, admin, workers=1))
+        r = httpx.post(f"http://127.0.0.1:{admin + 1}/v1/reload", timeout=10)
+        assert r.status_code == 422 and r.json()["error"] == "invalid_config", r.text
+        assert "port 0 (any free port) cannot be shared by 2 workers" in r.json()["detail"]
+        assert one_request("GET", f"{base}/kv/w1").status_code == 200
         run.proc.send_signal(signal.SIGTERM)
         assert run.proc.wait(20) == 0, run.log()
         assert not any(alive(pid) for pid in (pids[0], new_pid))
