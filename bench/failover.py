@@ -627,8 +627,9 @@ class Series:
         result.writes = len(done)
         result.write_p50 = statistics.median(load.latencies) if load.latencies else None
         if mode == "raftlb":
-            now = await asyncio.to_thread(self._raftlb_stats)
-            result.raftlb = {k: now[k] - before[k] for k in ("held", "resends", "expired", "outcome_unknown")}
+            stats = await asyncio.to_thread(self._raftlb_stats)
+            keys = ("held", "resends", "expired", "outcome_unknown")
+            result.raftlb = {k: stats[k] - before[k] for k in keys}
         new = await asyncio.to_thread(cluster.leader_info)
         result.new_leader = new.node
         await asyncio.to_thread(cluster.restart_and_rejoin, old.node, new.node)

@@ -149,23 +149,47 @@ class Proc:
     def __repr__(self) -> str:
         return f"<Proc {self.name} pid={self.pid} rc={self.popen.returncode}>"
 
+    def tree(self) -> list[int]:
+        """This process and its descendants (raftlb's workers under `workers: N`), whose counters add up."""
+        pids, i = [self.pid], 0
+        while i < len(pids):
+            try:
+                for task in Path(f"/proc/{pids[i]}/task").iterdir():
+                    pids += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+            i += 1
+        return pids
+
     def cpu(self) -> CpuSample:
         # Fields after the parenthesised command name: utime and stime are the 12th and 13th.
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()
-        return CpuSample(int(fields[11]) + int(fields[12]))
+        ticks = 0
+        for pid in self.tree():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            ticks += int(fields[11]) + int(fields[12])
+        return CpuSample(ticks)
 
     def status_kib(self, key: str) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-        return 0
+        """A /proc/PID/status figure in KiB, summed over the process tree (shared pages count in each)."""
+        total = 0
+        for pid in self.tree():
+            try:
+                lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            except OSError:
+                continue
+            total += next((int(ln.split()[1]) for ln in lines if ln.startswith(key + ":")), 0)
+        return total
 
     def reset_peak_rss(self) -> bool:
         """Reset VmHWM to the current RSS (Linux >= 4.0, root or owner), so the next reading is this
         phase's peak. False when the kernel refuses: the peak is then the process's lifetime peak."""
         try:
-            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            for pid in self.tree():
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
             return True
         except OSError:
             return False
@@ -199,8 +223,9 @@ class Procs:
         self.workdir = workdir
         self.procs: list[Proc] = []
 
-    def start(self, name: str, argv: list[str], core: int | None = None,
+    def start(self, name: str, argv: list[str], core: int | str | None = None,
               env: dict[str, str] | None = None) -> Proc:
+        """`core`: the CPU (or taskset list, "0,1") to pin the process and its children to."""
         if core is not None:
             argv = [tool("taskset"), "-c", str(core), *argv]
         setpriv = shutil.which("setpriv")

@@ -20,6 +20,10 @@ on HAProxy. The table, the issue-7 targets (PASS/FAIL) and a JSON copy of every 
 exit status is 1 when a target is missed.
 
 `--raftlb-src DIR` runs the raftlb package found in DIR (a scratch copy with a patch) instead of this tree.
+
+`--workers N` runs raftlb with `workers: N` and HAProxy with `nbthread N`, both on the CPUs of
+`--proxy-cpus` (default: all of them, so on a 2-core machine they share core 0 with wrk and nginx); CPU time
+and RSS are then summed over raftlb's worker processes (RSS counts shared pages once per process).
 """
 
 from __future__ import annotations
@@ -97,13 +101,14 @@ class Bench:
                                                         "--port", str(ann_port)], a.client_core)
         wait_port(ann_port, self.announcer)
 
-        cfg = _render("haproxy.cfg.tmpl", self.dir / "haproxy.cfg", port=ha_port, backend_port=nginx_port)
+        cfg = _render("haproxy.cfg.tmpl", self.dir / "haproxy.cfg", port=ha_port, backend_port=nginx_port,
+                      threads=a.workers)
         self.targets["haproxy"] = self.procs.start("haproxy", [tool("haproxy"), "-db", "-f", str(cfg)],
-                                                   a.proxy_core)
+                                                   self.proxy_cpus)
         cfg = _render("raftlb.yaml.tmpl", self.dir / "raftlb.yaml", port=rl_port, admin_port=free_port(),
-                      backend_port=nginx_port, announce_port=ann_port, max_idle=a.max_idle)
+                      backend_port=nginx_port, announce_port=ann_port, max_idle=a.max_idle, workers=a.workers)
         self.targets["raftlb"] = self.procs.start(
-            "raftlb", [self.python, "-m", "raftlb", "run", "-c", str(cfg)], a.proxy_core, env=self.env)
+            "raftlb", [self.python, "-m", "raftlb", "run", "-c", str(cfg)], self.proxy_cpus, env=self.env)
         self.targets["direct"] = self.backend
         self.ports = {"direct": nginx_port, "haproxy": ha_port, "raftlb": rl_port}
         for name in ("haproxy", "raftlb"):
@@ -112,6 +117,13 @@ class Bench:
             wait_until(lambda port=port: http_get(port)[0] == 200, f"{name} to answer 200")  # type: ignore[misc]
         status, body = http_get(rl_port)
         assert status == 200 and body == BODY.encode(), (status, body)
+
+    @property
+    def proxy_cpus(self) -> int | str:
+        a = self.args
+        if a.workers == 1 and a.proxy_cpus is None:
+            return int(a.proxy_core)
+        return str(a.proxy_cpus or f"0-{(os.cpu_count() or 1) - 1}")
 
     @property
     def python(self) -> str:
@@ -255,7 +267,7 @@ def machine() -> dict[str, str]:
     try:
         import uvloop
 
-        loop = f"uvloop {uvloop.__version__}"
+        loop = f"uvloop {getattr(uvloop, '__version__', '?')}"
     except ImportError:
         loop = "asyncio"
     return {
@@ -275,6 +287,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hold-seconds", type=float, default=3.0, help="idle time before the re-check")
     p.add_argument("--hold-parallel", type=int, default=256, help="requests in flight while opening")
     p.add_argument("--proxy-core", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1,
+                   help="raftlb `workers: N` and HAProxy `nbthread N` (default 1)")
+    p.add_argument("--proxy-cpus", help="taskset CPU list for the proxies (default: --proxy-core with one "
+                                        "worker, all CPUs with more)")
     p.add_argument("--client-core", type=int, default=0)
     p.add_argument("--max-idle", type=int, default=512,
                    help="raftlb pool.max_idle_per_node (default 512, raftlb's own default)")
@@ -321,9 +337,11 @@ def main(argv: list[str] | None = None) -> int:
             info["raftlb"] = bench.raftlb_origin()
             if args.serve:
                 return bench.serve_forever()
-            print(f"bench: raftlb from {info['raftlb']}; proxies on core {args.proxy_core}, wrk and nginx "
-                  f"on core {args.client_core}; {args.rounds} rounds x c={concurrencies} x "
-                  f"{args.duration:g}s", flush=True)
+            print(f"bench: raftlb from {info['raftlb']}; proxies on core {bench.proxy_cpus} ({args.workers} "
+                  f"raftlb workers / HAProxy threads), wrk and nginx on core {args.client_core}; "
+                  f"{args.rounds} rounds x c={concurrencies} x {args.duration:g}s", flush=True)
+            info["workers"] = args.workers
+            info["proxy_cpus"] = str(bench.proxy_cpus)
             targets = [t for t in TARGETS if t in args.targets.split(",")]
             for target in targets:
                 bench.wrk(target, 64, args.warmup, quiet=False)
