@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Coroutine
@@ -47,7 +48,7 @@ def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from raftlb.config import load_config
+    from raftlb.config import load_config, shared_port_problem
     from raftlb.errors import ConfigError
     from raftlb.logs import setup_logging
     from raftlb.server import Server
@@ -60,18 +61,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     setup_logging(config.logging)
     if config.workers == 1:
         return run_async(lambda: Server(config).run())
-    from raftlb.workers import Supervisor, WorkerInfo
+    from raftlb.workers import Supervisor, WorkerInfo, taken_address
+
+    # The workers bind with SO_REUSEPORT, which would let them join another raftlb already on the port.
+    for i, lc in enumerate(config.listeners):
+        if reason := taken_address(lc.host, lc.port):
+            logging.getLogger("raftlb.server").error(
+                "cannot start: %s: listeners[%d].address: cannot listen on %s:%d: %s", config.source, i,
+                lc.host, lc.port, reason)
+            return 1
 
     def worker_main(worker: WorkerInfo) -> int:
-        setup_logging(config.logging, worker=worker.index)
-        cfg = config
+        cfg, problem = config, None
         if worker.restarted:
             # A worker started again reads the file, as its siblings did on each reload since the start.
             try:
                 cfg = load_config(args.config)
+                problem = shared_port_problem(cfg, config.workers)
             except ConfigError as exc:
-                logging.getLogger("raftlb").error("config error, starting with the one read at start: %s",
-                                                  exc)
+                problem = str(exc)
+            cfg = config if problem else dataclasses.replace(cfg, workers=config.workers)
+        setup_logging(cfg.logging, worker=worker.index)
+        if problem:
+            logging.getLogger("raftlb").error(
+                "config file not usable, starting with the one read at start: %s", problem)
         return run_async(lambda: Server(cfg, worker=worker).run())
 
     return Supervisor(config.workers, worker_main, config.drain_timeout).run()

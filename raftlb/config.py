@@ -196,6 +196,33 @@ LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 LOG_FORMATS: tuple[str, ...] = ("text", "json")
 
 
+WILDCARD_HOSTS: tuple[str, ...] = ("0.0.0.0", "::")
+
+
+def shared_port_problem(cfg: Config, workers: int) -> str | None:
+    """Why `workers` processes cannot share `cfg`'s addresses (None: they can). Every listener port is
+    shared (SO_REUSEPORT), so it must be a fixed one; the admin listener takes one port per worker (port,
+    port + 1, ...), none of them a listener's."""
+    if workers <= 1:
+        return None
+    for lc in cfg.listeners:
+        if lc.port == 0:
+            return (f"listener {lc.name} has port 0 (any free port), which {workers} workers cannot share: "
+                    "give it a port")
+    admin = cfg.admin
+    if not admin.enabled or admin.port == 0:
+        return None  # (port 0: each worker's admin listener gets a free port of its own, logged at start)
+    last = admin.port + workers - 1
+    if last > 65535:
+        return f"the admin ports of {workers} workers ({admin.port}-{last}) go past 65535"
+    for lc in cfg.listeners:
+        same_host = lc.host == admin.host or lc.host in WILDCARD_HOSTS or admin.host in WILDCARD_HOSTS
+        if same_host and admin.port <= lc.port <= last:
+            return (f"the admin ports of {workers} workers ({admin.port}-{last}) include listener "
+                    f"{lc.name}'s port {lc.port}")
+    return None
+
+
 def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Config:
     """Read, expand and validate the YAML file at `path`, with `environ` (default `os.environ`) for `${NAME}`.
 

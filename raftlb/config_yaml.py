@@ -25,6 +25,7 @@ from raftlb.config import (
     MAX_WORKERS,
     READ_POLICIES,
     SUPPORTED_READ_POLICIES,
+    WILDCARD_HOSTS,
     AdminConfig,
     ClusterConfig,
     ClusterKind,
@@ -41,6 +42,7 @@ from raftlb.config import (
     RouteKind,
     StatusConfig,
     TlsConfig,
+    shared_port_problem,
 )
 from raftlb.errors import ConfigError
 from raftlb.yamlcursor import (
@@ -55,7 +57,6 @@ from raftlb.yamlcursor import (
 )
 
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]+")  # an HTTP token (RFC 9110 §5.6.2), once upper-cased
-_WILDCARD_HOSTS = ("0.0.0.0", "::")
 
 
 def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Config:
@@ -153,7 +154,7 @@ _TOP: dict[str, Conv] = {
     "limits": make_conv(LimitsConfig, _LIMITS),
     "logging": make_conv(LoggingConfig, _LOGGING),
     "drain_timeout": lambda c: c.duration(allow_zero=True),
-    "workers": lambda c: _workers(c),  # (checked against the ports in _check_shared_ports)
+    "workers": lambda c: _workers(c),  # (checked against the addresses: shared_port_problem)
 }
 # (host, port, YAML path, line) of each address bound so far: two sockets must not share one.
 _Bound = list[tuple[str, int, str, int | None]]
@@ -169,10 +170,10 @@ def _config(root: Cursor) -> Config:
     listeners = tuple(
         _listener(cur, i, clusters, names, bound) for i, cur in enumerate(m.require("listeners").items())
     )
-    top = m.fields(_TOP)
-    if top.get("workers", 1) > 1:
-        _check_shared_ports(top["workers"], m, admin, listeners)
-    return Config(listeners=listeners, clusters=clusters, admin=admin, source=root.file, **top)
+    cfg = Config(listeners=listeners, clusters=clusters, admin=admin, source=root.file, **m.fields(_TOP))
+    if problem := shared_port_problem(cfg, cfg.workers):
+        raise m.require("workers").error(problem)
+    return cfg
 
 
 def _workers(cur: Cursor) -> int:
@@ -180,27 +181,6 @@ def _workers(cur: Cursor) -> int:
     if n > MAX_WORKERS:
         raise cur.error(f"at most {MAX_WORKERS} workers, got {n}")
     return n
-
-
-def _check_shared_ports(workers: int, m: Map, admin: AdminConfig,
-                        listeners: tuple[ListenerConfig, ...]) -> None:
-    """With several workers every listener port is shared (SO_REUSEPORT), so it must be a fixed one; the
-    admin listener takes one port per worker (port, port + 1, ...), none of them a listener's."""
-    cur = m.require("workers")
-    for lc in listeners:
-        if lc.port == 0:
-            raise cur.error(f"listener {lc.name} has port 0 (any free port), which {workers} workers cannot "
-                            "share: give it a port")
-    if not admin.enabled or admin.port == 0:
-        return  # (port 0: each worker's admin listener gets a free port of its own, logged at start)
-    last = admin.port + workers - 1
-    if last > 65535:
-        raise cur.error(f"the admin ports of {workers} workers ({admin.port}-{last}) go past 65535")
-    for lc in listeners:
-        same_host = lc.host == admin.host or lc.host in _WILDCARD_HOSTS or admin.host in _WILDCARD_HOSTS
-        if same_host and admin.port <= lc.port <= last:
-            raise cur.error(f"the admin ports of {workers} workers ({admin.port}-{last}) include listener "
-                            f"{lc.name}'s port {lc.port}")
 
 
 def _admin(cur: Cursor | None, bound: _Bound) -> AdminConfig:
@@ -217,7 +197,7 @@ def _admin(cur: Cursor | None, bound: _Bound) -> AdminConfig:
 
 def _bind(bound: _Bound, host: str, port: int, cur: Cursor) -> None:
     for other_host, other_port, path, line in bound:
-        same_host = host == other_host or host in _WILDCARD_HOSTS or other_host in _WILDCARD_HOSTS
+        same_host = host == other_host or host in WILDCARD_HOSTS or other_host in WILDCARD_HOSTS
         if port and port == other_port and same_host:
             where = f"line {line}" if line else "the default"
             raise cur.error(f"{host}:{port} is already used by {path} ({other_host}:{other_port}, {where})")

@@ -25,7 +25,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from raftlb.config import Config, ListenerConfig, load_config
+from raftlb.config import Config, ListenerConfig, load_config, shared_port_problem
 from raftlb.errors import ConfigError, os_reason
 from raftlb.http.server import HttpServer
 
@@ -95,11 +95,10 @@ class Reloader:
         except ConfigError as exc:
             return ReloadResult(False, error="invalid_config", detail=str(exc), path=exc.path or None)
         old = self.server.config
-        if self.server.worker is not None and (shared := [lc for lc in new.listeners if lc.port == 0]):
+        if problem := shared_port_problem(new, old.workers):
             # (the running workers stay, whatever `workers` the file now says: their ports are shared)
-            path = f"listeners[{new.listeners.index(shared[0])}].address"
-            return ReloadResult(False, error="invalid_config", path=path, detail=(
-                f"{new.source}: {path}: port 0 (any free port) cannot be shared by {old.workers} workers"))
+            return ReloadResult(False, error="invalid_config", path="workers",
+                                detail=f"{new.source}: {problem} (running {old.workers} workers)")
         changes: list[str] = []
         if new.admin.token != old.admin.token:
             changes.append("admin token changed")

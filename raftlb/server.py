@@ -30,7 +30,7 @@ from raftlb.reload import Reloader, ReloadResult
 from raftlb.subscriptions import ClusterSubscriptions
 from raftlb.tasks import TaskSet
 from raftlb.tls import client_context, reload_server_context, server_context
-from raftlb.workers import WorkerInfo
+from raftlb.workers import WorkerInfo, stop_requested
 
 log = logging.getLogger("raftlb.server")
 
@@ -151,7 +151,10 @@ class Server:
 
     async def reload(self, trigger: str = "api") -> ReloadResult:
         """Load the config file again and apply it; an invalid one leaves the running config in place."""
-        return await self.reloader.reload(trigger)
+        result = await self.reloader.reload(trigger)
+        if result.applied and self.worker is not None:
+            self.worker.reloaded(self.config.drain_timeout)  # (the supervisor's kill deadline follows it)
+        return result
 
     def request_reload(self) -> None:
         """SIGHUP: certificates re-read from their files, then the config file."""
@@ -230,7 +233,9 @@ class Server:
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         if self.worker is not None:
-            self.worker.ready()
+            self.worker.ready(self.config.drain_timeout)
+            if stop_requested():  # SIGTERM/SIGINT while it was starting
+                self.request_stop()
         await self._stop.wait()
         log.info("stopping: draining in-flight requests (up to %gs)", self.config.drain_timeout)
         await self.stop()

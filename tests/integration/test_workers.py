@@ -193,7 +193,26 @@ def test_two_workers_share_the_port_restart_reload_and_drain(cluster: DemoCluste
         cfg.write_text(config_text(cluster, 0, admin, workers=1))
         r = httpx.post(f"http://127.0.0.1:{admin + 1}/v1/reload", timeout=10)
         assert r.status_code == 422 and r.json()["error"] == "invalid_config", r.text
-        assert "port 0 (any free port) cannot be shared by 2 workers" in r.json()["detail"]
+        assert "listener main has port 0 (any free port), which 2 workers cannot share" in r.json()["detail"]
+        # A worker started again with that file in place starts with the config read at start instead.
+        os.kill(status(admin + 1)["pid"], signal.SIGKILL)
+        run.wait_log(r"raftlb\[w1\]: config file not usable, starting with the one read at start: "
+                     r"listener main has port 0")
+        run.wait_log(r"worker 1 \(pid \d+\) serving", count=3)
+        listeners = wait_until(lambda: status(admin + 1)["listeners"])
+        assert [entry["address"] for entry in listeners] == [f"127.0.0.1:{port}"]
+        # A second raftlb on the same port (its admin off, so nothing else collides) does not join the first
+        # one's workers through SO_REUSEPORT: it stops, exit 1.
+        other = tmp_path / "other.yaml"
+        other.write_text(config_text(cluster, port, admin).replace(
+            f"admin: {{address: '127.0.0.1:{admin}'}}", "admin: {enabled: false}"))
+        second = Run(other)
+        try:
+            assert second.proc.wait(30) == 1, second.log()
+            assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in second.log()
+            assert "started" not in second.log()
+        finally:
+            second.close()
         assert one_request("GET", f"{base}/kv/w1").status_code == 200
         run.proc.send_signal(signal.SIGTERM)
         assert run.proc.wait(20) == 0, run.log()
@@ -220,11 +239,32 @@ def test_a_port_taken_by_another_program_stops_raftlb_with_exit_1_and_says_why(
         assert f"cannot start: {cfg}: listeners[0].address: cannot listen on 127.0.0.1:{port}: " \
                "Address already in use" in log, log
         assert "Traceback" not in log, log
-        if workers > 1:
-            assert re.search(r"worker \d exited with code 1 before it was serving: stopping", log), log
-            pids = [int(p) for p in re.findall(r"started 2 workers: (\d+) (\d+)", log)[0]]
-            assert not any(alive(pid) for pid in pids)
-            assert log.rstrip().endswith("stopped: a worker could not start")
+        assert "started" not in log, log  # (with workers: checked before any is started)
+    finally:
+        run.close()
+        taken.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_cannot_start_stops_the_others_with_exit_1(cluster: DemoCluster, ports: tuple[int, int],
+                                                                tmp_path: Path) -> None:
+    port, admin = ports
+    taken = socket.socket()  # worker 1's admin port
+    taken.bind(("127.0.0.1", admin + 1))
+    taken.listen()
+    cfg = tmp_path / "raftlb.yaml"
+    cfg.write_text(config_text(cluster, port, admin))
+    run = Run(cfg)
+    try:
+        assert run.proc.wait(30) == 1, run.log()
+        log = run.log()
+        assert f"raftlb.server[w1]: cannot start: {cfg}: admin.address: cannot listen on " \
+               f"127.0.0.1:{admin + 1}: Address already in use" in log, log
+        assert "worker 1 exited with code 1 before it was serving: stopping" in log, log
+        pids = [int(p) for p in re.findall(r"started 2 workers: (\d+) (\d+)", log)[0]]
+        assert not any(alive(pid) for pid in pids)
+        assert log.rstrip().endswith("stopped: a worker could not start")
+        assert "Traceback" not in log, log
     finally:
         run.close()
         taken.close()
@@ -246,5 +286,22 @@ def test_workers_stop_when_the_supervisor_is_killed(cluster: DemoCluster, ports:
                    message=f"workers outlived their supervisor:\n{run.log()}")
         with pytest.raises(httpx.ConnectError):
             one_request("GET", f"http://127.0.0.1:{port}/kv/x")
+    finally:
+        run.close()
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_while_the_workers_start_stops_them_cleanly(cluster: DemoCluster, ports: tuple[int, int],
+                                                          tmp_path: Path) -> None:
+    port, admin = ports
+    cfg = tmp_path / "raftlb.yaml"
+    cfg.write_text(config_text(cluster, port, admin))
+    run = Run(cfg)
+    try:
+        run.wait_log(r"started 2 workers")
+        run.proc.send_signal(signal.SIGTERM)  # (before they bound their listeners, most of the time)
+        assert run.proc.wait(30) == 0, run.log()
+        assert run.log().rstrip().endswith("raftlb.workers: stopped"), run.log()
+        assert "exited with code" not in run.log()
     finally:
         run.close()
