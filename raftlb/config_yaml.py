@@ -104,7 +104,8 @@ def summarize(cfg: Config) -> str:
     clusters = "; ".join(
         f"{c.name}: {_n(len(c.nodes), 'node')}, {_n(len(c.routes), 'route')}" for c in cfg.clusters
     )
-    return f"{_n(len(cfg.listeners), 'listener')}, {_n(len(cfg.clusters), 'cluster')} ({clusters})"
+    workers = f", {cfg.workers} workers" if cfg.workers > 1 else ""
+    return f"{_n(len(cfg.listeners), 'listener')}, {_n(len(cfg.clusters), 'cluster')} ({clusters}){workers}"
 
 
 def check_main(path: str) -> int:

@@ -440,6 +440,14 @@ def test_announce_auth_takes_one_or_two_keys_and_a_skew() -> None:
         parse_config(GOOD + f"    announce_auth: {{keys: {three}}}\n")
 
 
+def test_check_main_names_the_workers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "w.yaml"
+    path.write_text(GOOD + "workers: 3\n")
+    assert check_main(str(path)) == 0
+    out = capsys.readouterr().out
+    assert out == f"{path}: OK — 1 listener, 1 cluster (demo: 3 nodes, 0 routes), 3 workers\n"
+
+
 def test_workers_default_to_one_and_admin_port_0_or_disabled_admin_need_no_range() -> None:
     assert parse(GOOD).workers == 1
     assert parse(GOOD + "workers: 4\n").workers == 4  # admin 9090-9093, listener 8080
