@@ -201,3 +201,27 @@ def test_a_worker_still_running_after_its_reported_drain_timeout_is_killed(tmp_p
         assert "worker 0 exited with code -9" in err
     finally:
         sup.close()
+
+
+def test_worker_log_lines_name_the_worker(monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import logging
+
+    from raftlb import logs
+    from raftlb.config import LoggingConfig
+
+    root, access = logging.getLogger("raftlb"), logging.getLogger("raftlb.access")
+    saved = (root.handlers[:], root.level, root.propagate, access.disabled)
+    monkeypatch.setattr(logs, "_worker", None)
+    try:
+        logs.setup_logging(LoggingConfig(format="json"), worker=3)
+        logging.getLogger("raftlb.server").warning("hello")
+        logs.setup_logging(LoggingConfig(format="text"))  # (a reload: the worker stays named)
+        logging.getLogger("raftlb.server").warning("again")
+    finally:
+        root.handlers[:], root.level, root.propagate, access.disabled = saved
+    first, second = capsys.readouterr().err.splitlines()
+    doc = json.loads(first)
+    assert (doc["worker"], doc["logger"], doc["msg"]) == (3, "raftlb.server", "hello")
+    assert second.endswith("WARNING raftlb.server[w3]: again"), second
