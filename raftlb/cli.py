@@ -80,7 +80,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 problem = shared_port_problem(cfg, config.workers)
             except ConfigError as exc:
                 problem = str(exc)
-            cfg = config if problem else dataclasses.replace(cfg, workers=config.workers)
+            # As a reload would: the admin address and TLS, and the number of workers, are the running ones.
+            admin = dataclasses.replace(config.admin, token=cfg.admin.token)
+            cfg = config if problem else dataclasses.replace(cfg, admin=admin, workers=config.workers)
         setup_logging(cfg.logging, worker=worker.index)
         if problem:
             logging.getLogger("raftlb").error(

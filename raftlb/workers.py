@@ -64,9 +64,11 @@ def taken_address(host: str, port: int) -> str | None:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
         return str(exc)
-    for family, kind, proto, _, addr in infos[:1]:
+    for family, kind, proto, _, addr in dict.fromkeys(infos):  # (every address the server binds)
         with socket.socket(family, kind, proto) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (TIME_WAIT leftovers are fine)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # (as the server binds it)
             try:
                 sock.bind(addr)
             except OSError as exc:
@@ -129,7 +131,7 @@ class Supervisor:
         self.kill_after = kill_after  # past the drain timeout, before a worker still running is killed
         self.slots = [_Slot(i) for i in range(count)]
         self.stopping = False
-        self.stop_deadline = 0.0
+        self.stop_started = self.stop_deadline = 0.0
         self.failed = False
         self._pending: list[int] = []  # signals received, in order
         self._wake_r, self._wake_w = -1, -1
@@ -215,6 +217,9 @@ class Supervisor:
         if line.startswith("D "):
             with contextlib.suppress(ValueError):
                 slot.drain_timeout = float(line[2:])
+                if self.stopping:  # (a report that came after the stop began may lengthen it)
+                    self.stop_deadline = max(self.stop_deadline,
+                                             self.stop_started + slot.drain_timeout + self.kill_after)
         elif line == "R" and not slot.ready:
             slot.ready = slot.served = True
             log.info("worker %d (pid %d) serving", slot.index, slot.pid)
@@ -244,7 +249,8 @@ class Supervisor:
                     log.info("stopping: %d workers drain (up to %gs)", sum(1 for s in self.slots if s.pid),
                              drain)
                     self.stopping = True
-                    self.stop_deadline = time.monotonic() + drain + self.kill_after
+                    self.stop_started = time.monotonic()
+                    self.stop_deadline = self.stop_started + drain + self.kill_after
                     for slot in self.slots:
                         slot.stopped_by_us = bool(slot.pid)
                 for slot in self.slots:
@@ -294,8 +300,9 @@ class Supervisor:
 
     @staticmethod
     def _kill(slot: _Slot, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(slot.pid, sig)
+        if slot.pid > 0:  # (never 0: that would signal the whole process group)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(slot.pid, sig)
 
     # -- starting a worker -------------------------------------------------------------------------------
 

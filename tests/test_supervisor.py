@@ -180,8 +180,8 @@ def test_a_worker_still_running_after_its_reported_drain_timeout_is_killed(tmp_p
     body = """
     def worker_main(w):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a stuck drain
-        note(f"start {w.index} {os.getpid()}")
         w.ready(1.5)  # (as a reload that raised drain_timeout would report it)
+        note(f"start {w.index} {os.getpid()}")
         while True:
             time.sleep(0.01)
     """
@@ -225,3 +225,31 @@ def test_worker_log_lines_name_the_worker(monkeypatch: pytest.MonkeyPatch,
     doc = json.loads(first)
     assert (doc["worker"], doc["logger"], doc["msg"]) == (3, "raftlb.server", "hello")
     assert second.endswith("WARNING raftlb.server[w3]: again"), second
+
+
+def test_the_preflight_finds_a_port_held_with_so_reuseport_and_leaves_other_addresses_alone() -> None:
+    import socket
+
+    from raftlb.workers import taken_address
+
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as another raftlb's workers hold it
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    try:
+        assert taken_address("127.0.0.1", port) == "Address already in use"
+        assert taken_address("127.0.0.2", port) is None  # (another address, same port: free)
+        probe = socket.socket(socket.AF_INET6)
+        try:
+            probe.bind(("::1", 0))
+            ipv6 = True
+        except OSError:
+            ipv6 = False
+        finally:
+            probe.close()
+        if ipv6:  # the server binds "::" IPv6-only (uvloop), so 127.0.0.1:port does not stand in its way
+            assert taken_address("::", port) is None
+    finally:
+        held.close()
+    assert taken_address("127.0.0.1", port) is None

@@ -201,6 +201,12 @@ def test_two_workers_share_the_port_restart_reload_and_drain(cluster: DemoCluste
         run.wait_log(r"worker 1 \(pid \d+\) serving", count=3)
         listeners = wait_until(lambda: status(admin + 1)["listeners"])
         assert [entry["address"] for entry in listeners] == [f"127.0.0.1:{port}"]
+        # ... and with a file that moves the admin listener, on its running admin port, as a reload would.
+        cfg.write_text(config_text(cluster, port, admin + 7))
+        os.kill(status(admin + 1)["pid"], signal.SIGKILL)
+        run.wait_log(r"worker 1 \(pid \d+\) serving", count=4)
+        run.wait_log(r"raftlb\.server\[w1\]: admin on 127\.0\.0\.1:" + str(admin + 1), count=4)
+        assert wait_until(lambda: status(admin + 1)["worker"]) == {"index": 1, "count": 2}
         # A second raftlb on the same port (its admin off, so nothing else collides) does not join the first
         # one's workers through SO_REUSEPORT: it stops, exit 1.
         other = tmp_path / "other.yaml"
@@ -303,5 +309,8 @@ def test_sigterm_while_the_workers_start_stops_them_cleanly(cluster: DemoCluster
         assert run.proc.wait(30) == 0, run.log()
         assert run.log().rstrip().endswith("raftlb.workers: stopped"), run.log()
         assert "exited with code" not in run.log()
+        # each worker started, then drained (the stop it was told while starting was kept for then)
+        for i in (0, 1):
+            assert f"raftlb.server[w{i}]: stopping: draining in-flight requests" in run.log(), run.log()
     finally:
         run.close()
