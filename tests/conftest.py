@@ -93,8 +93,8 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     return {"uvloop": uvloop.new_event_loop}
 
 
-@pytest.fixture
-def demo_cluster() -> Iterator[DemoCluster]:
+@contextlib.contextmanager
+def running_demo_cluster() -> Iterator[DemoCluster]:
     """A real 3-node demo cluster (PySyncObj Raft, one process per node) on free loopback ports."""
     from raftlb.demo.cluster import DemoCluster
 
@@ -104,6 +104,12 @@ def demo_cluster() -> Iterator[DemoCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def demo_cluster() -> Iterator[DemoCluster]:
+    with running_demo_cluster() as cluster:
+        yield cluster
 
 
 def demo_cluster_config(cluster: DemoCluster, *, urls: dict[str, str] | None = None,

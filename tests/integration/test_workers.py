@@ -6,6 +6,7 @@ supervisor killed outright takes its workers with it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import running_demo_cluster
 from tools import free_port
 
 from raftlb.demo.cluster import DemoCluster
@@ -41,9 +43,11 @@ def config_text(cluster: DemoCluster, port: int, admin_port: int, *, workers: in
 
 
 class Run:
-    """`raftlb run -c FILE` with its stderr in a file (read by `log`)."""
+    """`raftlb run -c FILE` (the file written with `text`) with its stderr in a file (read by `log`); killed
+    on leaving the `with` if still running."""
 
-    def __init__(self, cfg: Path) -> None:
+    def __init__(self, cfg: Path, text: str) -> None:
+        cfg.write_text(text)
         self.log_path = cfg.with_suffix(".log")
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "raftlb", "run", "-c", str(cfg)],
@@ -62,11 +66,23 @@ class Run:
             assert time.monotonic() < deadline, f"no {pattern!r} ({count}x) in:\n{self.log()}"
             time.sleep(0.05)
 
-    def close(self) -> None:
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
         self._log.close()
+
+
+@contextlib.contextmanager
+def held_port(port: int) -> Iterator[None]:
+    """127.0.0.1:`port` listened on by another program, without SO_REUSEPORT: nobody else may bind it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        yield
 
 
 def wait_until(what: Callable[[], Any], timeout: float = 15.0, message: str = "") -> Any:
@@ -108,12 +124,9 @@ def requests_served(admin_port: int) -> float:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[DemoCluster]:
-    c = DemoCluster(3, log_level="warning")
-    c.start(timeout=30)
-    try:
+    """One demo cluster for the module's tests (raftlb processes come and go in front of it)."""
+    with running_demo_cluster() as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture
@@ -142,9 +155,7 @@ def test_two_workers_share_the_port_restart_reload_and_drain(cluster: DemoCluste
                                                               tmp_path: Path) -> None:
     port, admin = ports
     cfg = tmp_path / "raftlb.yaml"
-    cfg.write_text(config_text(cluster, port, admin))
-    run = Run(cfg)
-    try:
+    with Run(cfg, config_text(cluster, port, admin)) as run:
         run.wait_log(r"worker \d \(pid \d+\) serving", count=2)
         base = f"http://127.0.0.1:{port}"
         wait_until(lambda: all(status(admin + i)["clusters"]["demo"]["leader"] for i in (0, 1)),
@@ -209,23 +220,17 @@ def test_two_workers_share_the_port_restart_reload_and_drain(cluster: DemoCluste
         assert wait_until(lambda: status(admin + 1)["worker"]) == {"index": 1, "count": 2}
         # A second raftlb on the same port (its admin off, so nothing else collides) does not join the first
         # one's workers through SO_REUSEPORT: it stops, exit 1.
-        other = tmp_path / "other.yaml"
-        other.write_text(config_text(cluster, port, admin).replace(
-            f"admin: {{address: '127.0.0.1:{admin}'}}", "admin: {enabled: false}"))
-        second = Run(other)
-        try:
+        other = config_text(cluster, port, admin).replace(f"admin: {{address: '127.0.0.1:{admin}'}}",
+                                                          "admin: {enabled: false}")
+        with Run(tmp_path / "other.yaml", other) as second:
             assert second.proc.wait(30) == 1, second.log()
             assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in second.log()
             assert "started" not in second.log()
-        finally:
-            second.close()
         assert one_request("GET", f"{base}/kv/w1").status_code == 200
         run.proc.send_signal(signal.SIGTERM)
         assert run.proc.wait(20) == 0, run.log()
         assert not any(alive(pid) for pid in (pids[0], new_pid))
         assert run.log().rstrip().endswith("raftlb.workers: stopped")
-    finally:
-        run.close()
 
 
 @pytest.mark.timeout(60)
@@ -233,35 +238,22 @@ def test_two_workers_share_the_port_restart_reload_and_drain(cluster: DemoCluste
 def test_a_port_taken_by_another_program_stops_raftlb_with_exit_1_and_says_why(
         cluster: DemoCluster, ports: tuple[int, int], tmp_path: Path, workers: int) -> None:
     port, admin = ports
-    taken = socket.socket()  # no SO_REUSEPORT: nobody else may bind this port
-    taken.bind(("127.0.0.1", port))
-    taken.listen()
     cfg = tmp_path / "raftlb.yaml"
-    cfg.write_text(config_text(cluster, port, admin, workers=workers))
-    run = Run(cfg)
-    try:
+    with held_port(port), Run(cfg, config_text(cluster, port, admin, workers=workers)) as run:
         assert run.proc.wait(30) == 1
         log = run.log()
         assert f"cannot start: {cfg}: listeners[0].address: cannot listen on 127.0.0.1:{port}: " \
                "Address already in use" in log, log
         assert "Traceback" not in log, log
         assert "started" not in log, log  # (with workers: checked before any is started)
-    finally:
-        run.close()
-        taken.close()
 
 
 @pytest.mark.timeout(60)
 def test_a_worker_that_cannot_start_stops_the_others_with_exit_1(cluster: DemoCluster, ports: tuple[int, int],
                                                                 tmp_path: Path) -> None:
     port, admin = ports
-    taken = socket.socket()  # worker 1's admin port
-    taken.bind(("127.0.0.1", admin + 1))
-    taken.listen()
     cfg = tmp_path / "raftlb.yaml"
-    cfg.write_text(config_text(cluster, port, admin))
-    run = Run(cfg)
-    try:
+    with held_port(admin + 1), Run(cfg, config_text(cluster, port, admin)) as run:  # (worker 1's admin port)
         assert run.proc.wait(30) == 1, run.log()
         log = run.log()
         assert f"raftlb.server[w1]: cannot start: {cfg}: admin.address: cannot listen on " \
@@ -271,9 +263,6 @@ def test_a_worker_that_cannot_start_stops_the_others_with_exit_1(cluster: DemoCl
         assert not any(alive(pid) for pid in pids)
         assert log.rstrip().endswith("stopped: a worker could not start")
         assert "Traceback" not in log, log
-    finally:
-        run.close()
-        taken.close()
 
 
 @pytest.mark.timeout(60)
@@ -281,9 +270,7 @@ def test_workers_stop_when_the_supervisor_is_killed(cluster: DemoCluster, ports:
                                                    tmp_path: Path) -> None:
     port, admin = ports
     cfg = tmp_path / "raftlb.yaml"
-    cfg.write_text(config_text(cluster, port, admin))
-    run = Run(cfg)
-    try:
+    with Run(cfg, config_text(cluster, port, admin)) as run:
         run.wait_log(r"worker \d \(pid \d+\) serving", count=2)
         pids = [status(admin + i)["pid"] for i in (0, 1)]
         run.proc.kill()
@@ -292,8 +279,6 @@ def test_workers_stop_when_the_supervisor_is_killed(cluster: DemoCluster, ports:
                    message=f"workers outlived their supervisor:\n{run.log()}")
         with pytest.raises(httpx.ConnectError):
             one_request("GET", f"http://127.0.0.1:{port}/kv/x")
-    finally:
-        run.close()
 
 
 @pytest.mark.timeout(60)
@@ -301,9 +286,7 @@ def test_sigterm_while_the_workers_start_stops_them_cleanly(cluster: DemoCluster
                                                           tmp_path: Path) -> None:
     port, admin = ports
     cfg = tmp_path / "raftlb.yaml"
-    cfg.write_text(config_text(cluster, port, admin))
-    run = Run(cfg)
-    try:
+    with Run(cfg, config_text(cluster, port, admin)) as run:
         run.wait_log(r"started 2 workers")
         run.proc.send_signal(signal.SIGTERM)  # (before they bound their listeners, most of the time)
         assert run.proc.wait(30) == 0, run.log()
@@ -312,5 +295,3 @@ def test_sigterm_while_the_workers_start_stops_them_cleanly(cluster: DemoCluster
         # each worker started, then drained (the stop it was told while starting was kept for then)
         for i in (0, 1):
             assert f"raftlb.server[w{i}]: stopping: draining in-flight requests" in run.log(), run.log()
-    finally:
-        run.close()
