@@ -116,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"raftlb {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run the proxy", description="Run the proxy until SIGTERM (drains first).")
+    p = sub.add_parser("run", help="run the proxy", description=(
+        "Run the proxy until SIGTERM (drains first); SIGHUP reloads the config file. With `workers: N` in "
+        "the file, this process supervises N raftlb workers sharing the listener ports (worker i serves "
+        "the admin API on its port + i); exit status 1 when a listener or admin port cannot be bound."))
     p.add_argument("-c", "--config", required=True, help="YAML config file")
     p.set_defaults(func=_cmd_run)
 
