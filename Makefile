@@ -5,13 +5,22 @@ BIN := $(VENV)/bin
 
 .PHONY: install test lint typecheck unit demo clean
 
-$(BIN)/.installed: pyproject.toml
+# Two stamps in one venv: `make demo` installs the runtime and the demo extra only (the first run is quick);
+# `make test` (and install, lint, bench...) the test extra, which includes the demo one, so a later `make demo`
+# has nothing to do and `make demo` then `make test` adds what the tests need.
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+
+$(BIN)/.installed-demo: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[demo]'
 	touch $@
 
-install: $(BIN)/.installed
+$(BIN)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/.installed-demo $@
+
+install: $(BIN)/.installed-test
 
 lint: install
 	$(BIN)/ruff check raftlb tests
@@ -22,7 +31,7 @@ typecheck: install
 test: lint typecheck
 	$(BIN)/pytest
 
-demo: install
+demo: $(BIN)/.installed-demo
 	$(BIN)/raftlb demo
 
 # raftlb against HAProxy and direct (nginx backend, wrk, one core per proxy): req/s, p50/p99, CPU/request,

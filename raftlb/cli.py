@@ -25,6 +25,7 @@ commands:
   check -c FILE      validate a config file and exit (0 valid, 2 invalid)
   status             the leader table of a running raftlb, read from its admin listener
   demo [--keep]      start a 3-node Raft demo cluster and raftlb, kill the leader under load, report
+                     (needs the demo extra: pip install 'raftlb[demo]')
   demo-node ...      run one node of the embedded demo cluster (see `raftlb demo-node --help`)
   announce ...       sidecar: poll one node's status API, serve raft-announce/1 (`raftlb announce --help`)
   bench --url URL    load and consistency check through raftlb (see `raftlb bench --help`)
@@ -104,10 +105,26 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return status_main(args.admin, watch=args.watch, as_json=args.json, interval=args.interval)
 
 
+DEMO_EXTRA = "pip install 'raftlb[demo]'"
+
+
+def _demo_extra_missing(command: str) -> bool:
+    """The demo cluster's Raft (PySyncObj) is the `demo` extra, not a runtime dependency: say so."""
+    try:
+        import pysyncobj  # noqa: F401
+    except ImportError:
+        print(f"raftlb {command}: the embedded demo cluster needs PySyncObj, which is not installed; "
+              f"install the demo extra: {DEMO_EXTRA}", file=sys.stderr)
+        return True
+    return False
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if _demo_extra_missing("demo"):
+        return 2
     from raftlb.demo.scenario import main as demo_main
 
-    return demo_main(keep=args.keep, duration=args.duration)
+    return demo_main(keep=args.keep, duration=args.duration, config=args.config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "leader, restart it, and report what every client saw.")
     p.add_argument("--keep", action="store_true", help="leave cluster and proxy running until Ctrl-C")
     p.add_argument("--duration", type=float, default=12.0, help="seconds of load in the scenario")
+    p.add_argument("-c", "--config", help="raftlb config for the demo: its first listener and cluster, whose "
+                                          "nodes' ports (and those + 100 for Raft) the demo nodes take "
+                                          "(default: the demo.yaml shipped in the package)")
     p.set_defaults(func=_cmd_demo)
 
     sub.add_parser("demo-node", help="run one node of the demo cluster", add_help=False)
@@ -153,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "demo-node":
+        if _demo_extra_missing("demo-node"):
+            return 2
         from raftlb.demo.node import main as node_main
 
         return node_main(argv[1:])

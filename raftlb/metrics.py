@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
@@ -30,6 +31,11 @@ from prometheus_client.registry import Collector
 from raftlb import __version__
 from raftlb.leader_table import ROLES, LeaderChange, LeaderTable
 from raftlb.logs import access_enabled, access_log, log_access
+
+# prometheus-client would add a `*_created` series (the start time of each series) to every counter and
+# histogram: undocumented, rarely used and doubling the series count. The switch is process-wide; raftlb's
+# processes export nothing else through prometheus-client.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 if TYPE_CHECKING:
     from raftlb.http.server import Exchange

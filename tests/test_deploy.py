@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +18,8 @@ from test_admin import get
 from test_metrics import offline_server
 
 from raftlb.admin import Admin
-from raftlb.config import Config, parse_config
+from raftlb.config import Config, load_config, parse_config
+from raftlb.errors import ConfigError
 from raftlb.metrics import SPECS, metric_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,24 +29,44 @@ PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", 
                 "offset"}
 
 
-def manifests() -> dict[str, dict[str, Any]]:
-    """Every Kubernetes object under deploy/kubernetes, by kind (one object of each kind)."""
-    objects: dict[str, dict[str, Any]] = {}
-    for path in sorted(K8S.glob("*.yaml")):
+ADMIN_TOKEN_ENV = "RAFTLB_ADMIN_TOKEN"
+
+
+def kustomize(directory: Path, kind: str = "Kustomization") -> list[dict[str, Any]]:
+    """What `kubectl kustomize DIRECTORY` puts together, for the plain cases used here: every file in
+    `resources` (a directory: its own kustomization) and every `components` entry, each parsed; no patches."""
+    [kustomization] = yaml.safe_load_all((directory / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == kind, directory
+    assert set(kustomization) <= {"apiVersion", "kind", "resources", "components"}, "patches: not modelled"
+    objects: list[dict[str, Any]] = []
+    for entry in kustomization.get("resources", []):
+        path = (directory / entry).resolve()
+        assert path.exists(), f"{directory}/kustomization.yaml: {entry} does not exist"
+        if path.is_dir():
+            objects += kustomize(path)
+            continue
         for doc in yaml.safe_load_all(path.read_text()):
             assert isinstance(doc, dict) and doc.get("apiVersion") and doc.get("kind"), path
-            if doc["kind"] == "Kustomization":
-                listed = set(doc["resources"])
-                assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-                continue
             assert doc["metadata"]["name"], path
-            assert doc["kind"] not in objects, f"two {doc['kind']} objects"
-            objects[doc["kind"]] = doc
+            objects.append(doc)
+    for entry in kustomization.get("components", []):
+        objects += kustomize((directory / entry).resolve(), kind="Component")
     return objects
 
 
-def k8s_config(objects: dict[str, dict[str, Any]]) -> Config:
-    return parse_config(objects["ConfigMap"]["data"]["raftlb.yaml"], source="configmap raftlb.yaml")
+def manifests(directory: Path = K8S) -> dict[str, dict[str, Any]]:
+    """The Kubernetes objects `kubectl apply -k DIRECTORY` creates, by kind (one object of each kind)."""
+    objects: dict[str, dict[str, Any]] = {}
+    for doc in kustomize(directory):
+        assert doc["kind"] not in objects, f"two {doc['kind']} objects"
+        objects[doc["kind"]] = doc
+    return objects
+
+
+def k8s_config(objects: dict[str, dict[str, Any]], token: str | None = "t" * 24) -> Config:
+    environ = {ADMIN_TOKEN_ENV: token} if token is not None else {}
+    return parse_config(objects["ConfigMap"]["data"]["raftlb.yaml"], source="configmap raftlb.yaml",
+                        environ=environ)
 
 
 def container(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -49,8 +74,19 @@ def container(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return c
 
 
+def test_every_manifest_is_in_the_kustomization_and_the_base_needs_no_operator() -> None:
+    listed = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    [base] = yaml.safe_load_all((K8S / "kustomization.yaml").read_text())
+    assert set(base["resources"]) == listed
+    # `kubectl apply -k deploy/kubernetes/` on a cluster without the Prometheus Operator: core kinds only.
+    assert {doc["apiVersion"].split("/")[0] for doc in kustomize(K8S)} <= {"v1", "apps", "policy"}
+    # The PodMonitor is the optional component, which the prometheus-operator overlay adds.
+    with_operator = manifests(K8S / "overlays" / "prometheus-operator")
+    assert set(with_operator) - set(manifests()) == {"PodMonitor"}
+
+
 def test_manifests_parse_and_the_deployment_runs_at_least_two_replicas() -> None:
-    objects = manifests()
+    objects = manifests(K8S / "overlays" / "prometheus-operator")
     assert set(objects) >= {"ConfigMap", "Deployment", "Service", "PodMonitor", "PodDisruptionBudget"}
     deployment = objects["Deployment"]
     assert deployment["spec"]["replicas"] >= 2
@@ -63,7 +99,7 @@ def test_manifests_parse_and_the_deployment_runs_at_least_two_replicas() -> None
 
 
 def test_ports_and_paths_match_the_config_and_the_admin_routes() -> None:
-    objects = manifests()
+    objects = manifests(K8S / "overlays" / "prometheus-operator")
     cfg = k8s_config(objects)
     c = container(objects)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
@@ -75,6 +111,9 @@ def test_ports_and_paths_match_the_config_and_the_admin_routes() -> None:
     assert (alive["path"], alive["port"]) == ("/healthz", "admin")
     [endpoint] = objects["PodMonitor"]["spec"]["podMetricsEndpoints"]
     assert (endpoint["port"], endpoint["path"]) == ("admin", "/metrics")
+    scrape = objects["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert (scrape["prometheus.io/scrape"], scrape["prometheus.io/path"]) == ("true", "/metrics")
+    assert int(scrape["prometheus.io/port"]) == ports["admin"]
     assert {p["targetPort"] for p in objects["Service"]["spec"]["ports"]} <= set(ports)
     # The config is mounted where the args (and the Dockerfile) expect it.
     [mount] = c["volumeMounts"]
@@ -107,9 +146,60 @@ def test_the_pod_runs_as_the_images_non_root_user() -> None:
     assert uid and pod["runAsNonRoot"] and pod["runAsUser"] == int(uid[1]) != 0
 
 
+def test_the_pod_meets_the_restricted_pod_security_standard() -> None:
+    # https://kubernetes.io/docs/concepts/security/pod-security-standards/#restricted, field by field.
+    spec = manifests()["Deployment"]["spec"]["template"]["spec"]
+    pod = spec["securityContext"]
+    assert pod["seccompProfile"]["type"] in ("RuntimeDefault", "Localhost")
+    for c in spec["containers"] + spec.get("initContainers", []):
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False, c["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), c["name"]
+        assert sc.get("runAsNonRoot", pod.get("runAsNonRoot")) is True, c["name"]
+        assert sc.get("runAsUser", pod.get("runAsUser")) != 0, c["name"]
+        assert sc.get("seccompProfile", pod["seccompProfile"])["type"] in ("RuntimeDefault", "Localhost")
+        assert not sc.get("privileged") and not c.get("ports", [{}])[0].get("hostPort"), c["name"]
+    assert not {"hostNetwork", "hostPID", "hostIPC"} & set(spec)
+    assert all(set(v) <= {"name", "configMap", "secret", "emptyDir", "projected", "persistentVolumeClaim"}
+               for v in spec.get("volumes", []))
+
+
+def test_the_admin_token_comes_from_a_secret_and_the_config_needs_it() -> None:
+    objects = manifests()
+    [env] = [e for e in container(objects)["env"] if e["name"] == ADMIN_TOKEN_ENV]
+    ref = env["valueFrom"]["secretKeyRef"]
+    assert ref["name"] and ref["key"] and not ref.get("optional")
+    assert k8s_config(objects, token="s" * 32).admin.token == "s" * 32
+    # No Secret, no token: the config does not load (raftlb refuses to start) rather than run without one.
+    with pytest.raises(ConfigError, match=ADMIN_TOKEN_ENV):
+        k8s_config(objects, token=None)
+
+
+def test_the_shipped_configmap_fences_its_reads() -> None:
+    cfg = k8s_config(manifests())
+    reads = [r for c in cfg.clusters for r in c.routes if r.kind == "read"]
+    assert reads and all(r.policy == "fenced" for r in reads)
+
+
+def dockerfile_stages() -> list[list[str]]:
+    """The Dockerfile's instructions (continuation lines joined), stage by stage."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    stages: list[list[str]] = [[]]
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line.startswith("FROM "):
+            stages.append([])
+        stages[-1].append(line)
+    return stages
+
+
 def test_dockerfile() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim\s*$", text, re.M)
+    # The base image is one exact Python release on one Debian release, in every stage.
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
+    assert base and re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", base[1]), base
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["${PYTHON_IMAGE}"] * 2
     exposed = {int(p) for line in re.findall(r"^EXPOSE (.+)$", text, re.M) for p in line.split()}
     cfg = k8s_config(manifests())
     assert exposed == {cfg.admin.port, cfg.listeners[0].port}
@@ -121,6 +211,42 @@ def test_dockerfile() -> None:
     assert command[:2] == ["python", "-c"]
     compile(command[2], "HEALTHCHECK", "exec")  # the one-liner is valid Python
     assert re.search(r"RAFTLB_HEALTH_URL=http://127\.0\.0\.1:" + str(cfg.admin.port) + "/healthz", text)
+
+
+def test_the_image_installs_the_runtime_dependencies_in_a_layer_before_the_source() -> None:
+    final = dockerfile_stages()[-1]
+    [deps] = [i for i, line in enumerate(final) if line.startswith("RUN") and "-r " in line]
+    # Nothing from the source tree reaches the final stage before the dependencies are installed.
+    copies = [i for i, line in enumerate(final) if line.startswith("COPY")]
+    assert [final[i] for i in copies if i < deps] == ["COPY pyproject.toml /tmp/raftlb/"]
+    assert any("--from=build" in final[i] for i in copies if i > deps)
+    assert re.search(r"pip install .*--no-deps", " ".join(final[deps + 1:]))
+    # The requirements it installs are exactly project.dependencies: the runtime, no demo or test extras.
+    script = re.search(r'python -c "([^"]+)"', final[deps])
+    assert script
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "pyproject.toml").write_bytes((ROOT / "pyproject.toml").read_bytes())
+        out = subprocess.run([sys.executable, "-c", script[1].replace("/tmp/raftlb/", tmp + "/")],
+                             capture_output=True, text=True, check=True, timeout=30).stdout
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert out.splitlines() == project["dependencies"]
+    assert not any("pysyncobj" in r for r in project["dependencies"])
+
+
+def test_the_container_config_binds_every_address_and_the_readme_mounts_it() -> None:
+    path = ROOT / "configs" / "container.yaml"
+    cfg = load_config(str(path), environ={ADMIN_TOKEN_ENV: "c" * 20})
+    assert cfg.admin.host == "0.0.0.0" and cfg.admin.token == "c" * 20
+    assert all(listener.host == "0.0.0.0" for listener in cfg.listeners)
+    exposed = {int(p) for line in re.findall(r"^EXPOSE (.+)$", (ROOT / "Dockerfile").read_text(), re.M)
+               for p in line.split()}
+    assert exposed == {cfg.admin.port, *(listener.port for listener in cfg.listeners)}
+    assert all(r.policy == "fenced" for c in cfg.clusters for r in c.routes if r.kind == "read")
+    with pytest.raises(ConfigError, match=ADMIN_TOKEN_ENV):
+        load_config(str(path), environ={})
+    readme = (ROOT / "README.md").read_text()
+    [run] = re.findall(r"^docker run .*$", readme, re.M)
+    assert f"-v $PWD/configs/container.yaml:{CONFIG_PATH}:ro" in run and f"-e {ADMIN_TOKEN_ENV}=" in run
 
 
 # -- the Grafana dashboard -----------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ Exit code 0 only if no acknowledged write was lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.resources
 import os
 import signal
 import subprocess
@@ -25,6 +27,7 @@ import httpx
 
 from raftlb.config import Config, load_config
 from raftlb.demo.cluster import DemoCluster
+from raftlb.errors import ConfigError
 
 WRITERS = 4
 READERS = 4
@@ -46,15 +49,7 @@ class Tally:
     leaders: list[tuple[str, int]] = field(default_factory=list)  # (leader, term) as raftlb saw them
 
 
-def find_config(path: str | None) -> str:
-    """configs/demo.yaml from the working directory or the source tree this package runs from."""
-    if path:
-        return path
-    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        candidate = base / "configs" / "demo.yaml"
-        if candidate.exists():
-            return str(candidate)
-    raise SystemExit("raftlb demo: configs/demo.yaml not found (run from the repository, or pass --config)")
+DEMO_CONFIG = "demo.yaml"  # package data of raftlb.demo; configs/demo.yaml in the repository links to it
 
 
 class Demo:
@@ -367,7 +362,21 @@ Node pids: {", ".join(f"{n}={self.cluster.pid(n)}" for n in self.cluster.nodes) 
 
 
 def main(keep: bool = False, duration: float = 12.0, config: str | None = None) -> int:
-    demo = Demo(find_config(config), duration)
+    """Run the demo with `config`, or with the config shipped inside the package (any working directory)."""
+    with contextlib.ExitStack() as stack:
+        if config is None:
+            # A real file even from a zipped install: `raftlb run -c` in a subprocess reads it.
+            resource = importlib.resources.files("raftlb.demo").joinpath(DEMO_CONFIG)
+            config = str(stack.enter_context(importlib.resources.as_file(resource)))
+        try:
+            demo = Demo(config, duration)
+        except ConfigError as exc:
+            print(f"raftlb demo: config error: {exc}", file=sys.stderr)
+            return 2
+        return _run(demo, keep)
+
+
+def _run(demo: Demo, keep: bool) -> int:
     try:
         return asyncio.run(demo.run(keep))
     except KeyboardInterrupt:
