@@ -11,9 +11,13 @@
                          resumes after `Last-Event-ID` (or `?since=ID`); `?types=a,b` filters
     POST /v1/reload      read the config file again and apply it (as SIGHUP does); with `admin.token` set,
                          it needs `Authorization: Bearer <token>`
+    POST /v1/clusters/N/nodes/ID/forget
+                         drop what the leader table knows of one node (term, role, hint, indexes), so its
+                         next announcement is taken as new (the way back from a node that announced a
+                         bogus term); the same token rule
 
 Every error is JSON with a stable `error` code: not_found, method_not_allowed, unknown_cluster, bad_request,
-unauthorized, invalid_config, bind_failed, no_config_file, draining, internal_error.
+unauthorized, invalid_config, bind_failed, no_config_file, draining, internal_error, unknown_node.
 """
 
 from __future__ import annotations
@@ -73,6 +77,10 @@ class Admin:
             if req.method != "POST":
                 return self._not_allowed("POST")
             return await self._reload(req)
+        if path.startswith("/v1/clusters/") and path.endswith("/forget"):
+            if req.method != "POST":
+                return self._not_allowed("POST")
+            return self._forget(req, path)
         if req.method not in _GET:
             return self._not_allowed("GET, HEAD")
         if path == "/":
@@ -214,6 +222,31 @@ class Admin:
             return json_response(result.to_json())
         status = 422 if result.error in ("invalid_config", "bind_failed") else 409
         return json_response(result.to_json(), status)
+
+
+    def _forget(self, req: Request, path: str) -> Response:
+        token = self.server.config.admin.token
+        if token is not None and not _bearer_matches(req.headers.get("authorization", ""), token):
+            resp = error(401, "unauthorized", "POST .../forget needs Authorization: Bearer <admin.token>")
+            resp.headers.append(("www-authenticate", 'Bearer realm="raftlb admin"'))
+            return resp
+        name, sep, rest = path.removeprefix("/v1/clusters/").partition("/nodes/")
+        node_id = rest.removesuffix("/forget")
+        if not sep or not node_id or "/" in node_id:
+            return error(404, "not_found",
+                         f"no admin route {path}: expected /v1/clusters/NAME/nodes/ID/forget")
+        proxy = self.server.proxies.get(name)
+        if proxy is None:
+            return error(404, "unknown_cluster", f"no cluster named {name!r}",
+                         clusters=list(self.server.proxies))
+        if node_id not in proxy.table.nodes:
+            return error(404, "unknown_node", f"no node {node_id!r} in cluster {name!r}",
+                         nodes=list(proxy.table.nodes))
+        proxy.forget_node(node_id)
+        table = proxy.table
+        leader = table.leader(time.monotonic())
+        return json_response({"cluster": name, "forgotten": node_id, "leader": leader, "term": table.term,
+                              "term_floor": table.floor})
 
 
 def _bearer_matches(header: str, token: str) -> bool:

@@ -69,7 +69,8 @@ SPECS: dict[str, MetricSpec] = {s.name: s for s in (
     # -- leadership (scrape time, except the failover histogram)
     MetricSpec("raftlb_leader", "gauge", _N, "1 for the node raftlb sends writes to, 0 for the others"),
     MetricSpec("raftlb_cluster_has_leader", "gauge", _C, "1 while the cluster has a live leader"),
-    MetricSpec("raftlb_cluster_term", "gauge", _C, "The highest Raft term any node has announced"),
+    MetricSpec("raftlb_cluster_term", "gauge", _C, "The governing Raft term: a majority's, or a live "
+               "leader's claim above it"),
     MetricSpec("raftlb_leader_changes_total", "counter", _C, "Changes of the write target (id or term)"),
     MetricSpec("raftlb_leaderless_gap_seconds", "gauge", _C, "Seconds the current leaderless gap has lasted "
                "(0 with a leader)"),

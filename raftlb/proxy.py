@@ -471,6 +471,16 @@ class ClusterProxy:
         if change is not None:
             self._leader_changed(change, now)
 
+    def forget_node(self, node_id: str) -> None:
+        """The operator's way back (admin API): the table drops what it knows of `node_id` (ValueError
+        for an unknown node); its next announcement is taken as new."""
+        now = time.monotonic()
+        change = self.table.forget(node_id, now)
+        log.warning("cluster %s: node %s forgotten by the operator; its next announcement is taken as new",
+                    self.cluster.name, node_id)
+        if change is not None:
+            self._leader_changed(change, now)
+
     def _leader_changed(self, change: LeaderChange, now: float) -> None:
         self.stats.leader_changes += 1
         new = change.new_leader

@@ -27,7 +27,7 @@ import httpx
 
 from raftlb.burstlog import BurstLog
 from raftlb.config import ClusterConfig, NodeConfig
-from raftlb.leader_table import Announcement
+from raftlb.leader_table import MAX_UINT64, Announcement
 from raftlb.tasks import TaskSet
 
 log = logging.getLogger("raftlb.subscriptions")
@@ -291,14 +291,18 @@ class NodeSubscription:
         if keys:
             sig = doc.get("sig") if isinstance(doc, dict) else None
             # Any configured key verifies: during a rotation both the old and the new one are accepted.
-            if not isinstance(sig, str) or not any(hmac.compare_digest(sig, signature(doc, k)) for k in keys):
+            # compare_digest raises TypeError on a non-ASCII str: such a sig is simply wrong.
+            if (not isinstance(sig, str) or not sig.isascii()
+                    or not any(hmac.compare_digest(sig, signature(doc, k)) for k in keys)):
                 self._reject("bad_signature", "missing or wrong sig")
                 return None
             # Replay protection: seq must rise on a stream (checked by the caller), and a signed event must
             # be recent, so an old recording replayed on a new connection is refused.
             ts = doc.get("ts_ms")
             skew = self.cluster.announce_max_skew
-            if not isinstance(ts, int) or abs(time.time() * 1000 - ts) > skew * 1000:
+            # (Range first: an int too large for a float would raise OverflowError in the subtraction.)
+            if (not isinstance(ts, int) or not 0 <= ts <= MAX_UINT64
+                    or abs(time.time() * 1000 - ts) > skew * 1000):
                 self._reject("replayed", f"ts_ms {ts!r} is more than {skew:g}s from now")
                 return None
         try:

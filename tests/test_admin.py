@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -166,6 +167,54 @@ async def test_reload_is_refused_while_draining() -> None:
     server.draining = True
     r = await get(Admin(server), "/v1/reload", "POST")
     assert (r.status, body(r)["error"]) == (503, "draining")
+
+
+# -- forget ------------------------------------------------------------------------------------------------
+
+
+async def test_forget_resets_one_node_so_its_next_announcement_is_taken_as_new() -> None:
+    server = offline_server()
+    proxy = server.proxies["c1"]
+    elect(server, "n1", term=5)
+    # n3 announced a bogus leadership at 2**63, then the truth: refused as going backwards (while fresh).
+    proxy.on_announcement("n3", ann("n3", 2**63, "leader", "n3"))
+    proxy.on_announcement("n3", ann("n3", 5, "follower", "n1"))
+    assert proxy.stats.rejected_announcements == 1
+    admin = Admin(server)
+    r = await get(admin, "/v1/clusters/c1/nodes/n3/forget", "POST")
+    assert r.status == 200, r.body
+    assert body(r) == {"cluster": "c1", "forgotten": "n3", "leader": "n1", "term": 5, "term_floor": 5}
+    node = body(await get(admin, "/v1/clusters/c1"))["nodes"]["n3"]  # type: ignore[index]
+    assert (node["term"], node["role"], node["leader_hint"], node["live"]) == (0, None, None, False)
+    proxy.on_announcement("n3", ann("n3", 5, "follower", "n1", applied=10))
+    assert proxy.stats.rejected_announcements == 1  # taken as new
+    assert proxy.table.nodes["n3"].term == 5 and proxy.table.leader(time.monotonic()) == "n1"
+
+
+@pytest.mark.parametrize(("method", "path", "status", "code"), [
+    ("GET", "/v1/clusters/c1/nodes/n3/forget", 405, "method_not_allowed"),
+    ("POST", "/v1/clusters/c9/nodes/n3/forget", 404, "unknown_cluster"),
+    ("POST", "/v1/clusters/c1/nodes/n9/forget", 404, "unknown_node"),
+    ("POST", "/v1/clusters/c1/nodes//forget", 404, "not_found"),
+    ("POST", "/v1/clusters/c1/forget", 404, "not_found"),
+])
+async def test_forget_errors(method: str, path: str, status: int, code: str) -> None:
+    r = await get(Admin(offline_server()), path, method)
+    assert (r.status, body(r)["error"]) == (status, code)
+
+
+async def test_forget_needs_the_admin_token_when_one_is_configured() -> None:
+    server = offline_server()
+    token = "s3cret-admin-token-0123"
+    server.config = replace(server.config, admin=replace(server.config.admin, token=token))
+    elect(server, "n1", term=5)
+    admin = Admin(server)
+    r = await get(admin, "/v1/clusters/c1/nodes/n1/forget", "POST")
+    assert (r.status, body(r)["error"]) == (401, "unauthorized")
+    assert server.proxies["c1"].table.nodes["n1"].term == 5  # nothing forgotten
+    auth = {"authorization": f"Bearer {token}"}
+    r = await get(admin, "/v1/clusters/c1/nodes/n1/forget", "POST", headers=auth)
+    assert r.status == 200 and server.proxies["c1"].table.nodes["n1"].term == 0
 
 
 # -- events --------------------------------------------------------------------------------------------------

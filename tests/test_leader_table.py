@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 
@@ -31,6 +32,20 @@ def misdirect(node: str, hint: str | None, term: int | None = None) -> Action:
 
 def remove(node: str) -> Action:
     return lambda t, now: t.remove_node(node, now)
+
+
+def forget(node: str) -> Action:
+    return lambda t, now: t.forget(node, now)
+
+
+def rejected(action: Action) -> Action:
+    """`action` is an announcement the table must refuse as going backwards, changing nothing."""
+
+    def run(t: LeaderTable, now: float) -> None:
+        with pytest.raises(ValueError, match="term went backwards"):
+            action(t, now)
+
+    return run
 
 
 def expire() -> Action:
@@ -98,7 +113,11 @@ SCENARIOS: dict[str, list[Step]] = {
     ],
     "hint_ignored_when_hinted_node_deposed": [
         (0.0, ann("n1", 1, "leader", "n1"), "n1"),
-        (0.1, ann("n2", 2, "follower", "n1"), None),
+        # one follower's term is one node's word: n1's live claim still governs until a majority (3 of 4)
+        # is at term 2
+        (0.1, ann("n2", 2, "follower", "n1"), "n1"),
+        (0.1, ann("n3", 2, "follower", "n1"), "n1"),
+        (0.1, ann("n4", 2, "follower", "n1"), None),
         (0.2, ann("n1", 2, "leader", "n1"), "n1"),
     ],
     "hint_ignored_when_hinted_node_spoke_as_follower": [
@@ -110,11 +129,14 @@ SCENARIOS: dict[str, list[Step]] = {
     ],
     "deposed_leader_still_announcing_old_term": [
         (0.0, ann("n1", 6, "leader", "n1", True), "n1"),
-        (0.1, ann("n2", 7, "candidate"), None),
-        (0.2, ann("n1", 6, "leader", "n1", True), None),
-        (0.3, ann("n1", 6, "leader", "n1", True), None),
-        (0.4, ann("n2", 7, "leader", "n2", True), "n2"),
+        # a lone candidate's term is one node's word (Raft makes the leader step down if it is real)
+        (0.1, ann("n2", 7, "candidate"), "n1"),
+        (0.2, ann("n1", 6, "leader", "n1", True), "n1"),
+        (0.4, ann("n2", 7, "leader", "n2", True), "n2"),  # a live claim at a higher term deposes at once
         (0.5, ann("n1", 6, "leader", "n1", True), "n2"),
+        (0.6, ann("n3", 7, "follower", "n2"), "n2"),
+        (0.6, ann("n4", 7, "follower", "n2"), "n2"),  # the floor is 7 now: n2's claim is corroborated
+        (1.5, ann("n1", 6, "leader", "n1", True), None),  # n2 silent: n1 stays deposed below the floor
     ],
     "has_quorum_false_holds": [
         (0.0, ann("n1", 2, "leader", "n1", True), "n1"),
@@ -165,6 +187,96 @@ SCENARIOS: dict[str, list[Step]] = {
 }
 
 
+# One node's word is not permanent (module doc, "Which term governs"): three nodes, n1 the honest leader at
+# term 5, n3 the liar. (time, action, expected write target, expected governing term)
+HUGE = 2**63
+HONEST = [
+    (0.0, ann("n1", 5, "leader", "n1", True), "n1", 5),
+    (0.0, ann("n2", 5, "follower", "n1"), "n1", 5),
+    (0.0, ann("n3", 5, "follower", "n1"), "n1", 5),
+]
+Row = tuple[float, Action, str | None, int]
+EVIDENCE: dict[str, list[Row]] = {
+    "a_follower_or_candidate_at_an_absurd_term_changes_nothing": [
+        *HONEST,
+        (0.1, ann("n3", HUGE, "follower", None), "n1", 5),
+        (0.2, ann("n3", HUGE, "follower", "n3"), "n1", 5),
+        (0.3, ann("n3", HUGE, "candidate"), "n1", 5),
+        (0.4, ann("n3", HUGE, "learner", "n2"), "n1", 5),
+        (0.5, ann("n3", 2**64 - 1, "follower", "n3"), "n1", 5),
+    ],
+    "a_421_at_an_absurd_term_moves_only_that_nodes_view": [
+        *HONEST,
+        (0.1, misdirect("n3", "n3", HUGE), "n1", 5),
+        (0.2, misdirect("n2", "n2", 2**64), "n1", 5),  # out of range: taken as the table's term
+    ],
+    "a_leaders_claim_governs_only_while_its_node_is_live_and_claiming": [
+        *HONEST,
+        (0.1, ann("n3", HUGE, "leader", "n3", True), "n3", HUGE),
+        (0.5, ann("n1", 5, "leader", "n1", True), "n3", HUGE),  # deposed while the liar claims live
+        (0.5, ann("n2", 5, "follower", "n1"), "n3", HUGE),
+        (1.1, wait(), "n3", HUGE),  # heard at 0.1: live through 1.1
+        (1.11, wait(), "n1", 5),  # silent for one liveness timeout: the floor (5) governs again
+        (1.2, ann("n1", 5, "leader", "n1", True), "n1", 5),
+        (1.3, ann("n3", HUGE, "leader", "n3", False), None, HUGE),  # back, claiming: holds again
+        (2.31, ann("n1", 5, "leader", "n1", True), "n1", 5),
+    ],
+    "a_liar_that_corrects_itself_is_believed_again_after_one_liveness_timeout": [
+        *HONEST,
+        (0.1, ann("n3", HUGE, "leader", "n3", True), "n3", HUGE),
+        (0.2, rejected(ann("n3", 5, "follower", "n1")), "n3", HUGE),  # stale event? not yet known
+        (0.5, ann("n1", 5, "leader", "n1", True), "n3", HUGE),
+        (0.6, rejected(ann("n3", 5, "follower", "n1")), "n3", HUGE),
+        (1.05, ann("n1", 5, "leader", "n1", True), "n3", HUGE),
+        (1.1, rejected(ann("n3", 5, "follower", "n1")), "n3", HUGE),
+        (1.11, ann("n3", 5, "follower", "n1"), "n1", 5),  # its bogus claim is a liveness timeout old
+        (1.2, ann("n3", 5, "follower", "n1"), "n1", 5),
+    ],
+    "a_claim_a_majority_corroborates_keeps_governing": [
+        *HONEST,
+        (0.1, ann("n2", 6, "leader", "n2", True), "n2", 6),
+        (0.2, ann("n3", 6, "follower", "n2"), "n2", 6),  # floor 6: n2 and n3 are a majority
+        (1.2, ann("n1", 5, "leader", "n1", True), None, 6),  # n2 silent: n1 stays deposed
+        (1.3, ann("n1", 6, "follower", "n2"), None, 6),
+    ],
+    "a_new_leader_that_dies_before_any_follower_reports_its_term": [
+        # The corner case of the module doc: its term stops governing after one liveness timeout, and the
+        # old leader, still claiming, gets writes again (Raft keeps it from committing them).
+        *HONEST,
+        (0.1, ann("n2", 6, "leader", "n2", True), "n2", 6),
+        (0.5, ann("n1", 5, "leader", "n1", True), "n2", 6),
+        (1.11, ann("n1", 5, "leader", "n1", True), "n1", 5),
+    ],
+    "a_lone_hint_at_a_higher_term_is_used_only_without_a_live_claim": [
+        (0.0, ann("n2", 5, "follower", "n1"), "n1", 5),  # nothing else known yet
+        (0.1, ann("n3", 6, "follower", "n2"), "n2", 6),  # the highest hint's term
+        (0.2, ann("n1", 5, "leader", "n1", True), "n1", 5),  # a live claim beats any hint
+        (0.3, ann("n2", 6, "leader", "n2", True), "n2", 6),
+    ],
+    "forget_resets_one_nodes_view_at_once": [
+        *HONEST,
+        (0.1, ann("n3", HUGE, "leader", "n3", True), "n3", HUGE),
+        (0.2, forget("n3"), "n1", 5),
+        (0.3, ann("n3", 5, "follower", "n1"), "n1", 5),  # taken as new: no "backwards"
+    ],
+    "forget_recomputes_a_floor_two_liars_raised": [
+        *HONEST,
+        (0.1, ann("n2", HUGE, "follower", None), "n1", 5),
+        (0.1, ann("n3", HUGE, "follower", None), None, HUGE),  # a majority lies: the floor follows it
+        (0.2, forget("n3"), "n1", 5),
+    ],
+}
+
+
+@pytest.mark.parametrize("rows", list(EVIDENCE.values()), ids=list(EVIDENCE))
+def test_governing_term_needs_a_live_claim_or_a_majority(rows: list[Row]) -> None:
+    table = LeaderTable(["n1", "n2", "n3"], TIMEOUT)
+    for i, (now, action, leader, term) in enumerate(rows):
+        action(table, now)
+        assert (table.leader(now), table.term) == (leader, term), f"row {i}"
+        assert (table.leader(now), table.term) == reference(table, now), f"row {i}"
+
+
 @pytest.mark.parametrize("steps", list(SCENARIOS.values()), ids=list(SCENARIOS))
 def test_scripted_sequence_gives_expected_write_target(steps: list[Step]) -> None:
     table = LeaderTable(NODES, TIMEOUT)
@@ -179,7 +291,7 @@ def run(table: LeaderTable, steps: list[tuple[float, Action]]) -> list[object]:
 
 
 def test_changes_report_old_and_new_target_term_and_reason() -> None:
-    table = LeaderTable(NODES, TIMEOUT)
+    table = LeaderTable(["n1", "n2", "n3"], TIMEOUT)
     changes = run(
         table,
         [
@@ -187,11 +299,13 @@ def test_changes_report_old_and_new_target_term_and_reason() -> None:
             (0.0, ann("n1", 1, "leader", "n1")),
             (0.1, down("n1")),
             (0.2, ann("n2", 2, "leader", "n2")),
+            (0.2, ann("n3", 2, "follower", "n2")),
             (0.3, ann("n2", 2, "leader", "n2", False)),
             (0.4, ann("n2", 2, "leader", "n2", True)),
             (0.5, ann("n2", 2, "follower", None)),
             (0.6, ann("n3", 3, "leader", "n3")),
             (0.7, ann("n1", 4, "candidate")),
+            (0.7, ann("n2", 4, "follower", None)),
             (0.8, ann("n1", 4, "leader", "n1")),
             (0.9, misdirect("n1", None)),
             (1.0, ann("n1", 4, "leader", "n1")),
@@ -204,16 +318,18 @@ def test_changes_report_old_and_new_target_term_and_reason() -> None:
         None,  # n1's own claim confirms the hint: same target, same term
         LeaderChange("n1", None, 1, 1, "down"),
         LeaderChange(None, "n2", 1, 2, "announced"),
+        None,
         LeaderChange("n2", None, 2, 2, "no_quorum"),
         LeaderChange(None, "n2", 2, 2, "announced"),
         LeaderChange("n2", None, 2, 2, "stepped_down"),
         LeaderChange(None, "n3", 2, 3, "announced"),
-        LeaderChange("n3", None, 3, 4, "deposed"),
+        None,  # a lone candidate at 4 is one node's word
+        LeaderChange("n3", None, 3, 4, "deposed"),  # a majority is at 4
         LeaderChange(None, "n1", 4, 4, "announced"),
         LeaderChange("n1", None, 4, 4, "misdirect"),
         LeaderChange(None, "n1", 4, 4, "announced"),
         LeaderChange("n1", "n1", 4, 5, "announced"),  # same id, new term: still a change
-        LeaderChange("n1", None, 5, 5, "silent"),
+        LeaderChange("n1", None, 5, 4, "silent"),  # its claim at 5 lapsed: the floor (4) governs again
     ]
     assert str(changes[0]) == "leader None@0 -> n1@1 (hint)"
 
@@ -227,16 +343,19 @@ def test_version_counts_target_changes_even_when_first_seen_by_leader() -> None:
     assert table.version == 1
     assert table.leader(2.0) is None
     assert table.version == 2
-    # the lapse seen by leader() is still reported by the periodic expire
-    assert table.expire(2.1) == LeaderChange("n1", None, 1, 1, "silent")
+    # the lapse seen by leader() is still reported by the periodic expire (only n1 spoke of term 1: with
+    # its claim lapsed, the quorum floor, 0, governs)
+    assert table.expire(2.1) == LeaderChange("n1", None, 1, 0, "silent")
     assert table.expire(2.2) is None
 
 
-def test_remove_node_of_leader_reports_removed_and_keeps_term() -> None:
+def test_remove_node_of_leader_reports_removed_and_keeps_the_floor() -> None:
     table = LeaderTable(NODES, TIMEOUT)
-    table.apply(Announcement("n1", 4, "leader"), 0.0)
+    for node, role in (("n1", "leader"), ("n2", "follower"), ("n3", "follower")):
+        table.apply(Announcement(node, 4, role, "n1"), 0.0)
+    assert table.floor == 4
     assert table.remove_node("n1", 0.1) == LeaderChange("n1", None, 4, 4, "removed")
-    assert table.term == 4
+    assert table.term == table.floor == 4
     assert list(table.nodes) == ["n2", "n3", "n4"]
     with pytest.raises(ValueError, match="unknown node"):
         table.apply(Announcement("n1", 4, "leader"), 0.2)
@@ -248,7 +367,7 @@ def test_add_node_makes_hint_naming_it_usable() -> None:
     assert table.leader(0.0) is None
     table.add_node("n4")
     assert table.leader(0.1) == "n4"
-    assert table.expire(0.2) == LeaderChange(None, "n4", 2, 2, "hint")
+    assert table.expire(0.2) == LeaderChange(None, "n4", 0, 2, "hint")  # (no evidence of term 2 before)
     with pytest.raises(ValueError, match="duplicate"):
         table.add_node("n4")
 
@@ -383,11 +502,29 @@ def test_from_json_minimal_follower_and_empty_leader() -> None:
         ("applied_index", "1041", "applied_index: must be a non-negative integer"),
         ("seq", 1.5, "seq: must be a non-negative integer"),
         ("ts_ms", True, "ts_ms: must be a non-negative integer"),
+        # uint64 at most: a 4299-digit term is valid JSON but no float (metrics) and no Raft term
+        ("term", 2**64, "term: must be a non-negative integer below 2\\*\\*64"),
+        ("term", 10**4298, "term: must be a non-negative integer below 2\\*\\*64"),
+        ("commit_index", 2**64, "commit_index: must be a non-negative integer below 2\\*\\*64"),
+        ("applied_index", 2**70, "applied_index: must be a non-negative integer below 2\\*\\*64"),
+        ("seq", 2**64, "seq: must be a non-negative integer below 2\\*\\*64"),
+        ("ts_ms", -1, "ts_ms: must be a non-negative integer below 2\\*\\*64"),
     ],
 )
 def test_from_json_rejects_bad_field(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Announcement.from_json(dict(GOOD, **{field: value}))
+
+
+def test_from_json_accepts_the_largest_uint64_and_the_table_takes_it() -> None:
+    top = 2**64 - 1
+    a = Announcement.from_json(dict(GOOD, term=top, commit_index=top, applied_index=top, seq=top))
+    assert a.term == a.commit_index == top
+    table = LeaderTable(["n1"], TIMEOUT)
+    table.apply(a, 0.0)
+    assert (table.leader(0.0), table.term, float(table.term)) == ("n1", top, 2.0**64)
+    with pytest.raises(ValueError, match="out of range"):
+        table.apply(Announcement("n1", top + 1, "leader"), 0.1)
 
 
 @pytest.mark.parametrize("field", ["node", "term", "role"])
@@ -410,29 +547,43 @@ def live(view: NodeView, now: float) -> bool:
     return not view.down and view.last_heard is not None and now <= view.last_heard + TIMEOUT
 
 
-def reference_leader(table: LeaderTable, now: float) -> str | None:
-    """The rules written out plainly, from the table's node state, with no cache."""
-    term, nodes = table.term, table.nodes
-    claims = [v.id for v in nodes.values() if live(v, now) and v.term == term and v.role == "leader"]
-    if len(claims) > 1:
-        return None
+def quorum_term(table: LeaderTable) -> int:
+    """The k-th highest of the nodes' known terms, k a majority of them."""
+    terms = sorted((v.term for v in table.nodes.values()), reverse=True)
+    return terms[len(terms) // 2]  # k = n // 2 + 1, counted from 1
+
+
+def reference(table: LeaderTable, now: float) -> tuple[str | None, int]:
+    """The rules written out plainly, from the table's node state and its floor, with no cache:
+    (write target, governing term)."""
+    floor, nodes = table.floor, table.nodes
+    claims = [v for v in nodes.values() if live(v, now) and v.role == "leader" and v.term >= floor]
     if claims:
-        return claims[0] if nodes[claims[0]].has_quorum is not False else None
-    hints = {
-        v.leader_hint
-        for v in nodes.values()
-        if live(v, now) and v.term == term and v.role in ("follower", "candidate", "learner")
-        if v.leader_hint
-    }
-    if len(hints) != 1:
-        return None
-    hinted = hints.pop()
+        term = max(v.term for v in claims)
+        at_term = [v for v in claims if v.term == term]
+        if len(at_term) == 1 and at_term[0].has_quorum is not False:
+            return at_term[0].id, term
+        return None, term
+    hints = [v for v in nodes.values()
+             if live(v, now) and v.role in ("follower", "candidate", "learner") and v.leader_hint
+             and v.term >= floor]
+    if not hints:
+        return None, floor
+    term = max(v.term for v in hints)
+    named = {v.leader_hint for v in hints if v.term == term}
+    if len(named) != 1:
+        return None, floor
+    hinted = named.pop()
     if hinted not in nodes:
-        return None
+        return None, floor
     target = nodes[hinted]
-    deposed = target.role == "leader" and target.term < term
-    heard_at_term = target.term == term and target.role is not None
-    return None if target.down or deposed or heard_at_term else hinted
+    deposed_or_claiming = target.role == "leader"
+    spoke_since = target.role is not None and target.term >= term
+    return (None, floor) if target.down or deposed_or_claiming or spoke_since else (hinted, term)
+
+
+def reference_leader(table: LeaderTable, now: float) -> str | None:
+    return reference(table, now)[0]
 
 
 def ops(ids: list[str]) -> st.SearchStrategy[tuple[str, object]]:
@@ -469,27 +620,26 @@ def scripts(draw: st.DrawFn) -> tuple[list[str], list[tuple[str, object]]]:
 def test_properties_hold_over_random_histories(script: tuple[list[str], list[tuple[str, object]]]) -> None:
     ids, steps = script
     table = LeaderTable(ids, TIMEOUT)
-    now, max_seen, version = 0.0, 0, 0
+    now, floor, version = 0.0, 0, 0
     for op, arg in steps:
-        term_before = table.term
         if op == "announce":
             assert isinstance(arg, Announcement)
             before = table.snapshot(now)
-            if arg.term < table.nodes[arg.node].term:
+            view = table.nodes[arg.node]
+            fresh = view.term_heard is not None and now <= view.term_heard + TIMEOUT
+            if arg.term < view.term and fresh:
                 with pytest.raises(ValueError, match="term went backwards"):
                     table.apply(arg, now)
                 assert table.snapshot(now) == before
             else:
                 table.apply(arg, now)
-                max_seen = max(max_seen, arg.term)
+                assert (view.term, view.role, view.last_heard) == (arg.term, arg.role, now)
         elif op == "down":
             assert isinstance(arg, str)
             table.node_down(arg, now)
         elif op == "misdirect":
             assert isinstance(arg, tuple)
             node_id, hint, at = arg
-            if at is not None and at >= table.nodes[node_id].term:
-                max_seen = max(max_seen, at)
             table.misdirected(node_id, hint, at, now)
         elif op == "wait":
             assert isinstance(arg, float)
@@ -497,14 +647,18 @@ def test_properties_hold_over_random_histories(script: tuple[list[str], list[tup
         else:
             table.expire(now)
 
-        # the term is the highest announced and never decreases
-        assert table.term >= term_before
-        assert table.term == max_seen
+        # the floor is the highest term a majority was ever seen at, and never decreases
+        floor = max(floor, quorum_term(table))
+        assert table.floor == floor
         leader = table.leader(now)
-        # the cached answer is the naive recomputation
-        assert leader == reference_leader(table, now)
+        # the cached answer is the naive recomputation, target and governing term
+        assert (leader, table.term) == reference(table, now)
+        assert table.term >= table.floor
         assert table.version >= version
         version = table.version
+        if table.term > table.floor:
+            # above the floor, only a live node's own word at that term governs
+            assert any(live(v, now) and v.term == table.term for v in table.nodes.values())
         if leader is None:
             continue
         view = table.nodes[leader]
@@ -533,9 +687,10 @@ def test_reported_changes_track_the_write_target(script: tuple[list[str], list[t
         change: LeaderChange | None = None
         if op == "announce":
             assert isinstance(arg, Announcement)
-            if arg.term < table.nodes[arg.node].term:
+            try:
+                change = table.apply(arg, now)
+            except ValueError:
                 continue
-            change = table.apply(arg, now)
         elif op == "down":
             assert isinstance(arg, str)
             change = table.node_down(arg, now)
@@ -574,3 +729,53 @@ def test_answers_raise_the_applied_index_and_the_next_announcement_governs() -> 
     t.apply(Announcement("n2", 1, "follower", "n1", commit_index=11, applied_index=11), 0.1)
     assert t.nodes["n2"].applied_index == 11
     assert t.applied_at_least(12, 0.2) == []
+
+
+LIE_TERMS = st.one_of(st.integers(0, 9), st.sampled_from([2**31, 2**53 + 1, 2**63, 2**64 - 1]))
+LIES = st.one_of(
+    st.builds(lambda term, role, hint, q: ("announce", Announcement("n3", term, role, hint, has_quorum=q)),
+              LIE_TERMS, st.sampled_from(ROLES), st.sampled_from(["n1", "n2", "n3", None]),
+              st.sampled_from([None, True, False])),
+    st.builds(lambda term, hint: ("misdirect", (hint, term)), st.none() | LIE_TERMS,
+              st.sampled_from(["n1", "n2", "n3", None])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.0, 0.05, 0.3, 0.7]), LIES), min_size=1, max_size=30),
+       st.booleans())
+def test_one_liar_holds_writes_at_most_one_liveness_timeout_past_its_last_lie(
+    lies: list[tuple[float, tuple[str, object]]], corrects: bool
+) -> None:
+    """Whatever n3 says (any term, role, hint, 421), writes go to the honest leader n1 at term 5 within one
+    liveness timeout of n3's last lie, whether n3 then falls silent or announces the truth."""
+    table = LeaderTable(["n1", "n2", "n3"], TIMEOUT)
+    now = 0.0
+
+    def heartbeat() -> None:
+        table.apply(Announcement("n1", 5, "leader", "n1", has_quorum=True), now)
+        table.apply(Announcement("n2", 5, "follower", "n1"), now)
+
+    heartbeat()
+    table.apply(Announcement("n3", 5, "follower", "n1"), now)
+    for dt, (op, arg) in lies:
+        now += dt
+        heartbeat()
+        if op == "announce":
+            assert isinstance(arg, Announcement)
+            with contextlib.suppress(ValueError):  # a lie going backwards is refused: fine too
+                table.apply(arg, now)
+        else:
+            assert isinstance(arg, tuple)
+            table.misdirected("n3", arg[0], arg[1], now)
+    last_lie = now
+    while now <= last_lie + TIMEOUT + 0.25:
+        now = round(now + 0.05, 6)
+        heartbeat()
+        if corrects:
+            with contextlib.suppress(ValueError):  # refused while its lie is fresh (a stale event?)
+                table.apply(Announcement("n3", 5, "follower", "n1"), now)
+        if now > last_lie + TIMEOUT:
+            assert (table.leader(now), table.term) == ("n1", 5), f"{now - last_lie:.2f}s after the last lie"
+    if corrects:
+        assert table.nodes["n3"].term == 5 and table.live_nodes(now) == ["n1", "n2", "n3"]

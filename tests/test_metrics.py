@@ -138,6 +138,23 @@ def test_scrape_reports_the_leader_term_roles_and_lag_from_the_table() -> None:
     assert value(s, "raftlb_leader_changes_total", cluster="c1") == 1
 
 
+def test_scrape_is_safe_for_every_accepted_term_and_index() -> None:
+    # A 4299-digit integer is valid JSON and was once a term: every scrape after it failed (no float).
+    server = offline_server()
+    proxy = server.proxies["c1"]
+    top = 2**64 - 1
+    proxy.on_announcement("n1", ann("n1", top, "leader", "n1", applied=top))
+    proxy.on_announcement("n2", ann("n2", 10**4298, "follower", "n1", applied=10**4298))  # refused
+    proxy.on_announcement("n3", ann("n3", top, "follower", "n1", applied=top))
+    s = scrape(server.metrics)
+    assert value(s, "raftlb_cluster_term", cluster="c1") == 2.0**64
+    assert value(s, "raftlb_node_term", cluster="c1", node="n1") == 2.0**64
+    assert value(s, "raftlb_node_applied_index", cluster="c1", node="n3") == 2.0**64
+    assert value(s, "raftlb_node_term", cluster="c1", node="n2") == 0
+    assert value(s, "raftlb_leader", cluster="c1", node="n1") == 1
+    assert value(s, "raftlb_announcements_rejected_total", cluster="c1", reason="table") == 1
+
+
 def test_scrape_reads_the_proxy_counters() -> None:
     server = offline_server()
     stats = server.proxies["c1"].stats

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -266,6 +267,24 @@ async def test_signed_announcements_are_checked_when_a_key_is_set() -> None:
         await rec.wait_for(lambda: subs.nodes["n2"].rejected.get("bad_signature", 0) >= 3)
         await rec.wait_for(lambda: subs.nodes["n3"].rejected.get("bad_signature", 0) >= 3)
         assert not rec.of("n2") and not rec.of("n3")
+
+
+async def test_a_sig_that_is_not_ascii_or_not_a_string_is_a_bad_signature_and_the_stream_continues() -> None:
+    # hmac.compare_digest raises TypeError on a non-ASCII str: that once ended the stream, uncounted.
+    async with FakeNode("n1", key=b"secret") as node, subscribed([node], key=b"secret") as (subs, rec, _):
+        await rec.wait_for(lambda: len(rec.of("n1")) >= 2)
+        doc = node.announcement()
+        for sig in ("\u00e9" * 64, "\udc80", 12345, None):
+            node.inject_raw(b"data: " + json.dumps({**doc, "sig": sig}).encode() + b"\n\n")
+        raw = json.dumps({**doc, "sig": "\u00e9"}, ensure_ascii=False).encode()  # UTF-8 on the wire
+        node.inject_raw(b"data: " + raw + b"\n\n")
+        # Correctly signed, but a timestamp no float can hold: too old to be fresh, not a crash.
+        node.inject_event(ts_ms=10**4000)
+        await rec.wait_for(lambda: subs.rejected == {"bad_signature": 5, "replayed": 1})
+        seen = len(rec.announcements)
+        await rec.wait_for(lambda: len(rec.announcements) >= seen + 2)
+        assert subs.nodes["n1"].connects == 1  # same stream
+        assert subs.nodes["n1"].last_error == ""
 
 
 async def test_a_raising_callback_does_not_end_the_subscription() -> None:

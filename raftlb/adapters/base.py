@@ -26,7 +26,7 @@ import httpx
 
 from raftlb.burstlog import BurstLog
 from raftlb.config import ClusterConfig, NodeConfig
-from raftlb.leader_table import Announcement
+from raftlb.leader_table import MAX_UINT64, Announcement
 from raftlb.subscriptions import ClusterSubscriptions, OnAnnouncement, OnDown
 from raftlb.tasks import TaskSet
 
@@ -55,13 +55,14 @@ def decode_json(body: bytes) -> Any:
 
 
 def as_index(value: object, name: str) -> int:
-    """A non-negative integer from JSON: a number, or a decimal string (etcd and Consul send 64-bit numbers
-    as strings). StatusError names the field otherwise."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    """A uint64 from JSON: a number, or a decimal string (etcd and Consul send 64-bit numbers as strings).
+    StatusError names the field otherwise."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20:
+        value = int(value)  # (20 digits at most: int() refuses more than 4300, and uint64 has 20)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_UINT64:
         return value
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
-    raise StatusError("invalid_fields", f"{name}: must be a non-negative integer, got {value!r}")
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+    raise StatusError("invalid_fields", f"{name}: must be a non-negative integer below 2**64, got {shown}")
 
 
 class NodeAdapter(ABC):

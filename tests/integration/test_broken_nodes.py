@@ -582,6 +582,75 @@ async def test_term_going_backwards_is_logged_once_per_burst(caplog: pytest.LogC
     assert len(warnings) == 1
 
 
+async def test_one_node_announcing_arbitrary_terms_stops_writes_only_while_it_is_live_and_claiming() -> None:
+    """Issue #16: one event at term 2**63 once deposed the real leader until restart, and a 4299-digit term
+    made every /metrics scrape fail. Now: writes reach the honest leader within one liveness timeout of
+    the liar going silent or correcting itself, no restart, and /metrics answers 200 throughout."""
+    liveness = 0.5
+    async with FakeCluster(3) as fc:
+        fc.elect("n1", term=5)
+        async with running(fc.config(liveness_timeout=liveness), admin=True) as srv, \
+                httpx.AsyncClient(base_url=url_of(srv), timeout=10) as c, \
+                httpx.AsyncClient(timeout=10) as scraper:
+            proxy, subs = srv.proxies["c1"], srv.subscriptions["c1"]
+            table, liar = proxy.table, fc["n3"]
+            assert srv.admin is not None
+            metrics_url = f"http://127.0.0.1:{srv.admin.port}/metrics"
+            await wait_for(lambda: leader_of(srv) == "n1")
+            scrapes: list[int] = []
+            stop = asyncio.Event()
+
+            async def scrape() -> None:
+                while not stop.is_set():
+                    scrapes.append((await scraper.get(metrics_url)).status_code)
+                    await asyncio.sleep(0.01)
+
+            async def write_reaches_n1(key: str) -> None:
+                r = await c.put(f"/kv/{key}", content=b"v")
+                assert (r.status_code, r.headers["x-raft-node"]) == (200, "n1")
+
+            scraping = asyncio.create_task(scrape())
+            # 1. A follower at an absurd term is one node's word: nothing changes for n1.
+            liar.set(term=2**63)
+            await wait_for(lambda: table.nodes["n3"].term == 2**63)
+            await write_reaches_n1("a")
+            # 2. Values no Raft node sends are refused and counted.
+            for bad in (10**4298, 2**64, -1, 5.5, True, "7"):
+                liar.inject_event(term=bad)
+            await wait_for(lambda: subs.rejected.get("invalid_fields", 0) == 6)
+            await write_reaches_n1("b")
+            assert (leader_of(srv), table.term) == ("n1", 5)
+            # 3. It claims leadership at 2**63: that governs while it is live and claiming...
+            liar.set(role="leader", term=2**63)
+            await wait_for(lambda: leader_of(srv) == "n3")
+            # ...then tells the truth: refused as going back while its lie is fresh (counted, reason
+            # table), so it stops counting as live, and n1 gets the writes again; then its truth is taken.
+            rejected = proxy.stats.rejected_announcements
+            liar.set(term=5, role="follower", leader="n1")
+            await wait_for(lambda: leader_of(srv) == "n1")
+            await write_reaches_n1("c")
+            await wait_for(lambda: table.nodes["n3"].term == 5 and "n3" in table.live_nodes(time.monotonic()))
+            assert proxy.stats.rejected_announcements > rejected
+            # 4. It claims again, then falls silent: n1 again once the claim is a liveness timeout old.
+            liar.set(role="leader", term=2**63)
+            await wait_for(lambda: leader_of(srv) == "n3")
+            liar.silence()
+            await wait_for(lambda: leader_of(srv) == "n1")
+            await write_reaches_n1("d")
+            # 5. And it comes back with the truth: taken, since its lie is old.
+            liar.set(term=5, role="follower", leader="n1")
+            liar.resume()
+            await wait_for(lambda: table.nodes["n3"].term == 5 and "n3" in table.live_nodes(time.monotonic()))
+            await write_reaches_n1("e")
+            stop.set()
+            await scraping
+            assert scrapes and set(scrapes) == {200}
+            text = (await scraper.get(metrics_url)).text
+            assert 'raftlb_cluster_term{cluster="c1"} 5.0' in text
+            pattern = r'raftlb_announcements_rejected_total\{cluster="c1",reason="invalid_fields"\} 6'
+            assert re.search(pattern, text)
+
+
 async def test_status_poll_answering_nonsense_is_rejected_and_the_node_stays_down() -> None:
     # A polled node (no stream) whose status endpoint answers JSON that is not an announcement of its own.
     async with FakeCluster(3, serve_stream=False) as fc:
