@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.resources
+import itertools
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -31,6 +33,7 @@ from raftlb.errors import ConfigError
 
 WRITERS = 4
 READERS = 4
+RECENT_KEYS = 64  # readers pick among the latest acknowledged writes
 
 
 @dataclass
@@ -39,10 +42,12 @@ class Tally:
 
     writes_ok: int = 0
     write_errors: dict[str, int] = field(default_factory=dict)
-    reads_ok: int = 0
+    reads_found: int = 0  # 200: the key and its value
+    reads_not_found: int = 0  # 404: counted apart, a read of a key that exists should not get one
     read_errors: dict[str, int] = field(default_factory=dict)
-    reads_by_node: dict[str, int] = field(default_factory=dict)
+    reads_by_node: dict[str, int] = field(default_factory=dict)  # 200s and 404s, by the node that answered
     acked: dict[str, str] = field(default_factory=dict)  # key -> value of every acknowledged write
+    acked_index: dict[str, int] = field(default_factory=dict)  # key -> X-Raft-Index of its write
     write_done_at: list[float] = field(default_factory=list)
     slowest_write: float = 0.0
     events: list[str] = field(default_factory=list)
@@ -86,7 +91,8 @@ class Demo:
         t = self.tally
         view = self.admin_view
         stats = view.get("stats", {})
-        line = (f"writes {t.writes_ok} ok {sum(t.write_errors.values())} err | reads {t.reads_ok} ok "
+        line = (f"writes {t.writes_ok} ok {sum(t.write_errors.values())} err | reads {t.reads_found} found "
+                f"{t.reads_not_found} not found "
                 f"{sum(t.read_errors.values())} err | leader {view.get('leader')} term {view.get('term')} "
                 f"| held now {stats.get('held_now', 0)}, released {stats.get('released', 0)}")
         if self.tty:
@@ -162,6 +168,8 @@ class Demo:
             if status == "200":
                 t.writes_ok += 1
                 t.acked[key] = value
+                if (index := r.headers.get("x-raft-index", "")).isdigit():
+                    t.acked_index[key] = int(index)
                 t.write_done_at.append(now)
                 t.slowest_write = max(t.slowest_write, now - start)
             else:
@@ -170,13 +178,20 @@ class Demo:
             i += 1
 
     async def reader(self, c: httpx.AsyncClient, r_id: int) -> None:
-        """Reads carry the highest index this reader has seen (X-Raft-Min-Index): raftlb serves them from
-        any node that has applied it, so they never go back in time, followers included."""
+        """Reads of keys whose write was acknowledged, among the latest ones. Each carries the highest index
+        this reader has seen, and at least its key's write index (X-Raft-Min-Index): raftlb serves it from
+        any node that has applied that, so it finds the value and never goes back in time, followers
+        included."""
         t = self.tally
-        i = 0
+        rng = random.Random(r_id)
         token = 0
         while not self.stop_load.is_set():
-            key = f"demo-w{i % WRITERS}-{max(0, t.writes_ok // WRITERS - 1)}"
+            if not t.acked:
+                await asyncio.sleep(0.02)  # nothing written yet
+                continue
+            recent = list(itertools.islice(reversed(t.acked), RECENT_KEYS))
+            key = rng.choice(recent)
+            token = max(token, t.acked_index.get(key, 0))
             try:
                 r = await c.get(f"/kv/{key}", headers={"X-Raft-Min-Index": str(token)})
                 status = r.status_code
@@ -184,14 +199,16 @@ class Demo:
                 if index.isdigit():
                     token = max(token, int(index))
                 if status in (200, 404):
-                    t.reads_ok += 1
+                    if status == 200:
+                        t.reads_found += 1
+                    else:
+                        t.reads_not_found += 1
                     node = r.headers.get("x-raft-node", "?")
                     t.reads_by_node[node] = t.reads_by_node.get(node, 0) + 1
                 else:
                     t.read_errors[str(status)] = t.read_errors.get(str(status), 0) + 1
             except httpx.HTTPError as exc:
                 t.read_errors[type(exc).__name__] = t.read_errors.get(type(exc).__name__, 0) + 1
-            i += 1
             await asyncio.sleep(0.005)
 
     async def refresh_view(self) -> None:
@@ -317,20 +334,23 @@ class Demo:
         done = sorted(t.write_done_at)
         gap = max((b - a for a, b in zip(done, done[1:], strict=False)), default=0.0)
         changes = " -> ".join(f"{leader}@{term}" for leader, term in t.leaders)
-        requests = t.writes_ok + sum(t.write_errors.values()) + t.reads_ok + sum(t.read_errors.values())
+        reads = t.reads_found + t.reads_not_found + sum(t.read_errors.values())
+        requests = t.writes_ok + sum(t.write_errors.values()) + reads
         rows = [
             ("requests", f"{requests}"),
             ("writes acknowledged", f"{t.writes_ok}"),
             ("write errors", f"{sum(t.write_errors.values())} {t.write_errors or ''}".strip()),
-            ("reads served", f"{t.reads_ok}"),
-            ("read errors", f"{sum(t.read_errors.values())} {t.read_errors or ''}".strip()),
+            ("reads", f"{reads} of acknowledged keys"),
+            ("  found (200)", f"{t.reads_found}"),
+            ("  not found (404)", f"{t.reads_not_found}"),
+            ("  errors", f"{sum(t.read_errors.values())} {t.read_errors or ''}".strip()),
             ("longest write gap",
              f"{gap * 1000:.0f} ms (slowest single write {t.slowest_write * 1000:.0f} ms)"),
             ("leader changes (raftlb)", changes),
             ("writes held / released / expired",
              f"{stats.get('held', 0)} / {stats.get('released', 0)} / {stats.get('expired', 0)}"),
             ("re-sends", f"{stats.get('resends', {})}"),
-            ("reads served per node", ", ".join(f"{n}: {c}" for n, c in sorted(t.reads_by_node.items()))),
+            ("reads answered per node", ", ".join(f"{n}: {c}" for n, c in sorted(t.reads_by_node.items()))),
             ("acknowledged writes lost", f"{lost}"),
         ]
         width = max(len(k) for k, _ in rows)
