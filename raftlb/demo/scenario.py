@@ -363,22 +363,124 @@ class Demo:
         self.out.flush()
 
     async def keep_running(self) -> None:
+        """Leave everything running until Ctrl-C or SIGTERM: say who leads and how to look, watch the nodes,
+        and take `restart ID` on stdin (the nodes are this process's children: one started by hand from
+        `ps` would stop at once, as its parent is not this process)."""
+        assert self.cluster is not None and self.proxy is not None
+        cluster = self.cluster
+        leader = await asyncio.to_thread(cluster.leader)
+        term = await asyncio.to_thread(cluster.term)
+        pids = ", ".join(f"{n}={cluster.pid(n)}" for n in cluster.nodes)
+        victim = cluster.pid(leader) if leader else "<leader pid>"
         self.out.write(f"""
-The cluster and raftlb keep running (Ctrl-C stops everything). Try:
+The cluster and raftlb keep running (Ctrl-C stops everything).
+
+  leader now     {leader or "(none)"} at term {term}; nodes (pids): {pids}
+  raftlb         pid {self.proxy.pid}, {self.proxy_url} (admin {self.admin_url})
+  logs           {self.cluster_log_dir()}
+  status page    {self.admin_url}/
+  leader table   raftlb status --admin {self.admin_url} --watch
+
+Try:
 
   curl -i -X PUT {self.proxy_url}/kv/hello -d world        # a write: goes to the leader
   curl -i {self.proxy_url}/kv/hello                        # a read
-  curl -s {self.admin_url}/v1/clusters | python3 -m json.tool   # raftlb's leader table
-  kill -9 <leader pid>  then watch writes held and released
+  raftlb bench --url {self.proxy_url} --duration 10           # load and a consistency check
+  kill -9 {victim}      # kill the leader: watch writes held and released on the status page
 
-Node pids: {", ".join(f"{n}={self.cluster.pid(n)}" for n in self.cluster.nodes) if self.cluster else ""}
+Type `restart ID` and Enter here to start a stopped node again (`restart` alone: every stopped node).
 """)
         self.out.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        commands: asyncio.Queue[str] = asyncio.Queue()
+        reading = self._read_commands(commands)
+        watcher = asyncio.create_task(self._watch_nodes(stop))
+        try:
+            while not stop.is_set():
+                get = asyncio.create_task(commands.get())
+                stopped = asyncio.create_task(stop.wait())
+                await asyncio.wait([get, stopped], return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                if not get.done():
+                    get.cancel()
+                    break
+                await self.command(get.result())
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            if reading:
+                loop.remove_reader(sys.stdin.fileno())
+
+    def _read_commands(self, commands: asyncio.Queue[str]) -> bool:
+        """Feed stdin's lines to `commands`; False when stdin cannot be watched (closed, a plain file)."""
+        loop = asyncio.get_running_loop()
+        buffer = bytearray()
+
+        def readable() -> None:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                data = b""
+            if not data:  # end of input: keep running, without commands
+                loop.remove_reader(fd)
+                return
+            buffer.extend(data)
+            while (end := buffer.find(b"\n")) >= 0:
+                commands.put_nowait(buffer[:end].decode(errors="replace").strip())
+                del buffer[:end + 1]
+
+        try:
+            fd = sys.stdin.fileno()
+            loop.add_reader(fd, readable)
+        except (AttributeError, OSError, ValueError):  # no stdin, or one epoll cannot watch (/dev/null)
+            return False
+        return True
+
+    async def _watch_nodes(self, stop: asyncio.Event) -> None:
+        """Say when a node exits, and how to start it again."""
+        assert self.cluster is not None
+        cluster = self.cluster
+        down: set[str] = set()
+        while not stop.is_set():
+            for node_id in cluster.nodes:
+                if cluster.is_running(node_id):
+                    down.discard(node_id)
+                elif node_id not in down:
+                    down.add(node_id)
+                    code = cluster.returncode(node_id)
+                    self.say(f"{node_id} (pid {cluster.pid(node_id)}) exited with {code}: type `restart "
+                             f"{node_id}` and Enter to start it again")
+            await asyncio.sleep(0.2)
+
+    async def command(self, line: str) -> None:
+        """One line typed in keep mode: `restart [ID...]`."""
+        assert self.cluster is not None
+        cluster = self.cluster
+        words = line.split()
+        if not words:
+            return
+        if words[0] != "restart" or any(w not in cluster.nodes for w in words[1:]):
+            self.say(f"unknown command {line!r}: type `restart ID` (one of {', '.join(cluster.nodes)}) or "
+                     "`restart` for every stopped node")
+            return
+        targets = words[1:] or [n for n in cluster.nodes if not cluster.is_running(n)]
+        if not targets:
+            self.say("every node is running")
+        for node_id in targets:
+            if cluster.is_running(node_id):
+                self.say(f"{node_id} is running (pid {cluster.pid(node_id)}); `kill -9` it first")
+                continue
+            try:
+                await asyncio.to_thread(cluster.restart, node_id)
+            except TimeoutError as exc:
+                self.say(f"{node_id} did not answer after its restart: {exc}")
+                continue
+            self.say(f"{node_id} restarted (pid {cluster.pid(node_id)}, same data dir: it replays its "
+                     "journal and rejoins)")
 
 
 def main(keep: bool = False, duration: float = 12.0, config: str | None = None) -> int:
