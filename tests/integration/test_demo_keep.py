@@ -89,7 +89,11 @@ def test_keep_shows_where_to_look_and_restarts_a_killed_node(tmp_path: Path) -> 
                             start_new_session=True)
     out = Lines(proc)
     try:
-        out.wait(r"PASS: every acknowledged write survived", 150)
+        # The report counts reads of acknowledged keys: every one found (each carries its write's index).
+        found = int(out.wait(r"^ +found \(200\) +(\d+)$", 150)[1])
+        not_found = int(out.wait(r"^ +not found \(404\) +(\d+)$", 5)[1])
+        assert found > 0 and not_found == 0, (found, not_found)
+        out.wait(r"PASS: every acknowledged write survived", 30)
         leader = out.wait(r"leader now +(n\d) at term \d+; nodes \(pids\): (.*)$", 30)
         pids = dict(pair.split("=") for pair in leader[2].split(", "))
         raftlb_pid = int(out.wait(r"raftlb +pid (\d+), ", 5)[1])
@@ -98,6 +102,12 @@ def test_keep_shows_where_to_look_and_restarts_a_killed_node(tmp_path: Path) -> 
         out.wait(r"Type `restart ID`", 5)
         assert set(pids) == {"n1", "n2", "n3"}
         os.kill(raftlb_pid, 0)  # raftlb's pid, alive
+        # The README's bench example, with the demo's listener (this test's port), runs and passes.
+        listener = doc["listeners"][0]["address"]
+        bench = subprocess.run([sys.executable, "-m", "raftlb", "bench", "--url", f"http://{listener}",
+                                "--consistency", "fenced", "--duration", "2"],
+                               capture_output=True, text=True, timeout=90)
+        assert bench.returncode == 0 and "PASS: no violations" in bench.stdout, bench.stdout + bench.stderr
 
         victim = leader[1]
         os.kill(int(pids[victim]), signal.SIGKILL)
