@@ -15,6 +15,7 @@ from raftlb.loadgen import (
     BenchProgress,
     BenchReport,
     run_bench,
+    unreachable,
 )
 
 EXIT_USAGE = 2
@@ -29,10 +30,13 @@ monotonic reads, the index against the token; after the load every key is read b
 """
 
 EPILOG = """\
-exit status: 0 no violations and errors within --max-error-rate; 1 violations or too many errors; 2 usage.
+exit status: 0 no violations and errors within --max-error-rate; 1 violations or too many errors; 2 usage,
+or a URL that cannot be reached at the start (each URL is connected to once before the load).
 
-examples:
+examples (against `raftlb demo --keep`, which serves http://127.0.0.1:8080):
   raftlb bench --url http://127.0.0.1:8080 --duration 10
+  raftlb bench --url http://127.0.0.1:8080 --consistency fenced --duration 30
+  # two raftlb replicas: each client alternates between them, its token going along
   raftlb bench --url http://127.0.0.1:8080 --url http://127.0.0.1:8081 --consistency fenced
   # a control run: unfenced reads, no token, each client reading right after its own writes: expect violations
   raftlb bench --url http://127.0.0.1:8080 --consistency any --no-token --keys-per-client 1 --read-ratio 0.5
@@ -145,11 +149,13 @@ def format_report(r: BenchReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run(options: BenchOptions, progress: ProgressLine | None) -> BenchReport:
+def _run(options: BenchOptions, progress: ProgressLine | None) -> BenchReport | list[str]:
     """Run on uvloop when installed; the first Ctrl-C ends the run early (partial report), a second one
-    aborts."""
+    aborts. The URLs that cannot be reached at the start, instead of a report, when there are any."""
 
-    async def main() -> BenchReport:
+    async def main() -> BenchReport | list[str]:
+        if problems := await unreachable(options):
+            return problems
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         handled = threading.current_thread() is threading.main_thread()
@@ -200,6 +206,12 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     finally:
         if progress is not None:
             progress.end()
+    if isinstance(report, list):
+        for problem in report:
+            print(f"raftlb bench: cannot connect to {problem}", file=sys.stderr)
+        print("raftlb bench: nothing run (is raftlb listening there? `raftlb demo --keep` serves "
+              "http://127.0.0.1:8080)", file=sys.stderr)
+        return EXIT_USAGE
     if not args.quiet:
         out.write(format_report(report))
         out.flush()

@@ -128,35 +128,36 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raftlb", description=DESCRIPTION, epilog=EPILOG,
+    parser = argparse.ArgumentParser(prog="raftlb", usage="%(prog)s [-h] [--version] COMMAND ...",
+                                     description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"raftlb {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # The commands are listed once, in the epilog (with their arguments): not again by argparse.
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS)
 
-    p = sub.add_parser("run", help="run the proxy", description=(
+    p = sub.add_parser("run", description=(
         "Run the proxy until SIGTERM (drains first); SIGHUP reloads the config file. With `workers: N` in "
         "the file, this process supervises N raftlb workers sharing the listener ports (worker i serves "
         "the admin API on its port + i); exit status 1 when a listener or admin port cannot be bound."))
     p.add_argument("-c", "--config", required=True, help="YAML config file")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("check", help="validate a config file", description="Validate a config and exit.")
+    p = sub.add_parser("check", description="Validate a config and exit.")
     p.add_argument("-c", "--config", required=True, help="YAML config file")
     p.set_defaults(func=_cmd_check)
 
-    p = sub.add_parser("status", help="show the leader table of a running raftlb",
-                       description="Read the leader table from a running raftlb's admin listener. Exit "
-                                   "code: 0 every cluster has a leader, 1 one has none (or draining), "
-                                   "2 unreachable.")
+    p = sub.add_parser("status", description=(
+        "Read the leader table from a running raftlb's admin listener. Exit code: 0 every cluster has a "
+        "leader, 1 one has none (or draining), 2 unreachable."))
     p.add_argument("--admin", default="http://127.0.0.1:9090", help="admin URL (default: %(default)s)")
     p.add_argument("--watch", action="store_true", help="redraw every --interval seconds until Ctrl-C")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between redraws (default: 1)")
     p.add_argument("--json", action="store_true", help="print the admin's JSON")
     p.set_defaults(func=_cmd_status)
 
-    p = sub.add_parser("demo", help="run the failover demo on an embedded 3-node Raft cluster",
-                       description="Start three demo nodes and raftlb, write and read through it, kill the "
-                                   "leader, restart it, and report what every client saw.")
+    p = sub.add_parser("demo", description=(
+        "Start three demo nodes and raftlb, write and read through it, kill the leader, restart it, and "
+        "report what every client saw."))
     p.add_argument("--keep", action="store_true", help="leave cluster and proxy running until Ctrl-C")
     p.add_argument("--duration", type=float, default=12.0, help="seconds of load in the scenario")
     p.add_argument("-c", "--config", help="raftlb config for the demo: its first listener and cluster, whose "
@@ -164,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(default: the demo.yaml shipped in the package)")
     p.set_defaults(func=_cmd_demo)
 
-    sub.add_parser("demo-node", help="run one node of the demo cluster", add_help=False)
-    sub.add_parser("announce", help="sidecar serving raft-announce/1 for one etcd/json node", add_help=False)
-    sub.add_parser("bench", help="load generator and consistency checker", add_help=False)
+    sub.add_parser("demo-node", add_help=False)
+    sub.add_parser("announce", add_help=False)
+    sub.add_parser("bench", add_help=False)
     return parser
 
 

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, Literal, cast
 
 import yaml
@@ -49,14 +50,28 @@ from raftlb.yamlcursor import (
     Conv,
     Cursor,
     Map,
+    Reported,
     at_least_one,
+    attempt,
     claim,
+    collecting,
+    combined,
     expand_env,
+    give_up_if_failed,
     make_conv,
+    mark,
     suggest,
 )
 
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]+")  # an HTTP token (RFC 9110 §5.6.2), once upper-cased
+# RFC 9110 §9, PATCH (RFC 5789) and the WebDAV/CalDAV methods of the IANA registry.
+HTTP_METHODS = (
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "REPORT", "SEARCH", "MKCALENDAR",
+    "ACL", "BIND", "UNBIND", "REBIND", "CHECKOUT", "CHECKIN", "UNCHECKOUT", "MERGE", "LABEL", "UPDATE",
+    "VERSION-CONTROL", "MKWORKSPACE", "MKACTIVITY", "BASELINE-CONTROL", "MKREDIRECTREF", "ORDERPATCH",
+    "UPDATEREDIRECTREF", "QUERY",
+)
 
 
 def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Config:
@@ -96,7 +111,15 @@ def parse_config(text: str, source: str | None = None, *, environ: Mapping[str, 
         raise ConfigError("", message, line=line, file=source) from exc
     if root is None:
         raise ConfigError("", "the file is empty: it needs at least `listeners` and `clusters`", file=source)
-    return _config(Cursor(root, "", source))
+    # Every error of the file in one run: each setting, list item and section is checked on its own.
+    with collecting() as errors:
+        try:
+            return _config(Cursor(root, "", source))
+        except ConfigError as exc:
+            errors.append(exc)
+        except Reported:
+            pass
+    raise combined(errors)
 
 
 def summarize(cfg: Config) -> str:
@@ -113,7 +136,8 @@ def check_main(path: str) -> int:
     try:
         cfg = load_config(path)
     except ConfigError as exc:
-        print(f"raftlb: config error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # one line per error, in file order
+            print(f"raftlb: config error: {line}", file=sys.stderr)
         return 2
     print(f"{path}: OK — {summarize(cfg)}")
     return 0
@@ -163,15 +187,21 @@ _Bound = list[tuple[str, int, str, int | None]]
 
 def _config(root: Cursor) -> Config:
     m = root.mapping(("listeners", "admin", "clusters", *_TOP), extensions=True)
-    cluster_names: dict[str, int | None] = {}
-    clusters = tuple(_cluster(cur, cluster_names) for cur in m.require("clusters").items())
+    cluster_names: dict[str, int | None] = {}  # also those of clusters with errors: listeners name them
+    clusters = tuple(attempt(partial(_cluster, cur, cluster_names), None)
+                     for cur in attempt(m.require("clusters").items, []))
     bound: _Bound = []
-    admin = _admin(m.get("admin"), bound)
+    admin = attempt(partial(_admin, m.get("admin"), bound), AdminConfig())
     names: dict[str, int | None] = {}
+    known = tuple(cluster_names)
     listeners = tuple(
-        _listener(cur, i, clusters, names, bound) for i, cur in enumerate(m.require("listeners").items())
+        attempt(partial(_listener, cur, i, known, names, bound), None)
+        for i, cur in enumerate(attempt(m.require("listeners").items, []))
     )
-    cfg = Config(listeners=listeners, clusters=clusters, admin=admin, source=root.file, **m.fields(_TOP))
+    top = m.fields(_TOP)
+    give_up_if_failed(0)
+    cfg = Config(listeners=tuple(lc for lc in listeners if lc), clusters=tuple(c for c in clusters if c),
+                 admin=admin, source=root.file, **top)
     if problem := shared_port_problem(cfg, cfg.workers):
         raise m.require("workers").error(problem)
     return cfg
@@ -206,56 +236,82 @@ def _bind(bound: _Bound, host: str, port: int, cur: Cursor) -> None:
 
 
 def _listener(
-    cur: Cursor, i: int, clusters: tuple[ClusterConfig, ...], names: dict[str, int | None], bound: _Bound
+    cur: Cursor, i: int, known: tuple[str, ...], names: dict[str, int | None], bound: _Bound
 ) -> ListenerConfig:
+    since = mark()
     m = cur.mapping(("name", "address", "cluster", "max_connections", "tls"))
     name = m.opt("name", Cursor.name, f"listener{i}")
-    claim(names, name, m.get("name") or cur, "listener name")
-    address = m.require("address")
-    host, port = address.address()
-    _bind(bound, host, port, address)
-    known = tuple(c.name for c in clusters)
-    if len(known) == 1 and m.get("cluster") is None:
-        cluster = known[0]
-    else:
+    attempt(partial(claim, names, name, m.get("name") or cur, "listener name"), None)
+
+    def bind() -> tuple[str, int]:
+        address = m.require("address")
+        host, port = address.address()
+        _bind(bound, host, port, address)
+        return host, port
+
+    def target() -> str:
+        if len(known) == 1 and m.get("cluster") is None:
+            return known[0]
         target = m.require("cluster", f"is required when there is more than one cluster ({', '.join(known)})")
         if (cluster := target.text()) not in known:
             raise target.error(f"unknown cluster {cluster!r}{suggest(cluster, known)}")
+        return cluster
+
+    host, port = attempt(bind, ("", 0))
+    cluster = attempt(target, "")
     fields = m.fields({"max_connections": at_least_one, "tls": lambda c: _tls(c, server=True)})
+    give_up_if_failed(since)
     return ListenerConfig(name=name, host=host, port=port, cluster=cluster, **fields)
 
 
 def _cluster(cur: Cursor, names: dict[str, int | None]) -> ClusterConfig:
+    since = mark()
     m = cur.mapping(("name", "kind", "nodes", "routes", "reconnect", "sidecar", "status", "announce_auth",
                      "tls", *_CLUSTER))
-    name = (name_cur := m.require("name")).name()
-    claim(names, name, name_cur, "cluster name")
+
+    def named() -> str:
+        name = (name_cur := m.require("name")).name()
+        claim(names, name, name_cur, "cluster name")
+        return name
+
+    name = attempt(named, "")
     fields = m.fields(_CLUSTER)
-    fields.update(_adapter_fields(m))
+    fields.update(attempt(partial(_adapter_fields, m), {}))
     if reconnect := m.get("reconnect"):
-        backoff = reconnect.mapping(_RECONNECT).fields(_RECONNECT)
+        backoff = attempt(lambda: reconnect.mapping(_RECONNECT).fields(_RECONNECT), {})
         fields.update((f"reconnect_{key}", value) for key, value in backoff.items())
     if (tls := m.get("tls")) is not None:
-        fields["tls"] = _tls(tls, server=False)
+        fields["tls"] = attempt(partial(_tls, tls, server=False), None)
     if auth := m.get("announce_auth"):
-        am = auth.mapping(("keys", "max_skew"))
-        keys = tuple(_hmac_key(k) for k in am.require("keys").items())
-        if len(keys) > 2:
-            raise am.require("keys").error("at most two keys (the current one and the next, in a rotation)")
-        fields["announce_keys"] = keys
-        if (skew := am.get("max_skew")) is not None:
-            fields["announce_max_skew"] = skew.duration()
+        fields.update(attempt(partial(_announce_auth, auth), {}))
     routes = m.get("routes")
+    kind = cast(ClusterKind, m.opt("kind", lambda c: c.choice(CLUSTER_KINDS), "native"))
+    nodes = attempt(lambda: _nodes(m.require("nodes")), ())
+    route_items = attempt(partial(routes.items, allow_empty=True), []) if routes else []
+    route_list = tuple(attempt(partial(_route, r), None) for r in route_items)
+    give_up_if_failed(since)
     cfg = ClusterConfig(
         name=name,
-        kind=cast(ClusterKind, m.opt("kind", lambda c: c.choice(CLUSTER_KINDS), "native")),
-        nodes=_nodes(m.require("nodes")),
-        routes=tuple(_route(r) for r in routes.items(allow_empty=True)) if routes else (),
+        kind=kind,
+        nodes=nodes,
+        routes=tuple(r for r in route_list if r),
         **fields,
     )
     if reconnect and cfg.reconnect_min > cfg.reconnect_max:
         raise reconnect.error(f"min ({cfg.reconnect_min:g}s) must not exceed max ({cfg.reconnect_max:g}s)")
     return cfg
+
+
+def _announce_auth(auth: Cursor) -> dict[str, Any]:
+    am = auth.mapping(("keys", "max_skew"))
+    fields: dict[str, Any] = {}
+    keys = tuple(_hmac_key(k) for k in am.require("keys").items())
+    if len(keys) > 2:
+        raise am.require("keys").error("at most two keys (the current one and the next, in a rotation)")
+    fields["announce_keys"] = keys
+    if (skew := am.get("max_skew")) is not None:
+        fields["announce_max_skew"] = skew.duration()
+    return fields
 
 
 def _adapter_fields(m: Map) -> dict[str, Any]:
@@ -346,14 +402,32 @@ def _nodes(cur: Cursor) -> tuple[NodeConfig, ...]:
     ids: dict[str, int | None] = {}
     urls: dict[str, int | None] = {}
     nodes = []
-    for item in cur.items():
+    since = mark()
+
+    def node(item: Cursor) -> NodeConfig:
         m = item.mapping(("id", "url", "announce_url"))
-        node_id = (id_cur := m.require("id")).name()
-        claim(ids, node_id, id_cur, "node id")
-        url, host, port = (url_cur := m.require("url")).url()
-        claim(urls, url, url_cur, "node url")
+
+        def node_id() -> str:
+            node_id = (id_cur := m.require("id")).name()
+            claim(ids, node_id, id_cur, "node id")
+            return node_id
+
+        def node_url() -> tuple[str, str, int]:
+            url, host, port = (url_cur := m.require("url")).url()
+            claim(urls, url, url_cur, "node url")
+            return url, host, port
+
+        item_since = mark()
+        nid = attempt(node_id, "")
+        url, host, port = attempt(node_url, ("", "", 0))
         announce_url = m.opt("announce_url", lambda c: c.url()[0], url)
-        nodes.append(NodeConfig(id=node_id, url=url, announce_url=announce_url, host=host, port=port))
+        give_up_if_failed(item_since)
+        return NodeConfig(id=nid, url=url, announce_url=announce_url, host=host, port=port)
+
+    for item in cur.items():
+        if (n := attempt(partial(node, item), None)) is not None:
+            nodes.append(n)
+    give_up_if_failed(since)
     return tuple(nodes)
 
 
@@ -361,22 +435,29 @@ _READ_ONLY_KEYS = ("policy", "max_lag_entries", "max_lag_ms", "prefer_followers"
 
 
 def _route(cur: Cursor) -> RouteConfig:
+    since = mark()
     m = cur.mapping(("methods", "path", "kind", "idempotent", "cookie", *_READ_ONLY_KEYS))
+    methods = m.opt("methods", lambda c: frozenset(attempt(partial(_method, item), "") for item in c.items()),
+                    None)
+    path = m.opt("path", _regex, None)
     kind = cast(RouteKind, m.opt("kind", lambda c: c.choice(("read", "write")), "write"))
+    give_up_if_failed(since)  # the checks below depend on the kind
     if kind == "write":
         for key in _READ_ONLY_KEYS:
             if (value := m.get(key)) is not None:
                 raise value.error("only applies to read routes (add `kind: read`)")
     policy: ReadPolicy = m.opt("policy", _read_policy, "fenced" if kind == "read" else "leader")
+    give_up_if_failed(since)  # the lag checks depend on the policy
     lag_entries = m.opt("max_lag_entries", Cursor.integer, None)
     lag_ms = m.opt("max_lag_ms", Cursor.integer, None)
     if (lag_entries is not None or lag_ms is not None) and policy != "bounded":
         raise (m.get("max_lag_entries") or m.require("max_lag_ms")).error("only applies to policy: bounded")
     if policy == "bounded" and lag_entries is None and lag_ms is None:
         raise m.require("policy").error("bounded needs max_lag_entries and/or max_lag_ms")
+    give_up_if_failed(since)
     return RouteConfig(
-        methods=m.opt("methods", lambda c: frozenset(_method(item) for item in c.items()), None),
-        path=m.opt("path", _regex, None),
+        methods=methods,
+        path=path,
         kind=kind,
         policy=policy,
         idempotent=m.opt("idempotent", Cursor.boolean, False),
@@ -429,6 +510,8 @@ def _method(cur: Cursor) -> str:
     expected = "an HTTP method like GET"
     if not _METHOD.fullmatch(method := cur.text(expected).upper()):
         raise cur.bad(expected)
+    if method not in HTTP_METHODS:  # a typo like GTE would make the route match nothing, silently
+        raise cur.error(f"unknown HTTP method {cur.node.value!r}{suggest(method, HTTP_METHODS)}")
     return method
 
 

@@ -34,7 +34,7 @@ from raftlb.bench_check import (
 from raftlb.bench_http import HttpConnection, HttpResponse, Target, TransportError
 
 __all__ = ["VIOLATION_KINDS", "BenchOptions", "BenchProgress", "BenchReport", "ClientChecker", "Violation",
-           "run_bench", "CONSISTENCY_LEVELS"]
+           "run_bench", "unreachable", "CONSISTENCY_LEVELS"]
 
 CONSISTENCY_LEVELS = ("leader", "fenced", "bounded", "any", "linearizable")
 REQUESTS_ONLY_CAP = 600.0  # a run bounded by --requests alone still stops after this many seconds
@@ -298,6 +298,27 @@ class Bench:
     def _fill_violations(self, report: BenchReport) -> None:
         report.violations = dict(self.tally.violations)
         report.examples = [asdict(v) | {"text": v.describe()} for v in self.tally.examples]
+
+
+async def unreachable(options: BenchOptions) -> list[str]:
+    """Connect once to each URL before the load: `URL: reason` for each that cannot be reached (refused,
+    unknown host, no answer within the timeout). A run against a dead URL would only count errors."""
+
+    async def probe(target: Target) -> str | None:
+        try:
+            async with asyncio.timeout(options.timeout):
+                _, writer = await asyncio.open_connection(target.host, target.port)
+        except TimeoutError:
+            return f"{target.url}: no connection within {options.timeout:g} s"
+        except OSError as exc:
+            return f"{target.url}: {exc.strerror or exc}"
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return None
+
+    problems = await asyncio.gather(*(probe(Target.parse(u)) for u in options.urls))
+    return [p for p in problems if p is not None]
 
 
 async def run_bench(options: BenchOptions, *, stop: asyncio.Event | None = None,

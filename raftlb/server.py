@@ -220,6 +220,19 @@ class Server:
             await client.aclose()
         await self.close_retired_clients()
 
+    def startup_line(self) -> str:
+        """What a started raftlb serves, for its log: version, config file, listeners, admin, clusters."""
+        from raftlb import __version__
+
+        cfg = self.config
+        listeners = ", ".join(f"{lc.name} {srv.host}:{srv.port} -> {lc.cluster}"
+                              for lc, srv in zip(cfg.listeners, self.listeners, strict=False))
+        admin = f"{self.admin.host}:{self.admin.port}" if self.admin is not None else "disabled"
+        clusters = "; ".join(f"{c.name} ({c.kind}: " + ", ".join(f"{n.id} {n.url}" for n in c.nodes) + ")"
+                             for c in cfg.clusters)
+        return (f"raftlb {__version__} started: config {cfg.source or '-'}; listeners {listeners}; "
+                f"admin {admin}; clusters {clusters}")
+
     async def run(self) -> int:
         """For the CLI: start, serve until SIGTERM/SIGINT, drain, exit 0; 1 when a listener cannot bind."""
         try:
@@ -228,6 +241,7 @@ class Server:
             log.error("cannot start: %s", exc)
             await self.stop()
             return 1
+        log.info("%s", self.startup_line())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)

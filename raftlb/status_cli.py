@@ -1,8 +1,9 @@
 """`raftlb status`: the leader table of a running raftlb, read from its admin listener, as a terminal table.
 
 Exit codes: 0 every cluster has a leader; 1 some cluster has none (or the server is draining); 2 the admin
-listener could not be read. `--watch` redraws every `--interval` seconds until Ctrl-C; `--json` prints
-the admin's JSON as is.
+listener could not be read. `--watch` redraws every `--interval` seconds until Ctrl-C (while raftlb cannot
+be read: one line, `unreachable since ...`, and the table again once it answers); `--json` prints the
+admin's JSON as is.
 """
 
 from __future__ import annotations
@@ -77,19 +78,32 @@ def render(doc: dict[str, Any], admin: str) -> str:
 def main(admin: str = "http://127.0.0.1:9090", *, watch: bool = False, as_json: bool = False,
          interval: float = 1.0, out: TextIO | None = None) -> int:
     out = out or sys.stdout
+    tty = watch and out.isatty()
     code = EXIT_OK
+    down_since: float | None = None  # wall-clock time raftlb stopped answering (watch)
     while True:
         try:
             doc = fetch(admin)
         except (httpx.HTTPError, ValueError) as exc:
-            print(f"raftlb status: cannot read {admin}/v1/clusters: {exc}", file=sys.stderr)
             code = EXIT_UNREACHABLE
             if not watch:
+                print(f"raftlb status: cannot read {admin}/v1/clusters: {exc}", file=sys.stderr)
                 return code
+            # One status line for the whole outage: redrawn in place on a terminal, written once otherwise.
+            if down_since is None or tty:
+                down_since = down_since or time.time()
+                since = time.strftime("%H:%M:%S", time.localtime(down_since))
+                ago = f" ({_age(time.time() - down_since)} ago)" if tty else ""
+                out.write((CLEAR if tty else "") +
+                          f"raftlb status: {admin} unreachable since {since}{ago}: {exc}\n")
+                out.flush()
         else:
             code = exit_code(doc)
             text = json.dumps(doc, indent=2) + "\n" if as_json else render(doc, admin)
-            out.write((CLEAR if watch and out.isatty() else "") + text)
+            if down_since is not None and not tty:
+                text = f"raftlb status: {admin} answers again\n" + text
+            down_since = None
+            out.write((CLEAR if tty else "") + text)
             out.flush()
             if not watch:
                 return code

@@ -337,7 +337,7 @@ class NodeSubscription:
         self.up = False
         silent = "never heard" if self.last_heard is None else f"silent for {now - self.last_heard:.2f}s"
         reason = f"{silent}; {self.last_error}" if self.last_error else silent
-        log.warning("node %s: down (%s)", self.node.id, reason)
+        log.warning("node %s: down (%s) at %s", self.node.id, reason, self._url("/raft/announce"))
         try:
             self._on_down(self.node.id, reason)
         except Exception:

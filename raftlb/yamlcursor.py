@@ -3,14 +3,20 @@
 `Cursor` wraps a composed YAML node and the path to it (`clusters[0].nodes[2].url`); every accessor
 converts or raises a ConfigError naming the path and the line. `expand_env` replaces `${NAME}` and
 `${NAME:-default}` line by line, so an error names its line too.
+
+While `collecting()` is active (the whole file is being checked), `attempt` and `report` record an error
+and let the walk carry on with the next setting, item or section, so that one run names every error;
+`ConfigErrors` then holds them all in file order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextvars import ContextVar
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -21,6 +27,7 @@ from yaml.constructor import SafeConstructor
 from raftlb.errors import ConfigError
 
 T = TypeVar("T")
+D = TypeVar("D")
 Conv = Callable[["Cursor"], object]
 NULL, STR, _MERGE = "tag:yaml.org,2002:null", "tag:yaml.org,2002:str", "tag:yaml.org,2002:merge"
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -29,6 +36,75 @@ _DURATION_MS = {"": 1000, "ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _ENV_REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
 
+
+
+_problems: ContextVar[list[ConfigError] | None] = ContextVar("raftlb_config_problems", default=None)
+
+
+class ConfigErrors(ConfigError):
+    """Several errors of one file, in file order; its own path, message and line are the first one's."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = errors
+        first = errors[0]
+        super().__init__(first.path, first.message, line=first.line, file=first.file)
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in self.errors)
+
+
+class Reported(Exception):
+    """Unwinds a part of the file whose errors are already recorded (it is no error of its own)."""
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[list[ConfigError]]:
+    """Record errors instead of stopping at the first one, for the `with` block."""
+    errors: list[ConfigError] = []
+    token = _problems.set(errors)
+    try:
+        yield errors
+    finally:
+        _problems.reset(token)
+
+
+def combined(errors: list[ConfigError]) -> ConfigError:
+    """The recorded errors as one exception: duplicates dropped, in file order (errors without a line, about
+    the whole file, first)."""
+    unique = list({(e.line, e.path, e.message): e for e in errors}.values())
+    unique.sort(key=lambda e: e.line or 0)
+    return unique[0] if len(unique) == 1 else ConfigErrors(unique)
+
+
+def report(error: ConfigError) -> None:
+    """Record `error` and carry on while collecting; raise it otherwise."""
+    if (errors := _problems.get()) is None:
+        raise error
+    errors.append(error)
+
+
+def attempt(convert: Callable[[], T], default: D) -> T | D:
+    """`convert()`, or `default` once its error is recorded (while collecting; otherwise it raises)."""
+    try:
+        return convert()
+    except ConfigError as exc:
+        report(exc)
+    except Reported:
+        pass
+    return default
+
+
+def mark() -> int:
+    """How many errors are recorded so far: pass it to `give_up_if_failed` at the end of a part."""
+    errors = _problems.get()
+    return 0 if errors is None else len(errors)
+
+
+def give_up_if_failed(since: int) -> None:
+    """Raise `Reported` when errors were recorded since `mark()` returned `since`: the part built from
+    them would be incomplete."""
+    if mark() > since:
+        raise Reported
 
 
 def expand_env(text: str, environ: Mapping[str, str], source: str | None) -> str:
@@ -94,7 +170,8 @@ class Cursor:
         seen: dict[str, int | None] = {}
         for key_node, _ in self.node.value:  # a key written twice is a mistake; a merged-in key is not
             if key_node.tag != _MERGE:
-                claim(seen, key := self._key(key_node), self.at(key_node, key), "key")
+                key = self._key(key_node)
+                attempt(partial(claim, seen, key, self.at(key_node, key), "key"), None)
         try:
             SafeConstructor().flatten_mapping(self.node)  # resolves `<<: *anchor`; own keys come last
         except yaml.YAMLError as exc:
@@ -105,7 +182,7 @@ class Cursor:
             if key in keys:
                 entries[key] = self.at(value_node, key)
             elif not (extensions and key.startswith("x-")):
-                raise self.at(key_node, key).error(f"unknown key{suggest(key, keys)}")
+                report(self.at(key_node, key).error(f"unknown key{suggest(key, keys)}"))
         return Map(self, entries)
 
     def _key(self, node: yaml.Node) -> str:
@@ -218,6 +295,9 @@ class Cursor:
         return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}:{port}", host, port
 
 
+_FAILED = object()
+
+
 class Map:
     """The checked entries of one YAML mapping."""
 
@@ -234,11 +314,19 @@ class Map:
         return self.entries[key]
 
     def opt(self, key: str, conv: Callable[[Cursor], T], default: T) -> T:
-        return default if (cur := self.entries.get(key)) is None else conv(cur)
+        """The converted value, or `default` when absent (or, collecting, when its error is recorded)."""
+        return default if (cur := self.entries.get(key)) is None else attempt(partial(conv, cur), default)
 
     def fields(self, spec: Mapping[str, Conv]) -> dict[str, Any]:
-        """Converted values of the keys in `spec` that are present; absent keys keep dataclass defaults."""
-        return {key: conv(self.entries[key]) for key, conv in spec.items() if key in self.entries}
+        """Converted values of the keys in `spec` that are present; absent keys keep dataclass defaults (as
+        do keys whose error is recorded, while collecting)."""
+        fields: dict[str, Any] = {}
+        for key, conv in spec.items():
+            if key in self.entries:
+                value = attempt(partial(conv, self.entries[key]), _FAILED)
+                if value is not _FAILED:
+                    fields[key] = value
+        return fields
 
 
 def make_conv(make: Callable[..., T], spec: Mapping[str, Conv]) -> Callable[[Cursor], T]:

@@ -455,3 +455,68 @@ def test_workers_default_to_one_and_admin_port_0_or_disabled_admin_need_no_range
     assert parse(GOOD + "admin: {address: '127.0.0.1:8079', enabled: false}\nworkers: 3\n").workers == 3
     # a listener on another address may sit inside the admin range
     assert parse(GOOD.replace("127.0.0.1:8080", "127.0.0.2:9091") + "workers: 4\n").workers == 4
+
+
+SEVERAL_ERRORS = """\
+listeners:
+  - address: 127.0.0.1:8080
+    cluster: dmeo
+    max_connections: 0
+clusters:
+  - name: demo
+    liveness_timeout: soon
+    nodes:
+      - id: n1
+        url: http://127.0.0.1:7001
+      - id: n1
+        url: htp//x
+    routes:
+      - methods: [GTE, HEAD]
+        kind: read
+      - kind: reed
+logging: {level: verbose}
+bogus: 1
+"""
+
+
+def test_every_error_is_reported_in_file_order() -> None:
+    exc = error(SEVERAL_ERRORS)
+    lines = str(exc).splitlines()
+    assert lines == [
+        "test.yaml:3: listeners[0].cluster: unknown cluster 'dmeo' (did you mean demo?)",
+        "test.yaml:4: listeners[0].max_connections: must be at least 1, got 0",
+        "test.yaml:7: clusters[0].liveness_timeout: "
+        "must be a duration like 250ms, 5s, 1m or a number of seconds, got 'soon'",
+        "test.yaml:11: clusters[0].nodes[1].id: duplicate node id 'n1' (first at line 9)",
+        "test.yaml:12: clusters[0].nodes[1].url: must be an http:// or https:// URL with host and port, "
+        "got 'htp//x'",
+        "test.yaml:14: clusters[0].routes[0].methods[0]: unknown HTTP method 'GTE' (did you mean GET?)",
+        "test.yaml:16: clusters[0].routes[1].kind: must be one of read, write, got 'reed' "
+        "(did you mean read?)",
+        "test.yaml:17: logging.level: must be one of debug, info, warning, error, got 'verbose'",
+        "test.yaml:18: bogus: unknown key (expected one of: listeners, admin, clusters, limits, logging, "
+        "drain_timeout, workers)",
+    ]
+    assert (exc.path, exc.line) == ("listeners[0].cluster", 3)  # the first one
+
+
+def test_check_prints_every_error_in_file_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(SEVERAL_ERRORS)
+    assert check_main(str(path)) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 9 and all(line.startswith(f"raftlb: config error: {path}:") for line in err)
+    prefix = f"raftlb: config error: {path}:"
+    assert [int(line.removeprefix(prefix).split(":")[0]) for line in err] == [3, 4, 7, 11, 12, 14, 16, 17, 18]
+
+
+@pytest.mark.parametrize("method", ["GTE", "FETCH", "get-"])
+def test_unknown_route_methods_are_refused(method: str) -> None:
+    exc = error(GOOD + f"    routes: [{{methods: [GET, {method}]}}]\n")
+    where = "test.yaml:12: clusters[0].routes[0].methods[1]"
+    assert str(exc).startswith(f"{where}: unknown HTTP method {method!r}")
+
+
+def test_known_route_methods_are_accepted_in_any_case() -> None:
+    cfg = parse(GOOD + "    routes: [{methods: [get, PATCH, propfind, DELETE]}]\n")
+    assert cfg.clusters[0].routes[0].methods == frozenset({"GET", "PATCH", "PROPFIND", "DELETE"})

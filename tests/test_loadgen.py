@@ -23,6 +23,7 @@ from raftlb.bench_check import (
     latency_summary,
     percentile,
 )
+from raftlb.bench_cli import build_parser as build_bench_parser
 from raftlb.bench_cli import format_report
 from raftlb.bench_cli import main as bench_main
 from raftlb.bench_http import HttpConnection, Target, TransportError
@@ -617,3 +618,43 @@ def test_the_cli_writes_the_json_report(tmp_path: Any) -> None:
     assert "\r" not in out.getvalue()  # no progress line off a TTY
     doc = json.loads(path.read_text())
     assert doc["requests"] == 200 and doc["passed"] is True
+
+
+def test_the_cli_stops_at_once_naming_a_url_that_refuses_connections(capsys: pytest.CaptureFixture[str]
+                                                                     ) -> None:
+    """One URL listening and one refusing: no load, no report, exit 2 naming the dead URL (not seconds of
+    connection_refused errors and a FAIL)."""
+    import socket
+
+    with socket.socket() as listening, socket.socket() as closed:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()  # the kernel completes the connect; nobody needs to accept it
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connects are refused
+        live, dead = (f"http://127.0.0.1:{s.getsockname()[1]}" for s in (listening, closed))
+        out = io.StringIO()
+        code = bench_main(["--url", live, "--url", dead, "--duration", "3", "--timeout", "5"], out)
+    assert code == 2 and out.getvalue() == ""
+    err = capsys.readouterr().err
+    assert f"raftlb bench: cannot connect to {dead}: Connection refused" in err
+    assert live not in err and "nothing run" in err
+
+
+def test_documented_bench_commands_target_what_the_demo_serves() -> None:
+    """The README's and docs' `raftlb bench` examples run as written against `raftlb demo --keep`: every
+    --url is the demo config's listener, and the arguments parse."""
+    import shlex
+    from importlib import resources
+    from pathlib import Path
+
+    from raftlb.config import load_config
+
+    repo = Path(__file__).resolve().parent.parent
+    with resources.as_file(resources.files("raftlb.demo").joinpath("demo.yaml")) as demo_yaml:
+        listener = load_config(str(demo_yaml)).listeners[0]
+    served = f"http://{listener.host}:{listener.port}"
+    commands = [line.split("#")[0] for doc in ("README.md", "docs/bench.md")
+                for line in (repo / doc).read_text().splitlines() if line.startswith("raftlb bench ")]
+    assert len(commands) >= 4
+    for command in commands:
+        args = build_bench_parser().parse_args(shlex.split(command)[2:])
+        assert args.url == [served], command

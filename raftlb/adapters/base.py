@@ -225,7 +225,7 @@ class NodePoller:
             return
         self.up = False
         reason = f"{why}; {self.last_error}" if self.last_error else why
-        log.warning("node %s: down (%s)", self.node.id, reason)
+        log.warning("node %s: down (%s) at %s", self.node.id, reason, self.adapter.base_url)
         try:
             self._on_down(self.node.id, reason)
         except Exception:

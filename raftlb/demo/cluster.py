@@ -191,6 +191,10 @@ class DemoCluster:
         proc = self._procs.get(node_id)
         return proc is not None and proc.poll() is None
 
+    def returncode(self, node_id: str) -> int | None:
+        """The exit status of a node's process (negative: killed by that signal); None while it runs."""
+        return self._procs[node_id].poll()
+
     def pid(self, node_id: str) -> int:
         return self._procs[node_id].pid
 

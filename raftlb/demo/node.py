@@ -381,8 +381,17 @@ async def run(cfg: NodeConfig) -> int:
     return 0
 
 
+RESTART_HINT = ("--parent-pid and --pdeathsig are for the nodes `raftlb demo` starts itself: to start a "
+                "stopped demo node again, type `restart ID` in the terminal of `raftlb demo --keep`")
+
+
 async def _watch_parent(parent_pid: int | None, stop: asyncio.Event) -> None:
     if parent_pid is None:
+        return
+    if os.getppid() != parent_pid:  # never was: started by hand with a command line copied from ps
+        log.error("parent %d is not this process's parent (%d); stopping. %s", parent_pid, os.getppid(),
+                  RESTART_HINT)
+        stop.set()
         return
     while os.getppid() == parent_pid:
         await asyncio.sleep(0.2)
@@ -400,7 +409,9 @@ def _die_with_parent(parent_pid: int | None) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if parent_pid is not None and os.getppid() != parent_pid:  # it died before prctl took effect
+    if parent_pid is not None and os.getppid() != parent_pid:  # gone before prctl took effect, or never was
+        print(f"raftlb demo-node: parent {parent_pid} is gone or not this process's parent; {RESTART_HINT}",
+              file=sys.stderr, flush=True)
         os._exit(1)
 
 

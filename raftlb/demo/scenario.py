@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.resources
+import itertools
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -31,6 +33,7 @@ from raftlb.errors import ConfigError
 
 WRITERS = 4
 READERS = 4
+RECENT_KEYS = 64  # readers pick among the latest acknowledged writes
 
 
 @dataclass
@@ -39,10 +42,12 @@ class Tally:
 
     writes_ok: int = 0
     write_errors: dict[str, int] = field(default_factory=dict)
-    reads_ok: int = 0
+    reads_found: int = 0  # 200: the key and its value
+    reads_not_found: int = 0  # 404: counted apart, a read of a key that exists should not get one
     read_errors: dict[str, int] = field(default_factory=dict)
-    reads_by_node: dict[str, int] = field(default_factory=dict)
+    reads_by_node: dict[str, int] = field(default_factory=dict)  # 200s and 404s, by the node that answered
     acked: dict[str, str] = field(default_factory=dict)  # key -> value of every acknowledged write
+    acked_index: dict[str, int] = field(default_factory=dict)  # key -> X-Raft-Index of its write
     write_done_at: list[float] = field(default_factory=list)
     slowest_write: float = 0.0
     events: list[str] = field(default_factory=list)
@@ -86,7 +91,8 @@ class Demo:
         t = self.tally
         view = self.admin_view
         stats = view.get("stats", {})
-        line = (f"writes {t.writes_ok} ok {sum(t.write_errors.values())} err | reads {t.reads_ok} ok "
+        line = (f"writes {t.writes_ok} ok {sum(t.write_errors.values())} err | reads {t.reads_found} found "
+                f"{t.reads_not_found} not found "
                 f"{sum(t.read_errors.values())} err | leader {view.get('leader')} term {view.get('term')} "
                 f"| held now {stats.get('held_now', 0)}, released {stats.get('released', 0)}")
         if self.tty:
@@ -162,6 +168,8 @@ class Demo:
             if status == "200":
                 t.writes_ok += 1
                 t.acked[key] = value
+                if (index := r.headers.get("x-raft-index", "")).isdigit():
+                    t.acked_index[key] = int(index)
                 t.write_done_at.append(now)
                 t.slowest_write = max(t.slowest_write, now - start)
             else:
@@ -170,13 +178,20 @@ class Demo:
             i += 1
 
     async def reader(self, c: httpx.AsyncClient, r_id: int) -> None:
-        """Reads carry the highest index this reader has seen (X-Raft-Min-Index): raftlb serves them from
-        any node that has applied it, so they never go back in time, followers included."""
+        """Reads of keys whose write was acknowledged, among the latest ones. Each carries the highest index
+        this reader has seen, and at least its key's write index (X-Raft-Min-Index): raftlb serves it from
+        any node that has applied that, so it finds the value and never goes back in time, followers
+        included."""
         t = self.tally
-        i = 0
+        rng = random.Random(r_id)
         token = 0
         while not self.stop_load.is_set():
-            key = f"demo-w{i % WRITERS}-{max(0, t.writes_ok // WRITERS - 1)}"
+            if not t.acked:
+                await asyncio.sleep(0.02)  # nothing written yet
+                continue
+            recent = list(itertools.islice(reversed(t.acked), RECENT_KEYS))
+            key = rng.choice(recent)
+            token = max(token, t.acked_index.get(key, 0))
             try:
                 r = await c.get(f"/kv/{key}", headers={"X-Raft-Min-Index": str(token)})
                 status = r.status_code
@@ -184,14 +199,16 @@ class Demo:
                 if index.isdigit():
                     token = max(token, int(index))
                 if status in (200, 404):
-                    t.reads_ok += 1
+                    if status == 200:
+                        t.reads_found += 1
+                    else:
+                        t.reads_not_found += 1
                     node = r.headers.get("x-raft-node", "?")
                     t.reads_by_node[node] = t.reads_by_node.get(node, 0) + 1
                 else:
                     t.read_errors[str(status)] = t.read_errors.get(str(status), 0) + 1
             except httpx.HTTPError as exc:
                 t.read_errors[type(exc).__name__] = t.read_errors.get(type(exc).__name__, 0) + 1
-            i += 1
             await asyncio.sleep(0.005)
 
     async def refresh_view(self) -> None:
@@ -317,20 +334,23 @@ class Demo:
         done = sorted(t.write_done_at)
         gap = max((b - a for a, b in zip(done, done[1:], strict=False)), default=0.0)
         changes = " -> ".join(f"{leader}@{term}" for leader, term in t.leaders)
-        requests = t.writes_ok + sum(t.write_errors.values()) + t.reads_ok + sum(t.read_errors.values())
+        reads = t.reads_found + t.reads_not_found + sum(t.read_errors.values())
+        requests = t.writes_ok + sum(t.write_errors.values()) + reads
         rows = [
             ("requests", f"{requests}"),
             ("writes acknowledged", f"{t.writes_ok}"),
             ("write errors", f"{sum(t.write_errors.values())} {t.write_errors or ''}".strip()),
-            ("reads served", f"{t.reads_ok}"),
-            ("read errors", f"{sum(t.read_errors.values())} {t.read_errors or ''}".strip()),
+            ("reads", f"{reads} of acknowledged keys"),
+            ("  found (200)", f"{t.reads_found}"),
+            ("  not found (404)", f"{t.reads_not_found}"),
+            ("  errors", f"{sum(t.read_errors.values())} {t.read_errors or ''}".strip()),
             ("longest write gap",
              f"{gap * 1000:.0f} ms (slowest single write {t.slowest_write * 1000:.0f} ms)"),
             ("leader changes (raftlb)", changes),
             ("writes held / released / expired",
              f"{stats.get('held', 0)} / {stats.get('released', 0)} / {stats.get('expired', 0)}"),
             ("re-sends", f"{stats.get('resends', {})}"),
-            ("reads served per node", ", ".join(f"{n}: {c}" for n, c in sorted(t.reads_by_node.items()))),
+            ("reads answered per node", ", ".join(f"{n}: {c}" for n, c in sorted(t.reads_by_node.items()))),
             ("acknowledged writes lost", f"{lost}"),
         ]
         width = max(len(k) for k, _ in rows)
@@ -343,22 +363,124 @@ class Demo:
         self.out.flush()
 
     async def keep_running(self) -> None:
+        """Leave everything running until Ctrl-C or SIGTERM: say who leads and how to look, watch the nodes,
+        and take `restart ID` on stdin (the nodes are this process's children: one started by hand from
+        `ps` would stop at once, as its parent is not this process)."""
+        assert self.cluster is not None and self.proxy is not None
+        cluster = self.cluster
+        leader = await asyncio.to_thread(cluster.leader)
+        term = await asyncio.to_thread(cluster.term)
+        pids = ", ".join(f"{n}={cluster.pid(n)}" for n in cluster.nodes)
+        victim = cluster.pid(leader) if leader else "<leader pid>"
         self.out.write(f"""
-The cluster and raftlb keep running (Ctrl-C stops everything). Try:
+The cluster and raftlb keep running (Ctrl-C stops everything).
+
+  leader now     {leader or "(none)"} at term {term}; nodes (pids): {pids}
+  raftlb         pid {self.proxy.pid}, {self.proxy_url} (admin {self.admin_url})
+  logs           {self.cluster_log_dir()}
+  status page    {self.admin_url}/
+  leader table   raftlb status --admin {self.admin_url} --watch
+
+Try:
 
   curl -i -X PUT {self.proxy_url}/kv/hello -d world        # a write: goes to the leader
   curl -i {self.proxy_url}/kv/hello                        # a read
-  curl -s {self.admin_url}/v1/clusters | python3 -m json.tool   # raftlb's leader table
-  kill -9 <leader pid>  then watch writes held and released
+  raftlb bench --url {self.proxy_url} --duration 10           # load and a consistency check
+  kill -9 {victim}      # kill the leader: watch writes held and released on the status page
 
-Node pids: {", ".join(f"{n}={self.cluster.pid(n)}" for n in self.cluster.nodes) if self.cluster else ""}
+Type `restart ID` and Enter here to start a stopped node again (`restart` alone: every stopped node).
 """)
         self.out.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        commands: asyncio.Queue[str] = asyncio.Queue()
+        reading = self._read_commands(commands)
+        watcher = asyncio.create_task(self._watch_nodes(stop))
+        try:
+            while not stop.is_set():
+                get = asyncio.create_task(commands.get())
+                stopped = asyncio.create_task(stop.wait())
+                await asyncio.wait([get, stopped], return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                if not get.done():
+                    get.cancel()
+                    break
+                await self.command(get.result())
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            if reading:
+                loop.remove_reader(sys.stdin.fileno())
+
+    def _read_commands(self, commands: asyncio.Queue[str]) -> bool:
+        """Feed stdin's lines to `commands`; False when stdin cannot be watched (closed, a plain file)."""
+        loop = asyncio.get_running_loop()
+        buffer = bytearray()
+
+        def readable() -> None:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                data = b""
+            if not data:  # end of input: keep running, without commands
+                loop.remove_reader(fd)
+                return
+            buffer.extend(data)
+            while (end := buffer.find(b"\n")) >= 0:
+                commands.put_nowait(buffer[:end].decode(errors="replace").strip())
+                del buffer[:end + 1]
+
+        try:
+            fd = sys.stdin.fileno()
+            loop.add_reader(fd, readable)
+        except (AttributeError, OSError, ValueError):  # no stdin, or one epoll cannot watch (/dev/null)
+            return False
+        return True
+
+    async def _watch_nodes(self, stop: asyncio.Event) -> None:
+        """Say when a node exits, and how to start it again."""
+        assert self.cluster is not None
+        cluster = self.cluster
+        down: set[str] = set()
+        while not stop.is_set():
+            for node_id in cluster.nodes:
+                if cluster.is_running(node_id):
+                    down.discard(node_id)
+                elif node_id not in down:
+                    down.add(node_id)
+                    code = cluster.returncode(node_id)
+                    self.say(f"{node_id} (pid {cluster.pid(node_id)}) exited with {code}: type `restart "
+                             f"{node_id}` and Enter to start it again")
+            await asyncio.sleep(0.2)
+
+    async def command(self, line: str) -> None:
+        """One line typed in keep mode: `restart [ID...]`."""
+        assert self.cluster is not None
+        cluster = self.cluster
+        words = line.split()
+        if not words:
+            return
+        if words[0] != "restart" or any(w not in cluster.nodes for w in words[1:]):
+            self.say(f"unknown command {line!r}: type `restart ID` (one of {', '.join(cluster.nodes)}) or "
+                     "`restart` for every stopped node")
+            return
+        targets = words[1:] or [n for n in cluster.nodes if not cluster.is_running(n)]
+        if not targets:
+            self.say("every node is running")
+        for node_id in targets:
+            if cluster.is_running(node_id):
+                self.say(f"{node_id} is running (pid {cluster.pid(node_id)}); `kill -9` it first")
+                continue
+            try:
+                await asyncio.to_thread(cluster.restart, node_id)
+            except TimeoutError as exc:
+                self.say(f"{node_id} did not answer after its restart: {exc}")
+                continue
+            self.say(f"{node_id} restarted (pid {cluster.pid(node_id)}, same data dir: it replays its "
+                     "journal and rejoins)")
 
 
 def main(keep: bool = False, duration: float = 12.0, config: str | None = None) -> int:
