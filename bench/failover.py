@@ -365,7 +365,7 @@ def haproxy_servers(sock: Path) -> dict[str, dict[str, str]]:
 
 def http_json(port: int, path: str) -> Any:
     with socket.create_connection(("127.0.0.1", port), timeout=2.0) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -446,7 +446,7 @@ async def raftlb_noticed(admin_port: int, cluster: str, old: str, since: list[fl
     except OSError:
         return
     try:
-        writer.write(b"GET /v1/events?types=leader_change HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /v1/events?types=leader_change HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         while line := await reader.readline():
             if not line.startswith(b"data:"):
                 continue

@@ -16,17 +16,28 @@
                          next announcement is taken as new (the way back from a node that announced a
                          bogus term); the same token rule
 
+The admin has no token by default and often listens on an operator's machine, where any web page the
+operator opens can make the browser send it requests. So, before any route: a `Host` that is not an IP
+literal, `localhost` or a name in `admin.allowed_hosts` is refused (DNS rebinding: the browser names the
+attacker's host), for reads too (the status page and the event stream would leak); a request that changes
+something (any method but GET, HEAD, OPTIONS) is refused when its `Origin` is not the admin's own or
+`Sec-Fetch-Site` says cross-site, and when it has a body type an HTML form or a no-cors fetch can send
+without a preflight (anything but `application/json`).
+
 Every error is JSON with a stable `error` code: not_found, method_not_allowed, unknown_cluster, bad_request,
-unauthorized, invalid_config, bind_failed, no_config_file, draining, internal_error, unknown_node.
+unauthorized, host_not_allowed, cross_origin, unsupported_media_type, invalid_config, bind_failed,
+no_config_file, draining, internal_error, unknown_node.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 import time
 from importlib import resources
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from raftlb import __version__
 from raftlb.http.app import EventStream, Request, Response, Send, json_response
@@ -48,6 +59,8 @@ PAGE_HEADERS = [
     ("x-content-type-options", "nosniff"),
 ]
 _GET = ("GET", "HEAD")
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+_SAME_SITE_FETCHES = ("same-origin", "none")  # Sec-Fetch-Site values of a request not made by another site
 
 
 def error(status: int, code: str, detail: str | None = None, **extra: object) -> Response:
@@ -67,11 +80,14 @@ class Admin:
         self._page: bytes | None = None
 
     async def start(self, host: str, port: int) -> HttpServer:
-        tls = self.server.config.admin.tls
-        ctx = server_context(tls) if tls is not None else None
-        return await serve_app(self.handle, host, port, self.server.config.limits, name="admin", ssl=ctx)
+        admin = self.server.config.admin
+        ctx = server_context(admin.tls) if admin.tls is not None else None
+        return await serve_app(self.handle, host, port, self.server.config.limits, name="admin", ssl=ctx,
+                               max_connections=admin.max_connections)
 
     async def handle(self, req: Request) -> Response | EventStream:
+        if (refused := self.refusal(req)) is not None:
+            return refused
         path = req.path.rstrip("/") or "/"
         if path == "/v1/reload":
             if req.method != "POST":
@@ -104,6 +120,30 @@ class Admin:
         if path == "/v1/events":
             return self._events(req)
         return error(404, "not_found", f"no admin route {path}")
+
+    def refusal(self, req: Request) -> Response | None:
+        """The answer to a request a browser may have been made to send (DNS rebinding, cross-site request
+        forgery), or None when the request may be served."""
+        admin = self.server.config.admin
+        host = req.headers.get("host")
+        # (No Host at all is an HTTP/1.0 client, never a browser.)
+        target = _split_host(host) if host is not None else None
+        if host is not None and (target is None or not _host_allowed(target[0], admin.allowed_hosts)):
+            return error(403, "host_not_allowed",
+                         f"Host {host!r} is not an IP address, localhost or listed in admin.allowed_hosts")
+        if req.method in _SAFE_METHODS:
+            return None
+        origin = req.headers.get("origin")
+        scheme = "https" if admin.tls is not None else "http"
+        if origin is not None and (target is None or not _same_origin(origin, scheme, target)):
+            return error(403, "cross_origin", f"{req.method} from another origin ({origin}) is refused")
+        if req.headers.get("sec-fetch-site", "same-origin").strip().lower() not in _SAME_SITE_FETCHES:
+            return error(403, "cross_origin", f"{req.method} from another site is refused")
+        content_type = req.headers.get("content-type")
+        if content_type is not None and content_type.partition(";")[0].strip().lower() != "application/json":
+            return error(415, "unsupported_media_type",
+                         f"{req.method} takes no body or application/json, not {content_type!r}")
+        return None
 
     def page(self) -> bytes:
         if self._page is None:
@@ -247,6 +287,45 @@ class Admin:
         leader = table.leader(time.monotonic())
         return json_response({"cluster": name, "forgotten": node_id, "leader": leader, "term": table.term,
                               "term_floor": table.floor})
+
+
+def _split_host(value: str) -> tuple[str, int | None] | None:
+    """`Host` (or an origin's authority) as (lower-case name without a trailing dot, port); None if it is
+    not one."""
+    value = value.strip().lower()
+    if value.startswith("["):  # [v6]:port
+        name, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:]
+    else:
+        name, _, port = value.partition(":") if value.count(":") == 1 else (value, "", "")
+    if port and not port.isdigit():
+        return None
+    name = name.rstrip(".")
+    return (name, int(port) if port else None) if name else None
+
+
+def _host_allowed(name: str, allowed: tuple[str, ...]) -> bool:
+    if name == "localhost" or "*" in allowed or name in allowed:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return any(a.startswith(".") and (name.endswith(a) or name == a[1:]) for a in allowed)
+    return True
+
+
+def _same_origin(origin: str, scheme: str, host: tuple[str, int | None]) -> bool:
+    """Whether `Origin` is scheme://Host of this request (default ports filled in); `null` never is."""
+    parts = urlsplit(origin.strip())
+    if parts.scheme.lower() != scheme or parts.path or parts.query:
+        return False
+    theirs = _split_host(parts.netloc)
+    if theirs is None:
+        return False
+    default = 443 if scheme == "https" else 80
+    return (theirs[0], theirs[1] or default) == (host[0], host[1] or default)
 
 
 def _bearer_matches(header: str, token: str) -> bool:

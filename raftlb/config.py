@@ -161,6 +161,11 @@ class AdminConfig:
     enabled: bool = True
     tls: TlsConfig | None = None
     token: str | None = None  # bearer token required by mutating endpoints (POST /v1/reload)
+    # Host names (beside IP literals and `localhost`) the admin answers to: a browser tricked into sending a
+    # request by DNS rebinding names the attacker's host. An entry `.example.com` also allows its subdomains;
+    # `*` allows any name.
+    allowed_hosts: tuple[str, ...] = ()
+    max_connections: int = 10000  # connections beyond are answered 503 overloaded and closed
 
 
 @dataclass(frozen=True)

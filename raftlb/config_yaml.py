@@ -215,9 +215,10 @@ def _workers(cur: Cursor) -> int:
 
 
 def _admin(cur: Cursor | None, bound: _Bound) -> AdminConfig:
-    m = cur.mapping(("address", "enabled", "tls", "token")) if cur else None
-    fields = m.fields({"enabled": Cursor.boolean, "tls": lambda c: _tls(c, server=True),
-                       "token": _token}) if m else {}
+    keys = ("address", "enabled", "tls", "token", "allowed_hosts", "max_connections")
+    m = cur.mapping(keys) if cur else None
+    fields = m.fields({"enabled": Cursor.boolean, "tls": lambda c: _tls(c, server=True), "token": _token,
+                       "allowed_hosts": _allowed_hosts, "max_connections": at_least_one}) if m else {}
     if address := m.get("address") if m else None:
         fields["host"], fields["port"] = address.address()
     admin = AdminConfig(**fields)
@@ -492,6 +493,19 @@ def _token(cur: Cursor) -> str:
     if len(token := cur.text("a bearer token")) < 16:
         raise cur.error("the admin token must be at least 16 characters long")
     return token
+
+
+_HOST_NAME = re.compile(r"(\*|\.?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*)")
+
+
+def _allowed_hosts(cur: Cursor) -> tuple[str, ...]:
+    hosts = []
+    for item in cur.items(allow_empty=True):
+        name = item.text("a host name").strip().lower().rstrip(".")
+        if not _HOST_NAME.fullmatch(name):
+            raise item.bad("a host name (no port), `.domain` for a domain and its subdomains, or `*`")
+        hosts.append(name)
+    return tuple(hosts)
 
 
 def _hmac_key(cur: Cursor) -> bytes:

@@ -13,7 +13,7 @@ client connection or an in-flight request:
    close; a removed cluster stops only after the listeners that fronted it have drained.
 
 The admin listener's address and TLS cannot change without a restart: a change is reported and the running
-ones kept (a new `admin.token` applies at once).
+ones kept (a new `admin.token`, `admin.allowed_hosts` or `admin.max_connections` applies at once).
 """
 
 from __future__ import annotations
@@ -102,7 +102,12 @@ class Reloader:
         changes: list[str] = []
         if new.admin.token != old.admin.token:
             changes.append("admin token changed")
-        running_admin = dataclasses.replace(old.admin, token=new.admin.token)
+        if (new.admin.allowed_hosts, new.admin.max_connections) != (old.admin.allowed_hosts,
+                                                                    old.admin.max_connections):
+            changes.append("admin allowed_hosts / max_connections changed")
+        running_admin = dataclasses.replace(old.admin, token=new.admin.token,
+                                            allowed_hosts=new.admin.allowed_hosts,
+                                            max_connections=new.admin.max_connections)
         if new.admin != running_admin:
             changes.append("admin: its address and TLS cannot change without a restart; kept "
                            f"{old.admin.host}:{old.admin.port}")
@@ -214,6 +219,8 @@ class Reloader:
         if new.workers != old.workers:
             changes.append(f"workers: {new.workers} needs a restart; kept {old.workers}")
             new = dataclasses.replace(new, workers=old.workers)
+        if srv.admin is not None:
+            srv.admin.max_connections = new.admin.max_connections
         srv.config = new
         removed = [name for name in srv.proxies if name not in {c.name for c in new.clusters}]
         if retired or removed:

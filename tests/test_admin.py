@@ -305,3 +305,87 @@ async def test_a_subscriber_that_falls_behind_is_dropped_and_can_resume_from_his
     assert await again.next(0.01) is None  # nothing new: a timeout, not closed
     bus.close()
     assert await again.next(1.0) is None and again.closed
+
+
+# -- browsers on other sites: DNS rebinding and cross-site request forgery ---------------------------------
+
+
+def with_admin(**admin: object) -> object:
+    server = offline_server()
+    server.config = replace(server.config, admin=replace(server.config.admin, **admin))
+    return server
+
+
+@pytest.mark.parametrize("host", ["evil.example:9090", "evil.example", "127.0.0.1.evil.example",
+                                  "localhost.evil.example:9090", "raftlb.evil:9090", "[not-an-ip]:9090",
+                                  "127.0.0.1:port"])
+@pytest.mark.parametrize(("method", "path"), [("GET", "/"), ("GET", "/v1/events"), ("GET", "/v1/clusters"),
+                                              ("GET", "/metrics"), ("POST", "/v1/reload")])
+async def test_a_host_not_an_ip_localhost_or_allowed_is_refused_on_every_route(
+        host: str, method: str, path: str) -> None:
+    # DNS rebinding: the attacker's name resolves to the admin's address, and the browser sends its Host.
+    admin = Admin(with_admin(allowed_hosts=("raftlb", ".svc.example")))  # type: ignore[arg-type]
+    r = await get(admin, path, method, headers={"host": host})
+    assert (r.status, body(r)["error"]) == (403, "host_not_allowed")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:9090", "10.1.2.3:9090", "10.1.2.3", "[::1]:9090", "[fd00::5]",
+                                  "localhost:9090", "LOCALHOST.", "raftlb:9090", "raftlb.svc.example:9090",
+                                  "svc.example"])
+async def test_ip_literals_localhost_and_allowed_names_are_served(host: str) -> None:
+    # Prometheus and the kubelet's probes name the pod IP; `raftlb status --admin http://raftlb:9090` a
+    # name listed in admin.allowed_hosts (`.svc.example`: that domain and its subdomains).
+    admin = Admin(with_admin(allowed_hosts=("raftlb", ".svc.example")))  # type: ignore[arg-type]
+    for path in ("/metrics", "/healthz", "/readyz", "/v1/clusters"):
+        assert (await get(admin, path, headers={"host": host})).status in (200, 503), path
+    r = await get(admin, "/v1/reload", "POST", headers={"host": host})
+    assert (r.status, body(r)["error"]) == (409, "no_config_file")  # past the checks; nothing to reload
+
+
+async def test_any_host_with_a_star_in_allowed_hosts() -> None:
+    admin = Admin(with_admin(allowed_hosts=("*",)))  # type: ignore[arg-type]
+    assert (await get(admin, "/healthz", headers={"host": "anything.example"})).status == 200
+
+
+@pytest.mark.parametrize(("headers", "status", "code"), [
+    # A cross-origin form post (text/plain, urlencoded, multipart) or no-cors fetch: refused by its Origin.
+    ({"origin": "http://evil.example", "content-type": "text/plain"}, 403, "cross_origin"),
+    ({"origin": "http://evil.example"}, 403, "cross_origin"),
+    ({"origin": "null"}, 403, "cross_origin"),
+    ({"origin": "https://127.0.0.1:9090"}, 403, "cross_origin"),  # another scheme
+    ({"origin": "http://127.0.0.1:9091"}, 403, "cross_origin"),  # another port
+    ({"origin": "http://localhost:9090"}, 403, "cross_origin"),  # another host name
+    ({"sec-fetch-site": "cross-site"}, 403, "cross_origin"),
+    ({"sec-fetch-site": "same-site"}, 403, "cross_origin"),
+    # A browser that sends no Origin: the body types a form can send without a preflight are refused.
+    ({"content-type": "text/plain"}, 415, "unsupported_media_type"),
+    ({"content-type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
+    ({"content-type": "multipart/form-data; boundary=x"}, 415, "unsupported_media_type"),
+    ({"content-type": "text/plain;charset=UTF-8", "origin": "http://127.0.0.1:9090"}, 415,
+     "unsupported_media_type"),
+    # What curl, httpx (`raftlb` tooling) and a same-origin page send: past the checks.
+    ({}, 409, "no_config_file"),
+    ({"origin": "http://127.0.0.1:9090", "sec-fetch-site": "same-origin"}, 409, "no_config_file"),
+    ({"content-type": "application/json; charset=utf-8"}, 409, "no_config_file"),
+    ({"sec-fetch-site": "none"}, 409, "no_config_file"),  # typed into the address bar
+])
+async def test_state_changes_from_another_origin_or_as_a_simple_form_are_refused(
+        headers: dict[str, str], status: int, code: str) -> None:
+    admin = Admin(offline_server())
+    r = await get(admin, "/v1/reload", "POST", headers={"host": "127.0.0.1:9090", **headers})
+    assert (r.status, body(r)["error"]) == (status, code)
+    # Any route that changes something goes through the same gate, whatever its path.
+    r = await get(admin, "/v1/anything", "DELETE", headers={"host": "127.0.0.1:9090", **headers})
+    assert r.status == (status if status != 409 else 405)
+
+
+async def test_the_origin_of_an_https_admin_is_https() -> None:
+    from raftlb.config import TlsConfig
+
+    admin = Admin(with_admin(tls=TlsConfig(cert="c", key="k")))  # type: ignore[arg-type]
+    same = {"host": "[::1]:9443", "origin": "https://[::1]:9443"}
+    assert body(await get(admin, "/v1/reload", "POST", headers=same))["error"] == "no_config_file"
+    other = {"host": "[::1]:9443", "origin": "http://[::1]:9443"}
+    assert body(await get(admin, "/v1/reload", "POST", headers=other))["error"] == "cross_origin"
+    default_port = {"host": "localhost", "origin": "https://localhost:443"}
+    assert body(await get(admin, "/v1/reload", "POST", headers=default_port))["error"] == "no_config_file"

@@ -52,6 +52,14 @@ def test_minimal_config_gets_defaults() -> None:
     assert (cfg.admin.host, cfg.admin.port, cfg.drain_timeout) == ("127.0.0.1", 9090, 10.0)
 
 
+def test_admin_allowed_hosts_and_max_connections() -> None:
+    cfg = parse(GOOD + "admin: {allowed_hosts: [raftlb, Raftlb.Default.SVC., .svc.cluster.local, '*'], "
+                       "max_connections: 50}\n")
+    assert cfg.admin.allowed_hosts == ("raftlb", "raftlb.default.svc", ".svc.cluster.local", "*")
+    assert cfg.admin.max_connections == 50
+    assert (parse(GOOD).admin.allowed_hosts, parse(GOOD).admin.max_connections) == ((), 10000)
+
+
 def test_full_cluster_settings_are_converted() -> None:
     cfg = parse(
         """\
@@ -304,6 +312,12 @@ BAD = [
         GOOD + "logging: {level: verbose}\n", "logging.level: must be one of debug,", id="log-level"
     ),
     pytest.param(GOOD + "admin: [1]\n", "admin: must be a mapping, got a list", id="admin-not-mapping"),
+    pytest.param(GOOD + "admin: {allowed_hosts: ['raftlb:9090']}\n",
+                 "admin.allowed_hosts[0]: must be a host name (no port)", id="admin-allowed-host-port"),
+    pytest.param(GOOD + "admin: {allowed_hosts: raftlb}\n", "admin.allowed_hosts: must be a list",
+                 id="admin-allowed-hosts-not-a-list"),
+    pytest.param(GOOD + "admin: {max_connections: 0}\n", "admin.max_connections: must be at least 1",
+                 id="admin-max-connections-zero"),
     pytest.param(GOOD + "workers: 0\n", "test.yaml:12: workers: must be at least 1, got 0",
                  id="workers-zero"),
     pytest.param(GOOD + "workers: 65\n", "workers: at most 64 workers, got 65", id="workers-too-many"),

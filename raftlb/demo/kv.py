@@ -6,12 +6,20 @@ carrying `(session, seq)` applies at most once; a repeat gets the cached result,
 Sessions expire by *log time*: each command carries the leader's wall clock at submission, and a session idle
 longer than the TTL of log time is dropped at the same log position on every replica. A session is created
 by its first write (there is no register call), so a write retried after its session expired applies again.
+
+`Idempotency-Key` works the same way without a session: the first write carrying a key applies, its result is
+kept with the key in the replicated state, and a later write with that key (a client's retry, or raftlb's
+re-send after an outcome-unknown failure, on any node that leads by then) gets that result back, original
+index included, without being applied again. The same key with another operation, key or value is refused
+(422 `idempotency_key_reused`). Keys expire after the session TTL of log time, and beyond
+`max_idempotency_keys` the oldest go first: a key retried after that applies again.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -29,7 +37,9 @@ log = logging.getLogger("raftlb.demo")
 OP_PUT = "put"
 OP_DELETE = "delete"
 OP_NOOP = "noop"
-WireCommand = tuple[str, str, bytes, str | None, int, int]
+# (op, key, value, session, seq, ts_ms) and, for a write with an Idempotency-Key, the key as a 7th element
+# (journals written before keys existed hold 6-tuples, which still read).
+WireCommand = tuple[str, str, bytes, str | None, int, int] | tuple[str, str, bytes, str | None, int, int, str]
 # PySyncObj is untyped; `replicated` returns a method that takes the same arguments plus `callback=`.
 _replicated = cast(Callable[[Callable[..., Any]], Callable[..., Any]], replicated)
 
@@ -44,15 +54,22 @@ class Command:
     session: str | None = None
     seq: int = 0
     ts_ms: int = 0
+    idempotency_key: str | None = None
 
     def to_wire(self) -> WireCommand:
         # A plain tuple in the journal: it survives renames of this class.
-        return (self.op, self.key, self.value, self.session, self.seq, self.ts_ms)
+        if self.idempotency_key is None:
+            return (self.op, self.key, self.value, self.session, self.seq, self.ts_ms)
+        return (self.op, self.key, self.value, self.session, self.seq, self.ts_ms, self.idempotency_key)
 
     @classmethod
     def from_wire(cls, wire: WireCommand) -> Command:
-        op, key, value, session, seq, ts_ms = wire
-        return cls(op, key, value, session, seq, ts_ms)
+        op, key, value, session, seq, ts_ms = wire[:6]
+        return cls(op, key, value, session, seq, ts_ms, wire[6] if len(wire) > 6 else None)
+
+    def fingerprint(self) -> tuple[str, str, bytes]:
+        """What a write carrying an Idempotency-Key must repeat to be the same write."""
+        return (self.op, self.key, hashlib.sha256(self.value).digest())
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +99,15 @@ class SessionRecord:
             self.floor = max(self.floor, oldest)
 
 
+@dataclass(frozen=True, slots=True)
+class KeyedResult:
+    """The result of the write that first carried an Idempotency-Key, and what that write was."""
+
+    applied_ms: int  # log time of the first application: the key expires a TTL later
+    fingerprint: tuple[str, str, bytes]
+    result: WriteResult
+
+
 @dataclass(slots=True)
 class KVState:
     """The replicated state: data, session table and log time. Pure: no clocks, no I/O, no threads."""
@@ -89,8 +115,10 @@ class KVState:
     session_ttl_ms: int = 10 * 60 * 1000
     max_sessions: int = 10_000
     max_cached_per_session: int = 32
+    max_idempotency_keys: int = 100_000
     data: dict[str, bytes] = field(default_factory=dict)
     sessions: OrderedDict[str, SessionRecord] = field(default_factory=OrderedDict)
+    keyed: OrderedDict[str, KeyedResult] = field(default_factory=OrderedDict)  # Idempotency-Key -> result
     log_time_ms: int = 0
     applied_index: int = 0
 
@@ -99,6 +127,22 @@ class KVState:
         self.applied_index = max(self.applied_index, index)
         self.log_time_ms = max(self.log_time_ms, cmd.ts_ms)
         self._expire_sessions()
+        if cmd.idempotency_key is None:
+            return self._apply_in_session(cmd, index)
+        fingerprint = cmd.fingerprint()
+        kept = self.keyed.get(cmd.idempotency_key)
+        if kept is not None:
+            if kept.fingerprint != fingerprint:
+                return WriteResult(422, index, error="idempotency_key_reused")
+            return replace(kept.result, duplicate=True)
+        result = self._apply_in_session(cmd, index)
+        self.keyed[cmd.idempotency_key] = KeyedResult(self.log_time_ms, fingerprint,
+                                                      replace(result, duplicate=False))
+        while len(self.keyed) > self.max_idempotency_keys:
+            self.keyed.popitem(last=False)
+        return result
+
+    def _apply_in_session(self, cmd: Command, index: int) -> WriteResult:
         if cmd.session is None:
             return self._execute(cmd, index)
         record = self.sessions.pop(cmd.session, None) or SessionRecord(self.log_time_ms)
@@ -140,6 +184,9 @@ class KVState:
         horizon = self.log_time_ms - self.session_ttl_ms
         while self.sessions and next(iter(self.sessions.values())).last_active_ms < horizon:
             self.sessions.popitem(last=False)
+        # Idempotency keys too, by when they were first applied (the table is in that order).
+        while self.keyed and next(iter(self.keyed.values())).applied_ms < horizon:
+            self.keyed.popitem(last=False)
 
 
 class ReplicatedKV(SyncObjConsumer):  # type: ignore[misc]

@@ -5,7 +5,8 @@
 
 HTTP API: `PUT|GET|DELETE /kv/{key}`, `GET /kv?prefix=p`, `GET /raft/status`, `GET /raft/announce` (SSE),
 `GET /raft/read_index`. Every response carries `X-Raft-Index`, `X-Raft-Term` and `X-Raft-Node`. Writes sent to
-a follower get `421` with `X-Raft-Leader`; writes carrying `X-Raft-Session`/`X-Raft-Seq` apply at most once.
+a follower get `421` with `X-Raft-Leader`; writes carrying `X-Raft-Session`/`X-Raft-Seq`, or an
+`Idempotency-Key`, apply at most once (a repeat gets the first result, with `X-Raft-Duplicate: true`).
 
 Test only, off by default: with `--debug-partition-control`, `GET|POST /debug/partition` reads or sets the
 peers whose Raft messages this node drops (`{"isolate": ["n2", "n3"]}`; `[]` heals): a network partition
@@ -24,7 +25,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -47,6 +48,7 @@ log = logging.getLogger("raftlb.demo")
 
 ANNOUNCE_INTERVAL = 0.05  # one announce event per heartbeat tick
 EXIT_BIND_FAILED = 3
+MAX_IDEMPOTENCY_KEY = 256  # characters
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leader-fallback", type=float, default=1.0,
                    help="a leader not heard back from a majority this long steps down (seconds)")
     p.add_argument("--write-timeout", type=float, default=3.0, help="503 timeout after this many seconds")
-    p.add_argument("--session-ttl", type=float, default=600.0, help="session expiry (seconds of log time)")
+    p.add_argument("--session-ttl", type=float, default=600.0,
+                   help="session and Idempotency-Key expiry (seconds of log time)")
     p.add_argument("--compaction-entries", type=int, default=100_000, help="snapshot the log after N entries")
     p.add_argument("--parent-pid", type=int, help="exit when this process dies (used by DemoCluster)")
     p.add_argument("--pdeathsig", action="store_true",
@@ -275,6 +278,14 @@ class NodeApp:
             if not seq.isdigit():
                 return self._error(400, "bad_request", detail="X-Raft-Session needs an integer X-Raft-Seq")
             cmd = Command(cmd.op, cmd.key, cmd.value, session, int(seq))
+        idempotency_key = req.headers.get("idempotency-key")
+        if idempotency_key is not None:
+            idempotency_key = idempotency_key.strip()
+            if not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY or "," in idempotency_key:
+                return self._error(400, "bad_request",
+                                   detail=f"Idempotency-Key must be one value of 1 to {MAX_IDEMPOTENCY_KEY} "
+                                          "characters")
+            cmd = replace(cmd, idempotency_key=idempotency_key)
         try:
             result = await self.raft.submit(cmd, self.cfg.write_timeout)
         except WriteRefused as exc:

@@ -8,8 +8,10 @@ the listener's body limit before the handler runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from ssl import SSLContext
@@ -26,6 +28,8 @@ from raftlb.http.server import (
 )
 
 log = logging.getLogger("raftlb.http.app")
+
+STREAM_SNDBUF = 64 * 1024  # the kernel send buffer of a streamed response's socket (not autotuned)
 
 
 @dataclass(slots=True)
@@ -141,6 +145,7 @@ class _AppExchange:
         ex = self.ex
         ex.status = 200
         headers = [("cache-control", "no-cache"), *stream.headers]
+        _bound_stream_buffers(ex)
         ex.send_head(_head(200, stream.content_type, headers), FRAMING_CHUNKED)
 
         async def send(data: bytes) -> None:
@@ -158,6 +163,22 @@ class _AppExchange:
             return
         if not self.gone:
             ex.end()
+
+
+def _bound_stream_buffers(ex: Exchange) -> None:
+    """A stream never ends by itself, and its events come a few at a time: a client that never reads would
+    only be found once `limits.write_buffer_high` had piled up in user space, on top of a kernel send buffer
+    that autotunes to megabytes; with a trickle of events that never happens, and each such client keeps
+    its buffers. So a stream gets a fixed, small kernel buffer and no user-space allowance: writing pauses
+    as soon as the kernel takes no more, and the server's `send_timeout` cuts the client from then on."""
+    transport = ex.conn.transport
+    if transport is None:
+        return
+    transport.set_write_buffer_limits(high=0)
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF)
 
 
 class AppHandler:
@@ -180,9 +201,9 @@ class _TaskSet(set[asyncio.Task[None]]):
 
 
 async def serve(handler: Handler, host: str, port: int, limits: LimitsConfig | None = None,
-                name: str = "app", ssl: SSLContext | None = None) -> HttpServer:
-    """Start serving `handler` on host:port (HTTPS with `ssl`). The returned server's `.port` is the bound
-    port."""
-    server = HttpServer(AppHandler(handler), limits or LimitsConfig(), name=name)
+                name: str = "app", ssl: SSLContext | None = None, max_connections: int = 10000) -> HttpServer:
+    """Start serving `handler` on host:port (HTTPS with `ssl`), at most `max_connections` clients at once.
+    The returned server's `.port` is the bound port."""
+    server = HttpServer(AppHandler(handler), limits or LimitsConfig(), max_connections, name=name)
     await server.start(host, port, ssl=ssl)
     return server

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,18 +135,72 @@ def test_session_table_is_capped_least_recently_used_first() -> None:
     assert list(state.sessions) == ["a", "c"]
 
 
+def keyed(cmd: Command, key: str) -> Command:
+    return replace(cmd, idempotency_key=key)
+
+
+def test_a_write_repeated_with_its_idempotency_key_returns_the_first_result_and_is_not_reapplied() -> None:
+    state = KVState()
+    first = state.apply(keyed(put("k", b"mine"), "key-1"), 5)
+    assert (first.status, first.existed, first.duplicate) == (200, False, False)
+    state.apply(put("k", b"someone else"), 6)  # a concurrent writer, in between
+    replay = state.apply(keyed(put("k", b"mine"), "key-1"), 7)
+    assert replay == replace(first, duplicate=True)  # index 5, "created", as the first time
+    assert state.get("k") == b"someone else"  # the repeat did not overwrite the later write
+    # A keyed DELETE too; another key is another write.
+    assert state.apply(keyed(delete("k"), "key-2"), 8).status == 200
+    assert state.apply(keyed(delete("k"), "key-2"), 9) == WriteResult(200, 8, existed=True, duplicate=True)
+    assert not state.apply(keyed(put("k", b"mine"), "key-3"), 10).duplicate
+
+
+@pytest.mark.parametrize("other", [put("k", b"other value"), put("j", b"mine"), delete("k")],
+                         ids=["value", "key", "op"])
+def test_an_idempotency_key_reused_for_another_write_is_refused(other: Command) -> None:
+    state = KVState()
+    state.apply(keyed(put("k", b"mine"), "key-1"), 5)
+    refused = state.apply(keyed(other, "key-1"), 6)
+    assert (refused.status, refused.error, refused.duplicate) == (422, "idempotency_key_reused", False)
+    assert state.data == {"k": b"mine"}
+
+
+def test_idempotency_keys_expire_by_log_time_and_are_capped_oldest_first() -> None:
+    state = KVState(session_ttl_ms=1000, max_idempotency_keys=2)
+    state.apply(keyed(put("k", b"v", ts=10_000), "a"), 2)
+    assert state.apply(keyed(put("k", b"v", ts=10_900), "a"), 3).duplicate
+    state.apply(Command(OP_NOOP, ts_ms=11_000), 4)
+    assert "a" in state.keyed  # a TTL from its first application, not from the repeat
+    state.apply(Command(OP_NOOP, ts_ms=11_001), 5)
+    assert "a" not in state.keyed
+    for i, key in enumerate(["b", "c", "d"]):
+        state.apply(keyed(put("k", b"v", ts=12_000), key), 6 + i)
+    assert list(state.keyed) == ["c", "d"]
+    assert not state.apply(keyed(put("k", b"v", ts=12_000), "b"), 9).duplicate  # forgotten: applies again
+
+
+def test_idempotency_key_and_session_together_apply_once() -> None:
+    state = KVState()
+    first = state.apply(keyed(put("k", b"v", "s", 1), "key"), 2)
+    assert state.apply(keyed(put("k", b"v", "s", 1), "key"), 3) == replace(first, duplicate=True)
+    assert state.apply(put("k", b"v", "s", 1), 4) == replace(first, duplicate=True)
+
+
 def test_state_survives_a_pickle_round_trip_as_in_a_snapshot() -> None:
     state = KVState()
     state.apply(put("k", b"v", "s", 1, ts=7), 2)
+    state.apply(keyed(put("j", b"v", ts=7), "key-1"), 3)
     clone = pickle.loads(pickle.dumps(state))
     assert clone == state
-    assert clone.apply(put("k", b"v", "s", 1, ts=8), 3).duplicate
+    assert clone.apply(put("k", b"v", "s", 1, ts=8), 4).duplicate
+    assert clone.apply(keyed(put("j", b"v", ts=8), "key-1"), 5).duplicate
 
 
 def test_command_wire_form_is_a_plain_tuple() -> None:
     cmd = put("k", b"v", "s", 3, ts=99)
     wire = cmd.to_wire()
-    assert type(wire) is tuple and Command.from_wire(wire) == cmd
+    assert type(wire) is tuple and len(wire) == 6 and Command.from_wire(wire) == cmd  # as before keys
+    cmd = keyed(cmd, "key-1")
+    wire = cmd.to_wire()
+    assert type(wire) is tuple and wire[6] == "key-1" and Command.from_wire(wire) == cmd
 
 
 commands = st.builds(
@@ -177,6 +231,42 @@ def test_every_session_write_applies_at_most_once_and_replicas_agree(cmds: list[
         if cmd.op == OP_PUT:
             model[cmd.key] = cmd.value
         elif cmd.op == OP_DELETE:
+            model.pop(cmd.key, None)
+    assert replica_a.data == model
+    assert replica_a == replica_b
+
+
+keyed_commands = st.builds(
+    Command,
+    op=st.sampled_from([OP_PUT, OP_DELETE]),
+    key=st.sampled_from(["a", "b"]),
+    value=st.sampled_from([b"1", b"2"]),
+    ts_ms=st.integers(0, 100),
+    idempotency_key=st.sampled_from([None, "k1", "k2", "k3"]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(keyed_commands, max_size=40))
+def test_every_keyed_write_applies_at_most_once_and_replicas_agree(cmds: list[Command]) -> None:
+    replica_a, replica_b = KVState(), KVState()
+    model: dict[str, bytes] = {}
+    first: dict[str, tuple[Command, int]] = {}
+    for index, cmd in enumerate(cmds, start=2):
+        result = replica_a.apply(cmd, index)
+        assert replica_b.apply(cmd, index) == result
+        if cmd.idempotency_key is not None and cmd.idempotency_key in first:
+            earlier, earlier_index = first[cmd.idempotency_key]
+            if replace(earlier, ts_ms=0) == replace(cmd, ts_ms=0):
+                assert result.duplicate and result.index == earlier_index
+            else:
+                assert (result.status, result.error) == (422, "idempotency_key_reused")
+            continue
+        if cmd.idempotency_key is not None:
+            first[cmd.idempotency_key] = (cmd, index)
+        if cmd.op == OP_PUT:
+            model[cmd.key] = cmd.value
+        else:
             model.pop(cmd.key, None)
     assert replica_a.data == model
     assert replica_a == replica_b
@@ -294,6 +384,20 @@ async def test_session_headers_reach_the_command_and_replays_are_marked() -> Non
     assert b1 == b2 and h2["X-Raft-Index"] == h1["X-Raft-Index"] and h2["X-Raft-Duplicate"] == "true"
     resp, _, body = await call(app, request("PUT", "/kv/k", b"v", x_raft_session="s", x_raft_seq="x"))
     assert resp.status == 400 and body["error"] == "bad_request"
+
+
+async def test_an_idempotency_key_reaches_the_command_and_replays_are_marked() -> None:
+    app, raft = make_app(LEADER)
+    _, h1, b1 = await call(app, request("PUT", "/kv/k", b"v", idempotency_key=" key-1 "))
+    _, h2, b2 = await call(app, request("PUT", "/kv/k", b"v", idempotency_key="key-1"))
+    assert raft.submitted[0].idempotency_key == "key-1"
+    assert b1 == b2 == {"index": 10, "key": "k", "created": True}  # the first answer, not "created: false"
+    assert "X-Raft-Duplicate" not in h1 and h2["X-Raft-Duplicate"] == "true"
+    resp, _, body = await call(app, request("PUT", "/kv/k", b"other", idempotency_key="key-1"))
+    assert (resp.status, body["error"]) == (422, "idempotency_key_reused")
+    for bad in ("", "a, b", "x" * 257):
+        resp, _, body = await call(app, request("PUT", "/kv/k", b"v", idempotency_key=bad))
+        assert (resp.status, body["error"]) == (400, "bad_request"), bad
 
 
 @pytest.mark.parametrize(

@@ -149,6 +149,29 @@ def test_session_write_repeated_is_applied_once_with_the_original_index(shared: 
     assert http.get(url).content == b"someone else"
 
 
+def test_write_repeated_with_its_idempotency_key_applies_once_also_on_the_next_leader(
+        cluster: DemoCluster, http: httpx.Client) -> None:
+    old, _ = leader_and_followers(cluster)
+    old_term = cluster.status(old)["term"]  # type: ignore[index]
+    key = {"Idempotency-Key": "order-1234"}
+    first = http.put(cluster.url(old) + "/kv/keyed", content=b"mine", headers=key)
+    assert first.status_code == 200 and first.json()["created"] is True, first.text
+    replay = http.put(cluster.url(old) + "/kv/keyed", content=b"mine", headers=key)
+    assert replay.headers["x-raft-duplicate"] == "true" and replay.json() == first.json()
+    other = http.put(cluster.url(old) + "/kv/keyed", content=b"someone else")  # a concurrent writer
+    assert other.status_code == 200
+    wait_applied(cluster, list(cluster.nodes), int(other.headers["x-raft-index"]))
+    # The key is in the replicated state: the next leader answers the repeat from it, applying nothing.
+    cluster.kill(old)
+    new = cluster.wait_for_leader(min_term=old_term + 1, exclude=[old])
+    replay = http.put(cluster.url(new) + "/kv/keyed", content=b"mine", headers=key)
+    assert replay.status_code == 200, replay.text
+    assert replay.headers["x-raft-duplicate"] == "true" and replay.json() == first.json()
+    assert http.get(cluster.url(new) + "/kv/keyed").content == b"someone else"
+    reused = http.put(cluster.url(new) + "/kv/keyed", content=b"different", headers=key)
+    assert (reused.status_code, reused.json()["error"]) == (422, "idempotency_key_reused")
+
+
 def test_read_index_confirms_leadership_through_the_log(shared: DemoCluster, http: httpx.Client) -> None:
     leader, followers = leader_and_followers(shared)
     w = http.put(shared.url(leader) + "/kv/before-read", content=b"r")

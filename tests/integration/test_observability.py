@@ -11,20 +11,23 @@ import asyncio
 import contextlib
 import io
 import json
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 from cdp import Chromium
-from conftest import demo_cluster_config, running, url_of, wait_for
+from conftest import demo_cluster_config, make_config, raw_exchange, running, url_of, wait_for
 from fakes import FakeCluster
 from prometheus_client.parser import text_string_to_metric_families
 from tools import free_port, require_debian_package
 
 from raftlb import status_cli
+from raftlb.config import LimitsConfig
 from raftlb.proxy import ClusterProxy
 from raftlb.server import Server
 
@@ -303,6 +306,111 @@ async def test_status_page_shows_the_new_leader_live_after_a_leader_kill(tmp_pat
     assert state["timeline"][-2:] == ["n1", "n2"]
     assert "leader_change" in state["events"] and "node_down" in state["events"]
     assert state["live"] == "live"
+
+
+# -- the admin listener against browsers on other sites, and clients that hold it ---------------------------
+
+
+async def admin_raw(port: int, head: str, body: bytes = b"") -> tuple[int, dict[str, object]]:
+    """One raw request to the admin listener (`head`: request line and headers); status and JSON body."""
+    data = await raw_exchange(port, head.replace("\n", "\r\n").encode() + b"\r\n" + body, read_timeout=5.0)
+    status = int(data.split(b" ", 2)[1])
+    return status, json.loads(data.partition(b"\r\n\r\n")[2])
+
+
+async def test_admin_refuses_a_cross_site_form_post_and_a_rebound_host_and_serves_its_tools() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        async with running(fc.config(), admin=True) as srv, httpx.AsyncClient() as c:
+            await wait_for(lambda: leader_of(srv) == "n1")
+            port = srv.admin.port  # type: ignore[union-attr]
+            # <form method=post enctype=text/plain action=http://127.0.0.1:9090/v1/reload> on another site.
+            form = (f"POST /v1/reload HTTP/1.1\nHost: 127.0.0.1:{port}\nOrigin: http://evil.example\n"
+                    "Content-Type: text/plain\nContent-Length: 4\nConnection: close\n")
+            detail = "POST from another origin (http://evil.example) is refused"
+            assert await admin_raw(port, form, b"x=y\n") == (403, {"error": "cross_origin", "detail": detail})
+            # The same page after rebinding evil.example to 127.0.0.1: its own origin, but the Host names it.
+            rebound = (f"POST /v1/reload HTTP/1.1\nHost: evil.example:{port}\n"
+                       f"Origin: http://evil.example:{port}\nContent-Length: 0\nConnection: close\n")
+            assert (await admin_raw(port, rebound))[1]["error"] == "host_not_allowed"
+            for path in ("/v1/events?since=0", "/v1/clusters", "/"):  # nothing to read either
+                get_ = f"GET {path} HTTP/1.1\nHost: evil.example:{port}\nConnection: close\n"
+                assert await admin_raw(port, get_) == (403, {
+                    "error": "host_not_allowed",
+                    "detail": f"Host 'evil.example:{port}' is not an IP address, localhost or listed in "
+                              "admin.allowed_hosts"})
+            assert srv.reloader.reloads == 0
+            # What keeps working: curl/httpx POSTs (no body), Prometheus and probes (Host: the pod IP),
+            # `raftlb status`, the event stream under localhost.
+            r = await c.post(admin_url(srv) + "/v1/reload")
+            assert (r.status_code, r.json()["error"]) == (409, "no_config_file")  # past the checks
+            scrape = (f"GET /metrics HTTP/1.1\nHost: 127.0.0.1:{port}\nUser-Agent: Prometheus/2.45\n"
+                      "Connection: close\n")
+            data = await raw_exchange(port, scrape.replace("\n", "\r\n").encode() + b"\r\n")
+            assert data.startswith(b"HTTP/1.1 200 ") and b"raftlb_cluster_has_leader" in data
+            assert (await c.get(f"http://localhost:{port}/readyz")).status_code == 200
+            doc = await asyncio.to_thread(status_cli.fetch, admin_url(srv))
+            assert doc["clusters"]["c1"]["leader"] == "n1"
+            async with c.stream("GET", f"http://localhost:{port}/v1/events?since=0") as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        break
+
+
+async def test_an_event_stream_client_that_never_reads_is_cut_after_the_send_timeout() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        async with running(fc.config(), admin=True, limits=LimitsConfig(send_timeout=0.5)) as srv:
+            admin = srv.admin
+            assert admin is not None
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: a small window)
+            sock.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", admin.port))
+                sock.send(b"GET /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                await wait_for(lambda: len(srv.events.subscribers) == 1)
+                conn = next(iter(admin.connections))
+                # Events flow (about 1 KiB each); the client reads nothing. Far less than a megabyte must do
+                # to stall the stream: the kernel's autotuned send buffer alone would take megabytes.
+                sent = 0
+                while not conn.writing_paused and sent < 512 * 1024 and not conn.closed:
+                    sent += len(srv.events.publish("config_reload", result="applied", pad="x" * 1000).sse())
+                    await asyncio.sleep(0.001)
+                assert conn.writing_paused, f"{sent} bytes of events and the stream still takes more"
+                # Stalled: cut after send_timeout, its subscription and buffers gone.
+                await wait_for(lambda: conn.closed and not admin.connections, timeout=10)
+                assert admin.send_timeouts == 1
+                await wait_for(lambda: not srv.events.subscribers)
+            finally:
+                sock.close()
+
+
+async def test_the_admin_connection_cap_is_configurable_and_refuses_the_next_connection() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        cfg = make_config(fc.config(), admin=True)
+        cfg = replace(cfg, admin=replace(cfg.admin, max_connections=2))
+        server = Server(cfg)
+        await server.start()
+        try:
+            admin = server.admin
+            assert admin is not None and admin.max_connections == 2
+            held = [await asyncio.open_connection("127.0.0.1", admin.port) for _ in range(2)]
+            await wait_for(lambda: len(admin.connections) == 2)
+            data = await raw_exchange(admin.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert data.startswith(b"HTTP/1.1 503 ") and b'"overloaded"' in data
+            assert admin.rejected_connections == 1
+            for _, writer in held:
+                writer.close()
+                await writer.wait_closed()
+            await wait_for(lambda: not admin.connections)
+            data = await raw_exchange(admin.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                                  b"Connection: close\r\n\r\n")
+            assert data.startswith(b"HTTP/1.1 200 ")
+        finally:
+            await server.stop()
 
 
 # -- raftlb status -------------------------------------------------------------------------------------------
