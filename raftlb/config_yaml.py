@@ -361,7 +361,7 @@ _READ_ONLY_KEYS = ("policy", "max_lag_entries", "max_lag_ms", "prefer_followers"
 
 
 def _route(cur: Cursor) -> RouteConfig:
-    m = cur.mapping(("methods", "path", "kind", "idempotent", "cookie", *_READ_ONLY_KEYS))
+    m = cur.mapping(("methods", "path", "kind", "idempotent", "cookie", "stream", *_READ_ONLY_KEYS))
     kind = cast(RouteKind, m.opt("kind", lambda c: c.choice(("read", "write")), "write"))
     if kind == "write":
         for key in _READ_ONLY_KEYS:
@@ -385,6 +385,7 @@ def _route(cur: Cursor) -> RouteConfig:
         prefer_followers=m.opt("prefer_followers", Cursor.boolean, True),
         cookie=m.opt("cookie", Cursor.boolean, None),
         fence_wait=m.opt("fence_wait", lambda c: c.duration(allow_zero=True), None),
+        stream=m.opt("stream", Cursor.boolean, False),
     )
 
 

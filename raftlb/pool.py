@@ -42,7 +42,7 @@ class UpstreamConn(asyncio.Protocol):
     __slots__ = (
         "closed", "completed", "deadline", "extra", "feeding", "head_bytes", "head_only", "head_received",
         "headers", "idle_since", "informational", "keep_alive", "listener", "parser", "paused", "pool",
-        "requests", "resp_chunked", "resp_length", "transport", "until_close", "written",
+        "requests", "resp_chunked", "resp_length", "stream", "transport", "until_close", "written",
     )
 
     def __init__(self, pool: NodePool) -> None:
@@ -68,6 +68,7 @@ class UpstreamConn(asyncio.Protocol):
         self.completed = False  # an answer completed during this feed
         self.extra = False  # the node sent a message with no request outstanding
         self.paused = False  # reading paused for a slow client
+        self.stream = False  # the answer is a long-lived stream: quiet gaps in it are not a stalled node
 
     def __repr__(self) -> str:
         state = "busy" if self.listener is not None else ("closed" if self.closed else "idle")
@@ -190,11 +191,14 @@ class UpstreamConn(asyncio.Protocol):
     # -- request lifecycle --------------------------------------------------------------------------------
 
     def start(self, listener: UpstreamListener, head_only: bool, now: float | None = None,
-              sent: bool = True) -> None:
+              sent: bool = True, stream: bool = False) -> None:
         """Bind to a request; the caller writes it with `write`/`writelines` right after. `sent` is False
         while the request's body is still arriving from the client: the response timeout then starts at
-        `request_sent`, not while the client uploads (its own body timeout governs that)."""
+        `request_sent`, not while the client uploads (its own body timeout governs that). `stream`: the
+        answer is a long-lived stream (a route's `stream: true`), cut for a quiet gap only when its node
+        is marked down."""
         self.listener = listener
+        self.stream = stream
         self.head_only = head_only
         self.written = False
         self.head_received = False
@@ -420,7 +424,8 @@ class NodePool:
         """Response timeouts on busy connections (to the head, then between reads of the answer); idle
         connections past their idle timeout."""
         for conn in [c for c in self.busy if c.deadline and c.deadline <= now]:
-            conn.timed_out()
+            if not (conn.stream and conn.head_received):  # (a stream's deadline only tells its last read)
+                conn.timed_out()
         if self.idle and self.idle[0].idle_since + self.idle_timeout <= now:
             for conn in [c for c in self.idle if c.idle_since + self.idle_timeout <= now]:
                 conn.close()

@@ -183,7 +183,7 @@ class ProxyRequest:
         proxy = self.proxy
         self.conn = conn
         self.sent_term = proxy.table.term
-        conn.start(self, self.ex.head_only, now, self.body_done)
+        conn.start(self, self.ex.head_only, now, self.body_done, self.route.stream)
         proxy.inflight.add(self)
         if self.chunks:
             parts = [self.head]

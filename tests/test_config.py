@@ -455,3 +455,19 @@ def test_workers_default_to_one_and_admin_port_0_or_disabled_admin_need_no_range
     assert parse(GOOD + "admin: {address: '127.0.0.1:8079', enabled: false}\nworkers: 3\n").workers == 3
     # a listener on another address may sit inside the admin range
     assert parse(GOOD.replace("127.0.0.1:8080", "127.0.0.2:9091") + "workers: 4\n").workers == 4
+
+
+def test_routes_take_stream_for_long_lived_answers() -> None:
+    cfg = parse_config(GOOD + """    routes:
+      - {kind: read, path: "^/v3/watch$", policy: any, stream: true}
+      - {path: "^/v3/lease/keepalive$", stream: true}
+      - {kind: read}
+""")
+    watch, keepalive, plain = cfg.clusters[0].routes
+    assert (watch.stream, keepalive.stream, plain.stream) == (True, True, False)
+    assert keepalive.kind == "write"
+    with pytest.raises(ConfigError, match=r"routes\[0\]\.stream"):
+        parse_config(GOOD + "    routes: [{stream: sometimes}]\n")
+    # The shipped etcd config streams watches through without a gap limit.
+    etcd = load_config(str(CONFIGS / "etcd.yaml")).clusters[0]
+    assert [r.stream for r in etcd.routes if r.path is not None and r.path.pattern == "^/v3/watch$"] == [True]

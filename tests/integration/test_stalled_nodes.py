@@ -182,6 +182,28 @@ async def test_a_node_marked_down_cuts_its_stalled_answers_but_not_flowing_ones(
         await settled(srv)
 
 
+async def test_a_stream_route_is_not_cut_for_a_quiet_gap() -> None:
+    # A watch (a route with `stream: true`) may be quiet for longer than the response timeout.
+    async def watch() -> AsyncIterator[bytes]:
+        yield b"created\n"
+        await asyncio.sleep(1.5)
+        yield b"event\n"
+
+    async def handler(req: FakeRequest) -> FakeResponse | None:
+        if req.path != "/watch":
+            return None
+        return FakeResponse(200, [("x-raft-index", "1")], watch(), chunked=True)
+
+    routes = (RouteConfig(methods=None, path=re.compile("^/watch"), kind="read", policy="any",
+                          idempotent=False, stream=True), *READS_LEADER)
+    async with one_leader(routes=routes, response_timeout=0.5) as (srv, node):
+        node.handler = handler
+        async with httpx.AsyncClient(base_url=url_of(srv), timeout=5) as c:
+            r = await c.get("/watch")
+            assert r.status_code == 200 and r.content == b"created\nevent\n"
+        await settled(srv)
+
+
 # -- item 4: the response timer starts once the request is sent -----------------------------------------
 
 
