@@ -45,6 +45,7 @@ class RouteConfig:
     prefer_followers: bool = True  # reads: the leader serves only when no follower is eligible
     cookie: bool | None = None  # set/honour the raftlb-index cookie; None: the cluster's index_cookie
     fence_wait: float | None = None  # fenced reads: how long to wait for a node to reach the index
+    stream: bool = False  # answers are long-lived streams (watches): no response_timeout between their reads
 
 
 @dataclass(frozen=True)

@@ -437,7 +437,7 @@ _READ_ONLY_KEYS = ("policy", "max_lag_entries", "max_lag_ms", "prefer_followers"
 
 def _route(cur: Cursor) -> RouteConfig:
     since = mark()
-    m = cur.mapping(("methods", "path", "kind", "idempotent", "cookie", *_READ_ONLY_KEYS))
+    m = cur.mapping(("methods", "path", "kind", "idempotent", "cookie", "stream", *_READ_ONLY_KEYS))
     methods = m.opt("methods", lambda c: frozenset(attempt(partial(_method, item), "") for item in c.items()),
                     None)
     path = m.opt("path", _regex, None)
@@ -467,6 +467,7 @@ def _route(cur: Cursor) -> RouteConfig:
         prefer_followers=m.opt("prefer_followers", Cursor.boolean, True),
         cookie=m.opt("cookie", Cursor.boolean, None),
         fence_wait=m.opt("fence_wait", lambda c: c.duration(allow_zero=True), None),
+        stream=m.opt("stream", Cursor.boolean, False),
     )
 
 

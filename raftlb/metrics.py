@@ -110,8 +110,8 @@ SPECS: dict[str, MetricSpec] = {s.name: s for s in (
     MetricSpec("raftlb_hold_requests_total", "counter", _C, "Requests that entered the hold queue (no "
                "leader, or a re-send backing off)"),
     MetricSpec("raftlb_hold_released_total", "counter", _C, "Held requests released to a node"),
-    MetricSpec("raftlb_hold_expired_total", "counter", _C, "Held requests failed with 503 after the hold "
-               "timeout"),
+    MetricSpec("raftlb_hold_expired_total", "counter", _C, "Held requests failed after the hold timeout "
+               "(503 no_leader; 502 outcome_unknown for a write an earlier attempt reached)"),
     MetricSpec("raftlb_hold_queue_requests", "gauge", _C, "Requests in the hold queue now"),
     MetricSpec("raftlb_hold_queue_bytes", "gauge", _C, "Request body bytes in the hold queue now"),
     MetricSpec("raftlb_resends_total", "counter", (*_C, "reason"), "Requests re-sent to another node, by "
@@ -119,8 +119,8 @@ SPECS: dict[str, MetricSpec] = {s.name: s for s in (
     MetricSpec("raftlb_misdirected_total", "counter", _C, "421 Misdirected Request answers from nodes"),
     MetricSpec("raftlb_preempted_total", "counter", _C, "Requests taken back from a node deposed by a "
                "higher term"),
-    MetricSpec("raftlb_outcome_unknown_total", "counter", _C, "Non-idempotent writes answered 502 "
-               "outcome_unknown"),
+    MetricSpec("raftlb_outcome_unknown_total", "counter", _C, "Writes answered 502 outcome_unknown (not safe "
+               "to re-send, or out of re-sends or hold time)"),
     # -- connections (scrape time)
     MetricSpec("raftlb_downstream_connections", "gauge", _L, "Open client connections"),
     MetricSpec("raftlb_downstream_connections_rejected_total", "counter", _L, "Client connections refused "

@@ -3,7 +3,8 @@
 An `UpstreamConn` carries one request at a time for one `UpstreamListener` (the proxy's per-request state)
 and reports the response through callbacks. A `NodePool` hands out idle connections (LIFO, so the warm
 ones are reused and the cold ones expire), opens new ones when none is idle, and enforces the connect and
-response timeouts from a periodic sweep.
+response timeouts from a periodic sweep. The response timeout runs from the moment the whole request is sent
+to the response head, then bounds each gap between reads of the answer.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class UpstreamConn(asyncio.Protocol):
     __slots__ = (
         "closed", "completed", "deadline", "extra", "feeding", "head_bytes", "head_only", "head_received",
         "headers", "idle_since", "informational", "keep_alive", "listener", "parser", "paused", "pool",
-        "requests", "resp_chunked", "resp_length", "transport", "until_close", "written",
+        "requests", "resp_chunked", "resp_length", "stream", "transport", "until_close", "written",
     )
 
     def __init__(self, pool: NodePool) -> None:
@@ -67,6 +68,7 @@ class UpstreamConn(asyncio.Protocol):
         self.completed = False  # an answer completed during this feed
         self.extra = False  # the node sent a message with no request outstanding
         self.paused = False  # reading paused for a slow client
+        self.stream = False  # the answer is a long-lived stream: quiet gaps in it are not a stalled node
 
     def __repr__(self) -> str:
         state = "busy" if self.listener is not None else ("closed" if self.closed else "idle")
@@ -118,6 +120,10 @@ class UpstreamConn(asyncio.Protocol):
             self._fail(f"malformed response from node: {exc}")
         finally:
             self.feeding = False
+        if self.head_received and self.listener is not None and not self.paused:
+            # Once the head is in, the response timeout is the longest gap between two reads of the answer
+            # (a node that stalls mid-answer is given up, like one that never answers).
+            self.deadline = time.monotonic() + self.pool.response_timeout
         if self.completed:
             # Released only now that the parser is done with these bytes: anything after the answer in the
             # same read (a second answer to one request) poisons the connection instead of being taken
@@ -149,6 +155,15 @@ class UpstreamConn(asyncio.Protocol):
         self.deadline = 0.0
         self.keep_alive = self.parser.should_keep_alive()
         named = dict(self.headers)  # (llhttp has refused conflicting Content-Length headers)
+        if b"transfer-encoding" in named:
+            codings = [v for k, v in self.headers if k == b"transfer-encoding"]
+            if len(codings) > 1 or codings[0].strip().lower() != b"chunked":
+                # Another coding (gzip, ...) would reach the client as raw coded bytes once the framing is
+                # redone, and nodes have no reason to use one: a malformed answer, never relayed.
+                value = b", ".join(codings).decode("latin-1")
+                self._fail(f"malformed response from node: unsupported Transfer-Encoding {value!r} "
+                           "(only chunked)")
+                return
         cl = named.get(b"content-length")
         length = self.resp_length = None if cl is None else int(cl)
         chunked = self.resp_chunked = b"transfer-encoding" in named
@@ -175,9 +190,15 @@ class UpstreamConn(asyncio.Protocol):
 
     # -- request lifecycle --------------------------------------------------------------------------------
 
-    def start(self, listener: UpstreamListener, head_only: bool, now: float | None = None) -> None:
-        """Bind to a request; the caller writes it with `write`/`writelines` right after."""
+    def start(self, listener: UpstreamListener, head_only: bool, now: float | None = None,
+              sent: bool = True, stream: bool = False) -> None:
+        """Bind to a request; the caller writes it with `write`/`writelines` right after. `sent` is False
+        while the request's body is still arriving from the client: the response timeout then starts at
+        `request_sent`, not while the client uploads (its own body timeout governs that). `stream`: the
+        answer is a long-lived stream (a route's `stream: true`), cut for a quiet gap only when its node
+        is marked down."""
         self.listener = listener
+        self.stream = stream
         self.head_only = head_only
         self.written = False
         self.head_received = False
@@ -189,7 +210,16 @@ class UpstreamConn(asyncio.Protocol):
             # The previous client was slow and its answer ended while reading was paused: this request
             # must hear its own answer.
             self.resume_reading()
-        self.deadline = (time.monotonic() if now is None else now) + self.pool.response_timeout
+        if not sent:
+            self.deadline = 0.0
+        else:
+            self.deadline = (time.monotonic() if now is None else now) + self.pool.response_timeout
+
+    def request_sent(self) -> None:
+        """The whole request has been written: the response timeout runs from now (unless it has been
+        answered already)."""
+        if self.listener is not None and not self.head_received and not self.closed:
+            self.deadline = time.monotonic() + self.pool.response_timeout
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -205,11 +235,14 @@ class UpstreamConn(asyncio.Protocol):
         """Backpressure from a slow client; undone by `resume_reading` or when the next request starts."""
         if self.transport is not None and not self.closed and not self.paused:
             self.paused = True
+            self.deadline = 0.0  # the node is not the slow one: the client's send timeout governs
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         if self.transport is not None and not self.closed and self.paused:
             self.paused = False
+            if self.listener is not None and self.head_received:
+                self.deadline = time.monotonic() + self.pool.response_timeout
             self.transport.resume_reading()
 
     def _complete(self) -> None:
@@ -237,7 +270,14 @@ class UpstreamConn(asyncio.Protocol):
             listener.on_upstream_error(reason, self.written)
 
     def timed_out(self) -> None:
-        self._fail(f"no response within {self.pool.response_timeout:g}s")
+        t = self.pool.response_timeout
+        self._fail(f"answer stalled: nothing from the node for {t:g}s" if self.head_received
+                   else f"no response within {t:g}s")
+
+    def reject(self, reason: str) -> None:
+        """Give up on the answer (malformed, or its node is gone): close the connection and report `reason`
+        to the request as a failure of this node."""
+        self._fail(reason)
 
     def abandon(self) -> None:
         """The request no longer wants this connection (client gone, leader deposed): close it quietly."""
@@ -372,10 +412,20 @@ class NodePool:
         except ValueError:
             pass
 
+    def cut_stalled(self, now: float, quiet: float, reason: str) -> None:
+        """The node was marked down: its answers that have had nothing from it for `quiet` seconds are cut
+        now rather than at their response timeout (a frozen node). Answers still flowing are left to finish,
+        and so are answers paused for a slow client (the client's send timeout governs those)."""
+        since = now - quiet + self.response_timeout  # a deadline at or before this: last read `quiet` ago
+        for conn in [c for c in self.busy if c.head_received and c.deadline and c.deadline <= since]:
+            conn.reject(f"{reason}: answer stalled for {now - conn.deadline + self.response_timeout:.1f}s")
+
     def sweep(self, now: float) -> None:
-        """Response timeouts on busy connections; idle connections past their idle timeout."""
+        """Response timeouts on busy connections (to the head, then between reads of the answer); idle
+        connections past their idle timeout."""
         for conn in [c for c in self.busy if c.deadline and c.deadline <= now]:
-            conn.timed_out()
+            if not (conn.stream and conn.head_received):  # (a stream's deadline only tells its last read)
+                conn.timed_out()
         if self.idle and self.idle[0].idle_since + self.idle_timeout <= now:
             for conn in [c for c in self.idle if c.idle_since + self.idle_timeout <= now]:
                 conn.close()

@@ -356,11 +356,12 @@ class ClusterProxy:
         hold = self.cluster.hold
         if not req.held_at:
             if len(self.held) >= hold.max_requests or self.held_bytes + req.hold_size > hold.max_bytes:
-                req._fail(HoldQueueFull("too many requests are waiting for a leader",
-                                        retry_after=self.cluster.retry_after))
+                req.fail_held(HoldQueueFull("too many requests are waiting for a leader",
+                                            retry_after=self.cluster.retry_after))
                 return
             req.held_at = time.monotonic()
-            self.stats.held += 1
+            if not req.released:  # (a re-send held again is not another held request)
+                self.stats.held += 1
         self.held.append(req)
         self.held_bytes += req.hold_size
 
@@ -394,6 +395,10 @@ class ClusterProxy:
             if not req.released:
                 req.released = True
                 self.stats.released += 1
+            # The hold timeout bounds the time spent holding, not the time spent waiting on nodes between
+            # holds (the response timeout bounds that).
+            req.held_for += now - req.held_at
+            req.held_at = 0.0
             self._send(req, node)
 
     def node_released(self, node: str) -> None:
@@ -449,6 +454,10 @@ class ClusterProxy:
         # (a paused process, a partition): they go elsewhere now. The others keep waiting for their answer.
         for req in [r for r in self.inflight if r.node == node_id and r.safe_to_repeat]:
             req.preempt(f"node {node_id} down ({reason})")
+        # Answers it was sending that have stopped (a frozen node) are cut now, not at the response timeout.
+        pool = self.pools.get(node_id)
+        if pool is not None:
+            pool.cut_stalled(now, self.cluster.liveness_timeout / 2, f"node {node_id} down")
 
     def on_node_unreachable(self, node_id: str, reason: str) -> None:
         """The data path could not connect to a node: take it out of routing until it is heard again."""
@@ -510,15 +519,16 @@ class ClusterProxy:
             self._leader_changed(change, now)
         if self.held:
             timeout = self.cluster.hold.timeout
-            if any(r.finished or r.held_at + timeout <= now for r in self.held):
+            if any(r.finished or r.held_at + timeout <= now + r.held_for for r in self.held):
                 keep: deque[ProxyRequest] = deque()
                 for req in self.held:
                     if req.finished:
                         continue
-                    if req.held_at + timeout <= now:
+                    if req.held_at + timeout <= now + req.held_for:
                         self.stats.expired += 1
-                        req._fail(NoLeader(f"no leader for {self.cluster.name} within {timeout:g}s",
-                                           retry_after=self.cluster.retry_after, cluster=self.cluster.name))
+                        req.fail_held(NoLeader(f"no leader for {self.cluster.name} within {timeout:g}s",
+                                               retry_after=self.cluster.retry_after,
+                                               cluster=self.cluster.name))
                     else:
                         keep.append(req)
                 self.held = keep

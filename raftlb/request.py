@@ -45,6 +45,8 @@ RESPONSE_DROP = frozenset({
 })
 RESPONSE_WATCH = RESPONSE_DROP | {b"x-raft-index", b"x-raft-term"}
 
+MAX_INDEX = 1 << 64  # Raft indexes are uint64: an X-Raft-Index at or above this is not one
+
 # Answers with a Content-Length body up to this size are sent on in one write, head and body together.
 SMALL_ANSWER = 16 * 1024
 
@@ -56,7 +58,7 @@ class ProxyRequest:
         "proxy", "ex", "route", "head", "chunks", "body_len", "retain", "body_done", "node", "conn",
         "attempts", "held_at", "retry_at", "safe_to_repeat", "upstream_chunked", "sent_body", "finished",
         "avoid", "sent_term", "released", "to_leader", "min_index", "read_index", "fence_deadline", "session",
-        "waited", "deferred", "body", "leader_only", "leader_ok",
+        "waited", "deferred", "body", "leader_only", "leader_ok", "held_for", "maybe_applied",
     )
 
     def __init__(self, proxy: ClusterProxy, ex: Exchange, route: RouteDecision, head: bytes,
@@ -72,7 +74,9 @@ class ProxyRequest:
         self.node: str | None = None
         self.conn: UpstreamConn | None = None
         self.attempts = 0
-        self.held_at = 0.0
+        self.held_at = 0.0  # when the current hold began (0.0: not held now)
+        self.held_for = 0.0  # time spent in earlier holds: the hold timeout bounds the sum
+        self.maybe_applied: str | None = None  # a node this write reached, then failed, before a re-send
         self.retry_at = 0.0
         self.safe_to_repeat = safe_to_repeat  # may be re-sent after an ambiguous failure (see the module doc)
         self.upstream_chunked = ex.chunked
@@ -134,8 +138,10 @@ class ProxyRequest:
     def on_client_body_end(self) -> None:
         self.body_done = True
         conn = self.conn
-        if conn is not None and self.upstream_chunked:
-            conn.write(b"0\r\n\r\n")
+        if conn is not None:
+            if self.upstream_chunked:
+                conn.write(b"0\r\n\r\n")
+            conn.request_sent()
 
     def on_client_abort(self, reason: str) -> None:
         self.finished = True
@@ -177,7 +183,7 @@ class ProxyRequest:
         proxy = self.proxy
         self.conn = conn
         self.sent_term = proxy.table.term
-        conn.start(self, self.ex.head_only, now)
+        conn.start(self, self.ex.head_only, now, self.body_done, self.route.stream)
         proxy.inflight.add(self)
         if self.chunks:
             parts = [self.head]
@@ -230,9 +236,15 @@ class ProxyRequest:
         for k, v in headers:
             if k in RESPONSE_WATCH:
                 if k == b"x-raft-index":
-                    if not seen_index:
-                        seen_index = True
-                        index = int(v) if v.isdigit() else -1
+                    # The index decides whether the answer passes the client's fence: one that cannot be
+                    # read as one number (two headers, a list, not a uint64) is a malformed answer.
+                    v = v.strip()
+                    index = int(v) if not seen_index and len(v) <= 20 and v.isdigit() else MAX_INDEX
+                    if index >= MAX_INDEX:
+                        what = "two X-Raft-Index headers" if seen_index else f"X-Raft-Index {v[:40]!r}"
+                        conn.reject(f"malformed response from node: {what}")
+                        return
+                    seen_index = True
                 elif k == b"x-raft-term":
                     has_term = True
                 else:
@@ -373,11 +385,14 @@ class ProxyRequest:
             return
         can_resend = self.retain and self.attempts < proxy.cluster.max_resends
         if can_resend and self.safe_to_repeat:
+            if self.route.kind == "write":
+                self.maybe_applied = self.node
             self.avoid = self.node
             self._resend("idempotent_retry", immediate=not self.to_leader)
             return
         if self.route.kind == "read":
-            err: ProxyError = UpstreamTimeout(f"node {self.node}: {reason}") if "no response" in reason \
+            timeout = "no response" in reason or "stalled" in reason
+            err: ProxyError = UpstreamTimeout(f"node {self.node}: {reason}") if timeout \
                 else UpstreamFailed(f"node {self.node}: {reason}")
             self._fail(err)
             return
@@ -412,6 +427,16 @@ class ProxyRequest:
         else:
             self.retry_at = time.monotonic() + min(0.025 * (2 ** self.attempts), 0.5)
             proxy.hold(self)
+
+    def fail_held(self, err: ProxyError) -> None:
+        """Give up on a held request with `err` (no leader in time, hold budget), unless it is a write that
+        reached a node before: then the truth is that it may have been applied (502 outcome_unknown)."""
+        node = self.maybe_applied
+        if node is not None:
+            self.proxy.stats.outcome_unknown += 1
+            err = OutcomeUnknown(f"node {node} did not answer, then {err.detail}; the write may or may not "
+                                 "have been applied", node=node)
+        self._fail(err)
 
     def _fail(self, err: ProxyError) -> None:
         ex = self.ex

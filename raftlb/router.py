@@ -28,6 +28,7 @@ class RouteDecision:
     fence_wait: float = 1.0
     max_lag_entries: int | None = None
     max_lag_ms: int | None = None
+    stream: bool = False  # answers are long-lived streams: quiet gaps in them are not a stalled node
     # Writes and leader reads: derived from kind and policy (a field, not a property: read per request).
     needs_leader: bool = field(init=False, repr=False, compare=False)
 
@@ -47,7 +48,7 @@ class Router:
         self._decisions = tuple(
             RouteDecision(r.kind, r.policy, r.idempotent, index_cookie if r.cookie is None else r.cookie,
                           r.prefer_followers, fence_wait if r.fence_wait is None else r.fence_wait,
-                          r.max_lag_entries, r.max_lag_ms)
+                          r.max_lag_entries, r.max_lag_ms, r.stream)
             for r in self.routes)
         self._write = replace(WRITE, cookie=index_cookie)
         self._override_cache: dict[tuple[RouteDecision, str], RouteDecision] = {}

@@ -534,3 +534,19 @@ def test_unknown_route_methods_are_refused(method: str) -> None:
 def test_known_route_methods_are_accepted_in_any_case() -> None:
     cfg = parse(GOOD + "    routes: [{methods: [get, PATCH, propfind, DELETE]}]\n")
     assert cfg.clusters[0].routes[0].methods == frozenset({"GET", "PATCH", "PROPFIND", "DELETE"})
+
+
+def test_routes_take_stream_for_long_lived_answers() -> None:
+    cfg = parse_config(GOOD + """    routes:
+      - {kind: read, path: "^/v3/watch$", policy: any, stream: true}
+      - {path: "^/v3/lease/keepalive$", stream: true}
+      - {kind: read}
+""")
+    watch, keepalive, plain = cfg.clusters[0].routes
+    assert (watch.stream, keepalive.stream, plain.stream) == (True, True, False)
+    assert keepalive.kind == "write"
+    with pytest.raises(ConfigError, match=r"routes\[0\]\.stream"):
+        parse_config(GOOD + "    routes: [{stream: sometimes}]\n")
+    # The shipped etcd config streams watches through without a gap limit.
+    etcd = load_config(str(CONFIGS / "etcd.yaml")).clusters[0]
+    assert [r.stream for r in etcd.routes if r.path is not None and r.path.pattern == "^/v3/watch$"] == [True]
