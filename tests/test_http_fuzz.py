@@ -338,8 +338,35 @@ QUEUE = Budget(5.0)
 SOCKET = Budget(SOCKET_BUDGET)
 
 
+_LOOP: list[asyncio.AbstractEventLoop] = []  # one event loop for every mock case (see the fixture below)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mock_loop() -> Iterator[None]:
+    yield
+    while _LOOP:
+        _LOOP.pop().close()
+
+
 def run_connection(data_pieces: list[bytes], limits: LimitsConfig, handler: FuzzHandler,
                    finish: int) -> tuple[HttpConnection, MockTransport]:
+    """Feed the pieces to a fresh connection, letting the event loop run what each one scheduled (the next
+    pipelined request is handed to the handler from a loop callback)."""
+    if not _LOOP:
+        _LOOP.append(asyncio.new_event_loop())
+    return _LOOP[0].run_until_complete(_run_connection(data_pieces, limits, handler, finish))
+
+
+async def _settle(conn: HttpConnection, t: MockTransport) -> None:
+    for _ in range(1000):
+        before = (len(t.out), len(conn.queue), t.closed)
+        await asyncio.sleep(0)
+        if (len(t.out), len(conn.queue), t.closed) == before:
+            return
+
+
+async def _run_connection(data_pieces: list[bytes], limits: LimitsConfig, handler: FuzzHandler,
+                          finish: int) -> tuple[HttpConnection, MockTransport]:
     server = HttpServer(handler, limits)
     conn = HttpConnection(server)
     t = MockTransport()
@@ -348,11 +375,13 @@ def run_connection(data_pieces: list[bytes], limits: LimitsConfig, handler: Fuzz
         if t.closed or not t.reading:
             break  # a real transport would deliver nothing more
         conn.data_received(piece)
+        await _settle(conn, t)
     if finish == 1 and not t.closed:
         conn.on_deadline(time.monotonic())  # whichever timeout is pending fires
     elif finish == 2 and not t.closed:
         if not conn.eof_received():
             t.close()
+    await _settle(conn, t)
     return conn, t
 
 
