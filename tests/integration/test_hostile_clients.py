@@ -24,12 +24,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import raw_exchange, running, url_of, wait_for
+from conftest import demo_cluster_config, raw_exchange, running, url_of, wait_for
 from fakes import FakeNode
 from faults import FaultRelay
 
 from raftlb.config import ClusterConfig, LimitsConfig, NodeConfig, RouteConfig
-from raftlb.demo.cluster import free_ports
+from raftlb.demo.cluster import DemoCluster, free_ports
 from raftlb.server import Server
 
 pytestmark = pytest.mark.integration
@@ -233,6 +233,24 @@ async def test_an_h2c_upgrade_is_served_as_http11_with_its_body_and_nothing_in_i
                                                                               ("GET", "/s/1", b"")]
             sent = node.requests[0]
             assert sent.header("upgrade") is None and sent.header("http2-settings") is None
+
+
+async def test_on_the_demo_cluster_an_h2c_upgrade_body_is_a_body_and_never_a_committed_write(
+        demo_cluster: DemoCluster) -> None:
+    # The run: the POST got 502 (its body never came) and the PUT hidden in its body was committed.
+    smuggled = b"PUT /kv/smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nPWNED"
+    attack = (b"POST /kv/upgrade HTTP/1.1\r\nHost: x\r\n" + UPGRADE
+              + b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+    put = b"PUT /kv/upgrade HTTP/1.1\r\nHost: x\r\n" + UPGRADE + TE + b"\r\n" + BODY
+    async with running(demo_cluster_config(demo_cluster)) as srv, \
+            httpx.AsyncClient(base_url=url_of(srv), timeout=10) as c:
+        await wait_for(lambda: srv.proxies["demo"].table.leader(time.monotonic()) is not None, timeout=15)
+        out = await raw_exchange(srv.listeners[0].port, attack + put + b"GET /kv/upgrade HTTP/1.1\r\n" + H
+                                 + b"Connection: close\r\n\r\n", read_timeout=10)
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", out)
+        assert statuses == [b"405", b"200", b"200"], out  # POST is not a /kv method; the PUT; its value
+        assert out.endswith(b"hello")
+        assert (await c.get("/kv/smuggled")).status_code == 404
 
 
 async def test_a_transfer_encoding_the_parser_refuses_after_the_head_sends_nothing_to_the_node() -> None:
