@@ -19,7 +19,7 @@ from typing import Protocol
 from raftlb.burstlog import BurstLog
 from raftlb.config import ClusterConfig, TlsConfig
 from raftlb.dialects import dialect_for
-from raftlb.errors import HoldQueueFull, NoLeader, SessionGap
+from raftlb.errors import BadRequest, HoldQueueFull, NoLeader, SessionGap
 from raftlb.http.server import Exchange
 from raftlb.leader_table import Announcement, LeaderChange, LeaderTable
 from raftlb.pool import NodePool
@@ -44,12 +44,28 @@ REQUEST_WATCH = REQUEST_DROP | frozenset({
 })
 
 
-def _drop_connection_tokens(parts: list[bytes], headers: list[tuple[bytes, bytes]]) -> list[bytes]:
-    """The upstream head again without the headers that a `Connection` header names (RFC 9110 §7.6.1)."""
-    drop = set(REQUEST_DROP)
+# Headers a client may not name in `Connection`: those raftlb acts on or that frame and address the request.
+# RFC 9110 §7.6.1 has a proxy drop the headers a `Connection` header names, and forbids a sender to name one
+# meant for every recipient. Honouring such a name would let the node see a different request from the one
+# raftlb routed, framed and deduplicated (a session write re-sent without its session headers and applied
+# twice; a request with no Host), and ignoring it would forward what the client declared hop-by-hop: such a
+# request is refused, 400 bad_request.
+CONNECTION_PROTECTED = frozenset({
+    b"host", b"content-length", b"transfer-encoding", b"x-raft-consistency", b"x-raft-min-index", b"cookie",
+    b"x-raft-session", b"x-raft-seq", b"idempotency-key",
+})
+
+
+def _drop_connection_tokens(parts: list[bytes], headers: list[tuple[bytes, bytes]]) -> list[bytes] | None:
+    """The upstream head again without the headers that a `Connection` header names (RFC 9110 §7.6.1), or
+    None when it names one of CONNECTION_PROTECTED."""
+    named: set[bytes] = set()
     for k, v in headers:
         if k == b"connection":
-            drop.update(t.strip().lower() for t in v.split(b","))
+            named.update(t.strip().lower() for t in v.split(b","))
+    if not named.isdisjoint(CONNECTION_PROTECTED):
+        return None
+    drop = REQUEST_DROP | named
     out = parts[:4]
     for k, v in headers:
         if k not in drop:
@@ -121,6 +137,7 @@ class ClusterProxy:
         self._ssl: tuple[TlsConfig | None, SSLContext] | None = None
         self.pools: dict[str, NodePool] = {}
         self.node_headers: dict[str, bytes] = {}
+        self.node_hosts: dict[str, bytes] = {}  # node -> its `host:` line, for requests that came without one
         self.held: deque[ProxyRequest] = deque()
         self.held_bytes = 0
         self.inflight: set[ProxyRequest] = set()
@@ -145,6 +162,7 @@ class ClusterProxy:
         """Pools for the cluster's nodes: new ones for new or re-addressed nodes (all with `rebuild`)."""
         for node in cluster.nodes:
             self.node_headers[node.id] = b"x-raft-node: " + node.id.encode() + b"\r\n"
+            self.node_hosts[node.id] = b"host: " + node.url.partition("://")[2].encode("idna") + b"\r\n"
             pool = self.pools.get(node.id)
             ssl_ctx = self._client_ssl(cluster) if node.url.startswith("https:") else None
             if rebuild or pool is None or (pool.host, pool.port, pool.ssl) != (node.host, node.port, ssl_ctx):
@@ -190,9 +208,15 @@ class ClusterProxy:
         if picked:
             consistency, token = picked.get(b"x-raft-consistency"), picked.get(b"x-raft-min-index")
             cookie, sid, seq = picked.get(b"cookie"), picked.get(b"x-raft-session"), picked.get(b"x-raft-seq")
+        refused: BadRequest | None = None
         if hop_tokens:
             # Headers named in Connection are hop-by-hop too (rare: a second pass drops them).
-            parts = _drop_connection_tokens(parts, ex.headers)
+            dropped = _drop_connection_tokens(parts, ex.headers)
+            if dropped is None:
+                refused = BadRequest("Connection names a header raftlb needs (Host, framing, X-Raft-*, "
+                                     "Cookie, Idempotency-Key)")
+            else:
+                parts = dropped
         target = ex.target
         q = target.find(b"?")
         path = (target[:q] if q >= 0 else target).decode("latin-1")
@@ -215,6 +239,14 @@ class ClusterProxy:
                 or (sid is not None and seq is not None))
         req = ProxyRequest(self, ex, route, b"".join(parts), safe)
         ex.on_abort = req.on_client_abort
+        if refused is not None:
+            ex.close_after = True
+            req._fail(refused)
+            return
+        if not ex.http11 and ex.header(b"host") is None:
+            # HTTP/1.0 without Host, forwarded as HTTP/1.1, which must have one (RFC 9112 §3.2): the node's
+            # own authority, as if the client had addressed it directly (added per node: see request.start).
+            req.add_host = True
         if ex.has_body or ex.expect_continue:
             ex.set_body_sink(req.on_client_body, req.on_client_body_end)
         else:

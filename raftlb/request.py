@@ -58,7 +58,7 @@ class ProxyRequest:
         "proxy", "ex", "route", "head", "chunks", "body_len", "retain", "body_done", "node", "conn",
         "attempts", "held_at", "retry_at", "safe_to_repeat", "upstream_chunked", "sent_body", "finished",
         "avoid", "sent_term", "released", "to_leader", "min_index", "read_index", "fence_deadline", "session",
-        "waited", "deferred", "body", "leader_only", "leader_ok", "held_for", "maybe_applied",
+        "waited", "deferred", "body", "leader_only", "leader_ok", "held_for", "maybe_applied", "add_host",
     )
 
     def __init__(self, proxy: ClusterProxy, ex: Exchange, route: RouteDecision, head: bytes,
@@ -97,6 +97,7 @@ class ProxyRequest:
         # the index is to be read from the body), and the body so far.
         self.deferred: tuple[int, list[bytes], bool, int] | None = None
         self.body: list[bytes] = []
+        self.add_host = False  # the client sent no Host (HTTP/1.0): `start` adds the node's
 
     @property
     def floor(self) -> int:
@@ -185,8 +186,12 @@ class ProxyRequest:
         self.sent_term = proxy.table.term
         conn.start(self, self.ex.head_only, now, self.body_done, self.route.stream)
         proxy.inflight.add(self)
+        head = self.head
+        if self.add_host and self.node is not None:
+            eol = head.index(b"\r\n") + 2  # after the request line
+            head = head[:eol] + proxy.node_hosts[self.node] + head[eol:]
         if self.chunks:
-            parts = [self.head]
+            parts = [head]
             if self.upstream_chunked:
                 for c in self.chunks:
                     parts += (b"%x\r\n" % len(c), c, b"\r\n")
@@ -201,9 +206,9 @@ class ProxyRequest:
                 self.chunks.clear()
                 self.ex.resume_body()
         elif self.body_done and self.upstream_chunked:
-            conn.writelines([self.head, b"0\r\n\r\n"])
+            conn.writelines([head, b"0\r\n\r\n"])
         else:
-            conn.write(self.head)
+            conn.write(head)
 
     def _write_chunk(self, conn: UpstreamConn, data: bytes) -> None:
         if self.upstream_chunked:

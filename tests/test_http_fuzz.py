@@ -12,9 +12,17 @@ Two layers:
   client keeps being served between cases, and nothing is left over afterwards (connections, in-flight
   requests, held requests, busy upstream connections).
 
-Both run under a time budget (FUZZ_BUDGET_S and FUZZ_SOCKET_BUDGET_S, 15 s each by default; the machine
-this was written on runs ~2,000 mock cases a second and ~30 socket cases): Hypothesis decides the cases, and
-cases past the budget return at once.
+- **differential against h11** (thousands of cases, real sockets): requests from a grammar aimed at where
+  parsers disagree (Upgrade/h2c/CONNECT, chunk sizes and extensions, odd header names and whitespace,
+  obs-fold, TE/CL combinations, HTTP/1.0, pipelining) go to raftlb in front of a fake node, whose h11
+  re-parses what arrives. The node must receive exactly the requests h11 frames out of the client's
+  bytes (method, target, body), in order, possibly fewer, never more or different; every request h11
+  rejects, and everything after it, is refused. `test_diff_was_not_vacuous` checks that many cases of
+  every kind were both forwarded and refused.
+
+All run under a time budget (FUZZ_BUDGET_S, FUZZ_SOCKET_BUDGET_S and FUZZ_DIFF_BUDGET_S, 15 s each by
+default; the machine this was written on runs ~2,000 mock cases a second, ~30 socket cases and ~250
+differential cases): Hypothesis decides the cases, and cases past the budget return at once.
 """
 
 from __future__ import annotations
@@ -338,8 +346,35 @@ QUEUE = Budget(5.0)
 SOCKET = Budget(SOCKET_BUDGET)
 
 
+_LOOP: list[asyncio.AbstractEventLoop] = []  # one event loop for every mock case (see the fixture below)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mock_loop() -> Iterator[None]:
+    yield
+    while _LOOP:
+        _LOOP.pop().close()
+
+
 def run_connection(data_pieces: list[bytes], limits: LimitsConfig, handler: FuzzHandler,
                    finish: int) -> tuple[HttpConnection, MockTransport]:
+    """Feed the pieces to a fresh connection, letting the event loop run what each one scheduled (the next
+    pipelined request is handed to the handler from a loop callback)."""
+    if not _LOOP:
+        _LOOP.append(asyncio.new_event_loop())
+    return _LOOP[0].run_until_complete(_run_connection(data_pieces, limits, handler, finish))
+
+
+async def _settle(conn: HttpConnection, t: MockTransport) -> None:
+    for _ in range(1000):
+        before = (len(t.out), len(conn.queue), t.closed)
+        await asyncio.sleep(0)
+        if (len(t.out), len(conn.queue), t.closed) == before:
+            return
+
+
+async def _run_connection(data_pieces: list[bytes], limits: LimitsConfig, handler: FuzzHandler,
+                          finish: int) -> tuple[HttpConnection, MockTransport]:
     server = HttpServer(handler, limits)
     conn = HttpConnection(server)
     t = MockTransport()
@@ -348,11 +383,13 @@ def run_connection(data_pieces: list[bytes], limits: LimitsConfig, handler: Fuzz
         if t.closed or not t.reading:
             break  # a real transport would deliver nothing more
         conn.data_received(piece)
+        await _settle(conn, t)
     if finish == 1 and not t.closed:
         conn.on_deadline(time.monotonic())  # whichever timeout is pending fires
     elif finish == 2 and not t.closed:
         if not conn.eof_received():
             t.close()
+    await _settle(conn, t)
     return conn, t
 
 
@@ -491,6 +528,7 @@ class LiveProxy:
 
     port: int = 0
     server: object = None
+    node: object = None  # the fake leader (tests.fakes.FakeNode): what it received, parsed by h11
     loop: asyncio.AbstractEventLoop | None = None
     errors: list[str] = field(default_factory=list)
 
@@ -537,6 +575,7 @@ def live() -> Iterator[LiveProxy]:
                 while srv.proxies["c1"].table.leader(time.monotonic()) is None:
                     await asyncio.sleep(0.01)
                 proxy.port, proxy.server, proxy.loop = srv.listeners[0].port, srv, asyncio.get_running_loop()
+                proxy.node = node
                 stop.append(asyncio.Event())
                 ready.set()
                 await stop[0].wait()
@@ -635,3 +674,368 @@ def test_socket_fuzz_left_nothing_behind(live: LiveProxy) -> None:
     assert SOCKET.started is None or SOCKET.cases >= 100, SOCKET.cases
     print(f"fuzz cases: mock {MOCK.cases}, queue {QUEUE.cases}, socket {SOCKET.cases}")
     assert live.errors == []
+
+
+# -- differential: what raftlb forwards against how a strict parser frames the client's bytes ---------------
+#
+# The same bytes go to raftlb (a real listener, the fake leader behind it) and to h11. Whatever reaches the
+# node, re-parsed there by h11, must be exactly the requests h11 reads out of the client's bytes (method,
+# target, body), in order, possibly fewer (raftlb refusing more than h11 is fine), never more or different:
+# no body dropped or reframed, no body bytes parsed as a request of their own, nothing forwarded at or after
+# a request h11 rejects. The generator leans on the places where parsers disagree: Upgrade / h2c / CONNECT,
+# chunk sizes and extensions and the bytes around them, odd header names and whitespace, obs-fold, TE/CL
+# combinations, HTTP/1.0 and pipelining.
+
+DIFF = Budget(float(os.environ.get("FUZZ_DIFF_BUDGET_S", "15")))
+DIFF_STATS: dict[str, int] = {}
+DIFF_SEEN: dict[int, list[tuple[bytes, bytes, bytes]]] = {}  # case number -> the h11 reference
+_diff_case = 0
+
+_ODD_CHUNK_SIZE = [b"%x;ext", b"%x;a=b", b'%x;a="b c"', b"%x;a=b;c", b"%x ;a=b", b"%x; a=b", b"%X", b"0%x",
+                   b"000000000000000000%x", b" %x", b"%x ", b"%x\t", b"0x%x", b"+%x", b"-%x", b"%x\x00",
+                   b"%x;a=b\rc", b"%x;a\x00", b"%x;\x7f", b"%x,1"]
+_ODD_CHUNK_END = [b"\n", b"\r", b"", b"\r\r\n", b" \r\n", b"\r\n\r\n", b"\n\r"]
+_ODD_LAST_CHUNK = [b"0;a=b\r\n\r\n", b"000\r\n\r\n", b"0\r\nX-T: 1\r\n\r\n", b"0\r\nX T: 1\r\n\r\n",
+                   b"0\r\nContent-Length: 5\r\n\r\n", b"0\r\nTransfer-Encoding: chunked\r\n\r\n", b"0\n\n",
+                   b"0\r\n\n", b"0\r\n", b"0 \r\n\r\n", b"0\r\n\r", b"0\r\nX-T: 1\n\r\n",
+                   b"0\r\n X-T: 1\r\n\r\n", b""]
+_TE_VALUES = [b"Chunked", b"CHUNKED", b"chunked ", b"chunked\t", b" chunked", b"\tchunked", b"gzip, chunked",
+              b"chunked, chunked", b"identity, chunked", b"chunked;a=b", b"chunked\x0b", b"xchunked",
+              b"chunked, gzip", b"chunked,", b",chunked", b'"chunked"', b"identity", b"gzip"]
+_CL_VALUES = [b"+%d", b" %d", b"%d ", b"0%d", b"%d, %d", b"%d,%d", b"-%d", b"0x%x", b"%d.0", b"%d\x00",
+              b"%d%d"]
+_ODD_HEADERS = [b"Transfer-Encoding : chunked", b"Content-Length : 0", b" Transfer-Encoding: chunked",
+                b"\tContent-Length: 0", b"Transfer_Encoding: chunked", b"X-A\x00: b", b"X A: b",
+                b"X-A: a\r\n b",
+                b"Transfer-Encoding:\r\n chunked", b"Content-Length:\r\n 0", b"X-A:b", b"x-a:\tb\t",
+                b"X-\xc3\xa4: b", b"X-A: \x7f", b": x", b"Host\t: h", b"X-A: a\rb", b"X-A: a\nb", b"X-A:\r\n",
+                b"Content-Length\x00: 0", b"Transfer-Encoding\x0b: chunked", b"X-A: \xff", b"X-A: b\r\n\tc"]
+_UPGRADE_CONNECTION = [b"Upgrade", b"upgrade", b"Upgrade, HTTP2-Settings", b"keep-alive, Upgrade",
+                       b"UPGRADE", b"close, upgrade", b"Upgrade, close"]
+_UPGRADE = [b"h2c", b"websocket", b"HTTP/2.0", b"foo/1", b"h2c, websocket", b"TLS/1.2"]
+_CONNECTION_TOKENS = [b"x-raft-session, x-raft-seq", b"host", b"Host", b"content-length",
+                      b"transfer-encoding", b"x-raft-consistency", b"idempotency-key", b"x-foo", b"close",
+                      b"keep-alive", b"te"]
+
+
+def diff_chunked(rng: random.Random, body: bytes, traits: set[str], wild: bool = True) -> bytes:
+    """`body` chunked; `wild`: with an odd size line, chunk end or last chunk now and then."""
+    out = bytearray()
+    i = 0
+    while i < len(body):
+        n = rng.randint(1, len(body) - i)
+        size = b"%x" % n
+        if wild and rng.random() < 0.35:
+            traits.add("chunk")
+            form = rng.choice(_ODD_CHUNK_SIZE + [b"lie+", b"lie-"])
+            size = (b"%x" % (n + 1) if form == b"lie+" else b"%x" % max(0, n - 1) if form == b"lie-"
+                    else form.replace(b"%x", b"%x" % n).replace(b"%X", b"%X" % n))
+        end = b"\r\n"
+        if wild and rng.random() < 0.15:
+            traits.add("chunk")
+            end = rng.choice(_ODD_CHUNK_END)
+        out += size + b"\r\n" + body[i:i + n] + end
+        i += n
+    last = b"0\r\n\r\n"
+    if wild and rng.random() < 0.35:
+        traits.add("chunk")
+        last = rng.choice(_ODD_LAST_CHUNK)
+    return bytes(out + last)
+
+
+def diff_request(rng: random.Random, tag: bytes, traits: set[str]) -> bytes:
+    """One request, its path carrying `tag`: upgrades, HTTP/1.0 and absolute targets in any request, and
+    in every other one (`wild`) a few framing traps."""
+    wild = rng.random() < 0.5
+    method = rng.choice([b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"HEAD", b"OPTIONS"] * 4
+                        + ([b"CONNECT", b"get", b"FOO", b"TRACE"] if wild else []))
+    path = b"/kv/" + tag + (b"?q=1" if rng.random() < 0.2 else b"")
+    target = path
+    if rng.random() < 0.1:
+        traits.add("absolute")
+        target = rng.choice([b"http://h.example", b"HTTP://h.example:80", b"https://h.example"]) + path
+    version = b"HTTP/1.1"
+    r = rng.random()
+    if r < 0.15:
+        traits.add("http10")
+        version = b"HTTP/1.0"
+    elif r < 0.18 and wild:
+        version = rng.choice([b"HTTP/1.2", b"HTTP/2.0", b"HTTP/0.9", b"http/1.1", b"HTTP/1.1 "])
+    lines: list[bytes] = []
+    r = rng.random() if wild else 0.0
+    if r < 0.8:
+        lines.append(b"Host: h.example")
+    elif r < 0.87:
+        traits.add("host")
+        lines += [b"Host: h.example", rng.choice([b"Host: h.example", b"Host: other.example", b"host: "])]
+    elif r < 0.95:
+        traits.add("host")  # none
+    else:
+        traits.add("host")
+        lines.append(rng.choice([b" Host: h.example", b"Host : h.example", b"Host: h.example, x",
+                                 b"Host: a b"]))
+    if rng.random() < 0.3:
+        traits.add("upgrade")
+        if rng.random() < 0.85:
+            lines.append(b"Connection: " + rng.choice(_UPGRADE_CONNECTION))
+        lines.append(b"Upgrade: " + rng.choice(_UPGRADE))
+        if rng.random() < 0.3:
+            lines.append(b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA")
+    if wild and rng.random() < 0.2:
+        traits.add("connection-tokens")
+        lines.append(b"Connection: " + rng.choice(_CONNECTION_TOKENS))
+        lines.append(rng.choice([b"X-Raft-Session: s1", b"X-Raft-Consistency: leader", b"Idempotency-Key: k",
+                                 b"X-Foo: 1", b"TE: trailers"]))
+    if rng.random() < 0.05:
+        lines.append(rng.choice([b"Expect: 100-continue", b"Expect: 100-Continue", b"Expect: foo"]))
+    for _ in range(0 if not wild else 2 if rng.random() < 0.1 else 1 if rng.random() < 0.4 else 0):
+        traits.add("header-name")
+        lines.append(rng.choice(_ODD_HEADERS))
+    body = rng.choice([b"", b"hello", b"GET /kv/" + tag + b"-smuggled HTTP/1.1\r\nHost: h.example\r\n\r\n",
+                       b"PUT /kv/" + tag + b"-smuggled HTTP/1.1\r\nHost: h.example\r\n"
+                       b"Content-Length: 5\r\n\r\nPWNED", rng.randbytes(rng.randint(1, 30))])
+    framing = rng.choice(["none", "length", "length", "chunked", "chunked"] + (["odd"] * 2 if wild else []))
+    if framing == "none":
+        body = b"" if rng.random() < 0.8 else body  # stray bytes: the next request, as both parsers see it
+    elif framing == "length":
+        lines.append(b"Content-Length: %d" % len(body))
+    elif framing == "chunked":
+        lines.append(b"Transfer-Encoding: chunked")
+        body = diff_chunked(rng, body, traits, wild)
+    else:
+        traits.add("te-cl")
+        kind = rng.randrange(6)
+        if kind == 0:
+            lines.append(b"Transfer-Encoding: " + rng.choice(_TE_VALUES))
+            body = diff_chunked(rng, body, traits)
+        elif kind == 1:
+            lines.append(b"Content-Length: " + rng.choice(_CL_VALUES).replace(b"%d", b"%d" % len(body))
+                         .replace(b"%x", b"%x" % len(body)))
+        elif kind == 2:  # CL.TE / TE.CL
+            lines += [b"Transfer-Encoding: chunked", b"Content-Length: %d" % len(body)]
+            body = diff_chunked(rng, body, traits)
+        elif kind == 3:
+            lines += [b"Content-Length: %d" % len(body),
+                      b"Content-Length: %d" % rng.choice([len(body), 0, 3])]
+        elif kind == 4:
+            lines += [b"Transfer-Encoding: " + rng.choice([b"gzip", b"identity", b"chunked"]),
+                      b"Transfer-Encoding: chunked"]
+            body = diff_chunked(rng, body, traits)
+        else:
+            wrong = len(body) + rng.choice([-2, 3]) if body else 1
+            lines.append(b"Content-Length: %d" % wrong)
+    rng.shuffle(lines)
+    eol = b"\r\n"
+    if wild and rng.random() < 0.08:
+        traits.add("eol")
+        eol = rng.choice([b"\n", b"\r", b"\r\r\n"])
+    head = method + b" " + target + b" " + version + eol + b"".join(line + eol for line in lines) + eol
+    return head + body
+
+
+def h11_reference(data: bytes) -> tuple[list[tuple[bytes, bytes, bytes]], bool]:
+    """(method, target, body) of the requests h11 frames out of `data` followed by the client's half-close,
+    and whether it rejected one (it reads nothing after that). Each request is read by a fresh h11 connection
+    from where the last one ended, which models two things h11 does not do and RFC 9112 allows: empty lines
+    before a request line are skipped (§2.2; llhttp does), and an HTTP/1.0 request with `Connection:
+    keep-alive` (and no Transfer-Encoding) may be followed by another (h11 always closes after 1.0). CONNECT
+    ends the stream."""
+    out: list[tuple[bytes, bytes, bytes]] = []
+    rest = data
+    while True:
+        conn = h11.Connection(h11.SERVER)
+        conn.receive_data(rest.lstrip(b"\r\n"))
+        conn.receive_data(b"")
+        head: h11.Request | None = None
+        body = bytearray()
+        try:
+            while True:
+                event = conn.next_event()
+                if isinstance(event, h11.Request):
+                    head = event
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                else:
+                    break
+        except h11.RemoteProtocolError:
+            return out, True
+        if not isinstance(event, h11.EndOfMessage):
+            return out, False  # the client's bytes end between requests
+        assert head is not None
+        out.append((head.method, head.target, bytes(body)))
+        if head.method == b"CONNECT":
+            return out, False
+        conn.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
+        conn.send(h11.EndOfMessage())
+        if conn.our_state is h11.MUST_CLOSE:
+            tokens = {t.strip().lower() for k, v in head.headers if k == b"connection" for t in v.split(b",")}
+            if (head.http_version != b"1.0" or b"keep-alive" not in tokens or b"close" in tokens
+                    or any(k == b"transfer-encoding" for k, _ in head.headers)):
+                return out, False  # (Transfer-Encoding in HTTP/1.0 is faulty framing: RFC 9112 §6.1 closes)
+        rest = conn.trailing_data[0]
+
+
+def _origin(target: bytes) -> bytes:
+    """An absolute-form target as raftlb forwards it (origin-form, RFC 9112 §3.2.2)."""
+    origin = re.sub(rb"^https?://[^/?#]*", b"", target, flags=re.IGNORECASE)
+    if origin != target and not origin.startswith(b"/"):
+        origin = b"/" + origin
+    return origin
+
+
+_TAG = re.compile(r"/kv/(\d+)-")
+
+
+def _diff_state(live: LiveProxy) -> tuple[int, int, int, int]:
+    def state() -> tuple[int, int, int, int]:
+        srv = live.server
+        proxy = srv.proxies["c1"]  # type: ignore[attr-defined]
+        return (len(srv.listeners[0].connections), len(proxy.inflight), len(proxy.held),  # type: ignore[attr-defined]
+                len(proxy.pools["n1"].busy))
+    return live.call(state)  # type: ignore[return-value]
+
+
+def _received(live: LiveProxy, case: int) -> list[tuple[bytes, bytes, bytes]]:
+    """What the node received for `case`, in order."""
+    node = live.node
+
+    def pick() -> list[tuple[bytes, bytes, bytes]]:
+        out = []
+        for r in node.requests:  # type: ignore[attr-defined]
+            m = _TAG.search(r.target)
+            if m and int(m.group(1)) == case:
+                out.append((r.method.encode(), r.target.encode("latin-1"), r.body))
+        return out
+    return live.call(pick)  # type: ignore[return-value]
+
+
+def _count(key: str, n: int = 1) -> None:
+    DIFF_STATS[key] = DIFF_STATS.get(key, 0) + n
+
+
+@dataclass(frozen=True)
+class DiffCase:
+    """Requests from the differential grammar, pipelined on one connection; fully determined by `seed`."""
+
+    seed: int
+    requests: int = 1
+
+    def build(self, number: int) -> tuple[bytes, list[bytes], set[str]]:
+        rng = random.Random(self.seed)
+        traits: set[str] = set()
+        data = b"".join(diff_request(rng, b"%d-%d" % (number, i), traits) for i in range(self.requests))
+        if self.requests > 1:
+            traits.add("pipelined")
+        return data, cut(rng, data), traits
+
+
+def run_diff_case(live: LiveProxy, case: DiffCase) -> None:
+    global _diff_case
+    _diff_case += 1
+    number = _diff_case
+    data, pieces, traits = case.build(number)
+    reference, rejected = h11_reference(data)
+    DIFF_SEEN[number] = reference
+    out, closed, reset = exchange(live.port, pieces, True, timeout=5.0)
+    deadline = time.monotonic() + 5
+    while _diff_state(live) != (0, 0, 0, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    got = _received(live, number)
+    expected = [(m, _origin(t), b) for m, t, b in reference]
+    where = f"{case} (case {number}): {data!r}"
+    assert got == expected[:len(got)], f"{where}\nnode received {got}\nh11 frames {expected}"
+    responses = check_output(out, closed, data, reset)
+    ok = [r for r in responses if 200 <= r.status < 400]
+    assert len(ok) <= len(got), f"{where}: answered {len(ok)} without forwarding them"
+    if len(got) < len(expected) and not reset:
+        # A request h11 accepts and raftlb does not forward is refused, clearly, and the stream ends there.
+        assert responses and responses[-1].status >= 400, f"{where}: {expected[len(got)]} dropped silently"
+    _count("cases")
+    _count("forwarded", len(got))
+    _count("h11_accepted", len(expected))
+    if rejected:
+        _count("h11_rejected")
+    if responses and responses[-1].status >= 400:
+        _count("refused")
+    for trait in traits:
+        _count(f"{trait}:cases")
+        if got:
+            _count(f"{trait}:forwarded")
+        if rejected or (responses and responses[-1].status >= 400):
+            _count(f"{trait}:refused")
+
+
+DIFF_REGRESSIONS = [
+    # Issue #16: h2c upgrade with a Content-Length body that is itself a request.
+    b"POST /kv/{n}-0 HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nContent-Length: {len}\r\n\r\n"
+    b"PUT /kv/{n}-smuggled HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nPWNED",
+    # ... and with a chunked one, followed by a pipelined request.
+    b"PUT /kv/{n}-0 HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /kv/{n}-1 HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET /kv/{n}-0 HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    b"DELETE /kv/{n}-1 HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"CONNECT /kv/{n}-0 HTTP/1.1\r\nHost: h\r\n\r\nGET /kv/{n}-smuggled HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"POST /kv/{n}-0 HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\t\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"GET http://h/kv/{n}-0 HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET http://h/kv/{n}-0 HTTP/1.1\r\n\r\n",
+    b"GET /kv/{n}-0 HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /kv/{n}-1 HTTP/1.1\r\nHost: h\r\n\r\n",
+]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("template", DIFF_REGRESSIONS, ids=range(len(DIFF_REGRESSIONS)))
+def test_diff_regressions_frame_as_h11_does(live: LiveProxy, template: bytes) -> None:
+    global _diff_case
+    _diff_case += 1
+    number = _diff_case
+    data = template.replace(b"{n}", b"%d" % number)
+    head, _, body = data.partition(b"\r\n\r\n")
+    data = head.replace(b"{len}", b"%d" % len(body)) + b"\r\n\r\n" + body
+    reference, _ = h11_reference(data)
+    expected = [(m, _origin(t), b) for m, t, b in reference]
+    out, closed, reset = exchange(live.port, [data], True, timeout=5.0)
+    deadline = time.monotonic() + 5
+    while _diff_state(live) != (0, 0, 0, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    got = _received(live, number)
+    assert got == expected[:len(got)], (got, expected)
+    responses = check_output(out, closed, data, reset)
+    if len(got) < len(expected):
+        assert responses and responses[-1].status >= 400, (responses, expected)
+
+
+@pytest.mark.integration
+@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(case=st.builds(DiffCase, seed=st.integers(0, 2**32 - 1), requests=st.sampled_from([1, 1, 2, 3])))
+def test_diff_raftlb_forwards_exactly_what_h11_frames(live: LiveProxy, case: DiffCase) -> None:
+    if DIFF.spent():
+        return
+    run_diff_case(live, case)
+    assert live.errors == []
+
+
+@pytest.mark.integration
+def test_diff_was_not_vacuous(live: LiveProxy) -> None:
+    """After the differential run (file order): many cases, with each trap both forwarded and refused, and
+    nothing arrived late that h11 would not have framed."""
+    deadline = time.monotonic() + 5
+    while _diff_state(live) != (0, 0, 0, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for number, reference in DIFF_SEEN.items():
+        got = _received(live, number)
+        expected = [(m, _origin(t), b) for m, t, b in reference]
+        assert got == expected[:len(got)], (number, got, expected)
+    stats = DIFF_STATS
+    print(f"differential: {dict(sorted(stats.items()))}")
+    if DIFF.started is None:
+        pytest.skip("the differential test did not run")
+    assert stats.get("cases", 0) >= 300, stats
+    assert stats.get("forwarded", 0) >= stats["cases"] // 3, stats
+    assert stats.get("refused", 0) >= stats["cases"] // 10, stats
+    assert stats.get("h11_rejected", 0) >= stats["cases"] // 20, stats
+    least = max(3, stats["cases"] // 100)
+    for trait in ("upgrade", "chunk", "header-name", "te-cl", "http10", "pipelined", "host", "absolute",
+                  "connection-tokens"):
+        assert stats.get(f"{trait}:forwarded", 0) >= least, (trait, stats)
+        assert stats.get(f"{trait}:refused", 0) >= least, (trait, stats)

@@ -240,7 +240,9 @@ def _inspect_framing(ex: Exchange, limits: LimitsConfig) -> None:
                 return
         elif name == b"expect":
             if value.strip().lower() == b"100-continue":
-                ex.expect_continue = True
+                # An HTTP/1.0 client does not know 100 Continue: its expectation is ignored (RFC 9110
+                # §10.1.1).
+                ex.expect_continue = ex.http11
             else:
                 ex.error = ProxyError("unsupported Expect")
                 ex.error.status, ex.error.code = 417, "expectation_failed"

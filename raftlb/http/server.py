@@ -62,7 +62,8 @@ class HttpConnection(asyncio.Protocol):
 
     __slots__ = (  # (10,000 idle connections cost ~3 KB each: no per-instance dict)
         "_activation_waits", "_stalled_at", "_header_bytes", "_header_count", "_header_size", "_in_headers",
-        "_paused", "_received_any", "_url_parts", "_writing_paused", "closed", "closing", "deadline",
+        "_paused", "_ready", "_received_any", "_skipped_body", "_url_parts", "_writing_paused", "closed",
+        "closing", "deadline",
         "deadline_kind", "limits", "parser", "parsing", "peer_bytes", "peer_host", "queue", "server",
         "stopped", "transport",
     )
@@ -88,6 +89,8 @@ class HttpConnection(asyncio.Protocol):
         self._header_count = 0
         self._header_size = 0
         self._received_any = False
+        self._ready: Exchange | None = None  # its head is complete: handed to the handler after this feed
+        self._skipped_body: Exchange | None = None  # an ignored Upgrade: its body is framed by a new parser
         self._url_parts: list[bytes] = []
         self.deadline = 0.0
         self.deadline_kind = DL_NONE
@@ -161,31 +164,57 @@ class HttpConnection(asyncio.Protocol):
         self._received_any = True
         if self._in_headers or self.parsing is None:
             self._header_bytes += len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            # A request asked to switch protocols (h2c, websocket). We may ignore Upgrade (RFC 9110 §7.8):
-            # it is answered as plain HTTP/1.1, without the hop-by-hop Upgrade header going upstream.
-            # llhttp stops parsing after such a request, so the rest of the bytes go to a fresh parser.
-            if self.parsing is not None:
-                self._protocol_error(BadRequest("protocol upgrade with a request body is not supported"))
-                return
-            self.parser = httptools.HttpRequestParser(self)
-            rest = data[exc.args[0]:] if exc.args and isinstance(exc.args[0], int) else b""
-            if rest:
-                self.data_received(rest)
-            return
-        except httptools.HttpParserError as exc:
-            if not self.stopped:  # after a refusal, what follows is not parsed, let alone answered
-                self._protocol_error(BadRequest(_parser_error_detail(exc)))
-            return
-        if self._in_headers and self._header_bytes > self.limits.max_header_bytes:
-            limit = self.limits.max_header_bytes
-            self._protocol_error(HeadersTooLarge(f"request headers exceed {limit} bytes"))
+        while True:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                if self.stopped:  # (CONNECT, refused; or a refused request before it)
+                    break
+                data = data[exc.args[0]:] if exc.args and isinstance(exc.args[0], int) else b""
+                self._ignore_upgrade()
+                if data:
+                    continue
+            except httptools.HttpParserError as exc:
+                if not self.stopped:  # after a refusal, what follows is not parsed, let alone answered
+                    self._protocol_error(BadRequest(_parser_error_detail(exc)))
+            else:
+                if self._in_headers and self._header_bytes > self.limits.max_header_bytes:
+                    limit = self.limits.max_header_bytes
+                    self._protocol_error(HeadersTooLarge(f"request headers exceed {limit} bytes"))
+            break
+        ex = self._ready
+        if ex is not None:
+            # The handler sees a request only once llhttp has accepted everything it was given with it: llhttp
+            # checks some framing (an invalid Transfer-Encoding, say) only after on_headers_complete, and a
+            # request handed over from inside that callback could reach a node before it is refused.
+            self._ready = None
+            if not ex.finished and not self.closed and self.queue and self.queue[0] is ex:
+                self._activate(ex)
+
+    def _ignore_upgrade(self) -> None:
+        """llhttp stopped after a request that asked to switch protocols (`Connection: upgrade` + `Upgrade`,
+        e.g. curl's h2c). We may ignore Upgrade (RFC 9110 §7.8) and do: the request is served as plain
+        HTTP/1.1, and the Upgrade header is hop-by-hop, so it never goes upstream. But llhttp treats the
+        bytes after such a head as the new protocol's: it reports no body, whatever Content-Length or
+        Transfer-Encoding say. Parsing them as HTTP again from there would read a body as a request of its
+        own (request smuggling), so the body is framed as RFC 9112 §6 says: a new parser is put in the body
+        state with a head of the same framing (no callbacks of its reach the request), and the request's
+        body and whatever follows it are parsed from there."""
+        self.parser = parser = httptools.HttpRequestParser(self)
+        ex = self._skipped_body
+        if ex is None:
+            return  # no body: the next request starts right after the head
+        self.parsing = None  # (the head below is not a request: on_message_begin ignores it)
+        if ex.chunked:
+            parser.feed_data(b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n")
+        else:
+            parser.feed_data(b"PUT / HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % (ex.content_length or 0))
 
     # -- parser callbacks ---------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._skipped_body is not None:
+            return  # the framing head of an ignored Upgrade's body (see _ignore_upgrade)
         if self.stopped:
             # A request before this one was refused: the connection closes after answering it, and
             # nothing behind it in the stream may reach a handler (or a node).
@@ -224,6 +253,11 @@ class HttpConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         ex = self.parsing
         if ex is None:
+            ex = self._skipped_body
+            if ex is not None:
+                # The framing head of an ignored Upgrade's body: its body callbacks are the request's.
+                self._skipped_body = None
+                self.parsing = ex
             return
         self._in_headers = False
         self._header_bytes = 0
@@ -231,14 +265,16 @@ class HttpConnection(asyncio.Protocol):
         target = ex.target = b"".join(self._url_parts)
         method = ex.method_bytes = parser.get_method()
         ex.method = method.decode("ascii")
-        if target[:1] != b"/" and target != b"*" and method != b"CONNECT":  # (CONNECT is refused below)
-            _absolute_form(ex, target)
         version = parser.get_http_version()
         ex.http11 = version == "1.1"
+        if target[:1] != b"/" and target != b"*" and method != b"CONNECT":  # (CONNECT is refused below)
+            _absolute_form(ex, target)
         if version not in ("1.1", "1.0") and ex.error is None:
             ex.error = ProxyError(f"HTTP/{version} is not spoken here (HTTP/1.1 and 1.0 are)")
             ex.error.status, ex.error.code = 505, "http_version_not_supported"
         ex.keep_alive = parser.should_keep_alive()
+        if ex.keep_alive and not ex.http11 and _says_close(ex.headers):
+            ex.keep_alive = False  # HTTP/1.0 with both keep-alive and close: close wins (RFC 9112 §9.3)
         ex.head_only = ex.method == "HEAD"
         if ex.error is None:
             _inspect_framing(ex, self.limits)
@@ -246,9 +282,11 @@ class HttpConnection(asyncio.Protocol):
             self.stopped = True
             ex.keep_alive = False
             self.pause_reading(PAUSE_BROKEN)
+        elif (ex.chunked or ex.content_length) and parser.should_upgrade():
+            self._skipped_body = ex  # llhttp will skip this body: see _ignore_upgrade
         self.queue.append(ex)
         if len(self.queue) == 1:
-            self._activate(ex)
+            self._ready = ex  # handed over once the data it came in is parsed (see data_received)
         else:
             self.pause_reading(PAUSE_PIPELINE)
         if self.deadline_kind == DL_LINGER:
@@ -280,9 +318,9 @@ class HttpConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         ex = self.parsing
+        if ex is None or ex is self._skipped_body:
+            return  # (an ignored Upgrade: llhttp ends the message early; its body is still to come)
         self.parsing = None
-        if ex is None:
-            return
         ex.body_done = True
         if self.deadline_kind == DL_BODY:
             self.deadline_kind = DL_NONE
@@ -471,7 +509,14 @@ class HttpConnection(asyncio.Protocol):
 
 def _absolute_form(ex: Exchange, target: bytes) -> None:
     """`GET http://host/path HTTP/1.1` (RFC 9112 §3.2.2): the target becomes origin-form (`/path`), for
-    routing and for the node, and its authority replaces any Host header the request carried."""
+    routing and for the node, and its authority replaces the Host header the request carried. It must still
+    carry exactly one (none is allowed in HTTP/1.0): RFC 9112 §3.2 asks for a 400 otherwise, whatever the
+    form of the target."""
+    hosts = sum(1 for k, _ in ex.headers if k == b"host")
+    if hosts > 1 or (hosts == 0 and ex.http11):
+        if ex.error is None:
+            ex.error = BadRequest("exactly one Host header is required")
+        return
     scheme, sep, rest = target.partition(b"://")
     if not sep or scheme.lower() not in (b"http", b"https"):
         if ex.error is None:
@@ -490,6 +535,12 @@ def _absolute_form(ex: Exchange, target: bytes) -> None:
     ex.target = path if path.startswith(b"/") else b"/" + path
     ex.headers = [(k, v) for k, v in ex.headers if k != b"host"]
     ex.headers.append((b"host", authority))
+
+
+def _says_close(headers: list[tuple[bytes, bytes]]) -> bool:
+    """A `Connection` header has the `close` option (llhttp lets an HTTP/1.0 `keep-alive` override it)."""
+    return any(k == b"connection" and b"close" in (t.strip().lower() for t in v.split(b","))
+               for k, v in headers)
 
 
 def _parser_error_detail(exc: Exception) -> str:

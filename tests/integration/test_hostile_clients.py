@@ -24,11 +24,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import raw_exchange, running, url_of, wait_for
+from conftest import demo_cluster_config, raw_exchange, running, url_of, wait_for
 from fakes import FakeNode
+from faults import FaultRelay
 
 from raftlb.config import ClusterConfig, LimitsConfig, NodeConfig, RouteConfig
-from raftlb.demo.cluster import free_ports
+from raftlb.demo.cluster import DemoCluster, free_ports
 from raftlb.server import Server
 
 pytestmark = pytest.mark.integration
@@ -106,6 +107,9 @@ FRAMING: dict[str, tuple[bytes, int | bytes]] = {
     "two_hosts": (b"GET /s/1 HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
     "expect_unknown": (POST + b"Expect: magic\r\nContent-Length: 1\r\n\r\nx", 417),
     "connect": (b"CONNECT evil:443 HTTP/1.1\r\nHost: evil:443\r\n\r\n", 405),
+    "te_tab": (chunked(b"chunked\t"), 400),
+    "absolute_two_hosts": (b"GET http://x/s/1 HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    "absolute_no_host": (b"GET http://x/s/1 HTTP/1.1\r\n\r\n", 400),
     "tls_hello": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32), 400),
 }
 
@@ -142,7 +146,8 @@ async def test_ambiguous_framing_is_refused_and_closed_and_nothing_reaches_the_n
 # them in the same packet must die with the connection: if a proxy in front framed the refused request
 # differently, that "second request" is smuggled past it.
 SMUGGLED = b"DELETE /kv/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
-REFUSED_BY_RAFTLB = ["te_identity_chunked", "te_gzip_chunked", "no_host", "two_hosts", "expect_unknown"]
+REFUSED_BY_RAFTLB = ["te_identity_chunked", "te_gzip_chunked", "no_host", "two_hosts", "expect_unknown",
+                     "connect", "te_tab", "absolute_two_hosts", "absolute_no_host"]
 
 
 @pytest.mark.parametrize("name", [*REFUSED_BY_RAFTLB, "declared_413", "too_many_headers", "headers_too_big"])
@@ -188,6 +193,117 @@ async def test_pipelined_requests_with_bodies_are_never_split_differently() -> N
             writer.close()
             assert out.count(b"HTTP/1.1 200 ") == 3
             assert [(r.target, r.body) for r in node.requests] == [("/a", decoy), ("/b", decoy), ("/c", b"")]
+
+
+# -- Upgrade, Host and Connection (issue #16) ----------------------------------------------------------------
+
+UPGRADE = (b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+           b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n")
+PWNED = b"PUT /kv/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nPWNED"
+
+
+async def send_and_read(port: int, data: bytes, cut: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for i in range(0, len(data), cut):
+            writer.write(data[i:i + cut])
+            await writer.drain()
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_an_h2c_upgrade_is_served_as_http11_with_its_body_and_nothing_in_it_is_a_request(
+        framing: str) -> None:
+    # curl --http2 on http:// sends these headers. llhttp reports no body for such a request; raftlb forwarded
+    # the head with its Content-Length and no body, then routed the body as a request of its own (the PUT
+    # was committed); a chunked body reached the node empty, and the client got 200, then 400.
+    body = (b"Content-Length: %d\r\n\r\n" % len(PWNED) + PWNED if framing == "length"
+            else TE + b"\r\n%x\r\n" % len(PWNED) + PWNED + b"\r\n0\r\n\r\n")
+    data = POST + UPGRADE + body + b"GET /s/1 HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n"
+    async with one_node() as (srv, node):
+        for cut in (len(data), 1, 7):  # whole, byte by byte, in 7-byte pieces
+            node.requests.clear()
+            out = await send_and_read(srv.listeners[0].port, data, cut)
+            assert out.count(b"HTTP/1.1 200 ") == 2 and b"HTTP/1.1 4" not in out, out
+            assert [(r.method, r.target, r.body) for r in node.requests] == [("POST", "/w", PWNED),
+                                                                              ("GET", "/s/1", b"")]
+            sent = node.requests[0]
+            assert sent.header("upgrade") is None and sent.header("http2-settings") is None
+
+
+async def test_on_the_demo_cluster_an_h2c_upgrade_body_is_a_body_and_never_a_committed_write(
+        demo_cluster: DemoCluster) -> None:
+    # The issue's run: the POST got 502 (its body never came) and the PUT hidden in its body was committed.
+    smuggled = b"PUT /kv/smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nPWNED"
+    attack = (b"POST /kv/upgrade HTTP/1.1\r\nHost: x\r\n" + UPGRADE
+              + b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+    put = b"PUT /kv/upgrade HTTP/1.1\r\nHost: x\r\n" + UPGRADE + TE + b"\r\n" + BODY
+    async with running(demo_cluster_config(demo_cluster)) as srv, \
+            httpx.AsyncClient(base_url=url_of(srv), timeout=10) as c:
+        await wait_for(lambda: srv.proxies["demo"].table.leader(time.monotonic()) is not None, timeout=15)
+        out = await raw_exchange(srv.listeners[0].port, attack + put + b"GET /kv/upgrade HTTP/1.1\r\n" + H
+                                 + b"Connection: close\r\n\r\n", read_timeout=10)
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", out)
+        assert statuses == [b"405", b"200", b"200"], out  # POST is not a /kv method; the PUT; its value
+        assert out.endswith(b"hello")
+        assert (await c.get("/kv/smuggled")).status_code == 404
+
+
+async def test_a_transfer_encoding_the_parser_refuses_after_the_head_sends_nothing_to_the_node() -> None:
+    # llhttp refuses `chunked<TAB>` only after on_headers_complete, where raftlb used to hand the request
+    # over: the write's head went to the leader before the 400. A relay in front of the node sees every
+    # request line that reaches it.
+    async with FakeNode("n1", role="leader") as node, FaultRelay(node.port) as relay:
+        via_relay = NodeConfig(id="n1", url=relay.url, announce_url=node.url, host="127.0.0.1",
+                               port=relay.port)
+        cfg = ClusterConfig(name="c1", kind="native", nodes=(via_relay,), routes=READS)
+        async with running(cfg, drain_timeout=1.0) as srv, httpx.AsyncClient(base_url=url_of(srv)) as c:
+            await wait_for(lambda: leader_ready(srv))
+            assert (await c.get("/s/warm")).status_code == 200  # a warm pool: a head goes out at once
+            for te in (b"chunked\t", b"chunked\x0b", b"chunked\x0c"):
+                out = await raw_exchange(srv.listeners[0].port, chunked(te), read_timeout=2, half_close=True)
+                assert out.startswith(b"HTTP/1.1 400 ") and out.count(b"HTTP/1.1 ") == 1, out
+            assert (await c.get("/s/after")).status_code == 200
+            await wait_for(lambda: any(r.target == "/s/after" for r in relay.requests))
+            assert [(r.method, r.target) for r in relay.requests] == [("GET", "/s/warm"), ("GET", "/s/after")]
+
+
+async def test_an_http10_request_without_host_reaches_the_node_with_one() -> None:
+    # Forwarded as HTTP/1.1, which must carry a Host (RFC 9112 §3.2): the node's own authority, as if the
+    # client had asked it directly. The node answered 400 to the Host-less request raftlb used to send.
+    async with one_node() as (srv, node):
+        port = srv.listeners[0].port
+        out = await raw_exchange(port, b"GET /s/1 HTTP/1.0\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200 "), out
+        out = await raw_exchange(port, b"POST /w HTTP/1.0\r\nContent-Length: 5\r\n\r\nhello")
+        assert out.startswith(b"HTTP/1.1 200 "), out
+        out = await raw_exchange(port, b"POST /w HTTP/1.0\r\nHost: mine\r\nContent-Length: 1\r\n\r\nx")
+        assert out.startswith(b"HTTP/1.1 200 "), out
+        hosts = [[v for k, v in r.headers if k == "host"] for r in node.requests]
+        assert hosts == [[f"127.0.0.1:{node.port}"], [f"127.0.0.1:{node.port}"], ["mine"]]
+        assert [r.body for r in node.requests] == [b"", b"hello", b"x"]
+
+
+@pytest.mark.parametrize("named", [b"x-raft-session, x-raft-seq", b"host", b"Host", b"content-length",
+                                   b"transfer-encoding", b"idempotency-key", b"X-Raft-Consistency",
+                                   b"x-raft-min-index", b"cookie", b"keep-alive, X-Raft-Seq"])
+async def test_a_header_raftlb_acts_on_cannot_be_made_hop_by_hop(named: bytes) -> None:
+    # `Connection: x-raft-session, x-raft-seq` made a POST a session write that raftlb re-sent, while the
+    # node got it without the session headers and applied it twice; `Connection: host` sent it with no Host.
+    # A client may not name such a header in Connection (RFC 9110 §7.6.1): 400, and nothing is sent.
+    request = (POST + b"Connection: " + named + b"\r\nX-Raft-Session: s1\r\nX-Raft-Seq: 1\r\n"
+               b"Idempotency-Key: k\r\nContent-Length: 1\r\n\r\nx")
+    async with one_node() as (srv, node), httpx.AsyncClient(base_url=url_of(srv)) as c:
+        out = await raw_exchange(srv.listeners[0].port, request, read_timeout=2)
+        assert out.startswith(b"HTTP/1.1 400 ") and b'"error":"bad_request"' in out, out
+        assert out.count(b"HTTP/1.1 ") == 1 and b"connection: close" in out.lower()
+        assert (await c.get("/s/after")).status_code == 200
+        assert [r.target for r in node.requests] == ["/s/after"]
+        # Other names are still hop-by-hop (test_proxy_http.py::test_hop_by_hop_headers_dropped_...).
 
 
 # -- limits and timeouts -----------------------------------------------------------------------------------
