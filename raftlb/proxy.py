@@ -23,9 +23,9 @@ from raftlb.errors import BadRequest, HoldQueueFull, NoLeader, SessionGap
 from raftlb.http.server import Exchange
 from raftlb.leader_table import Announcement, LeaderChange, LeaderTable
 from raftlb.pool import NodePool
-from raftlb.reads import ReadIndexBroker, eligible_nodes
+from raftlb.reads import ReadIndexBroker, eligible_nodes, place_read
 from raftlb.request import ProxyRequest
-from raftlb.router import IDEMPOTENT_METHODS, RouteDecision, Router, power_of_two
+from raftlb.router import IDEMPOTENT_METHODS, RouteDecision, Router
 from raftlb.sessions import SessionOrder
 from raftlb.tls import client_context
 
@@ -289,15 +289,28 @@ class ClusterProxy:
             # little for one rather than load the leader with every read that follows a write.
             req.leader_only = True
             return None
+        route = req.route
+        at_index = cands
         if len(cands) > 1:
-            if req.route.prefer_followers:
+            if route.prefer_followers:
                 leader = self.table.leader(now)
                 if leader in cands:
                     cands = [n for n in cands if n != leader]
             if req.avoid is not None and len(cands) > 1 and req.avoid in cands:
                 cands = [n for n in cands if n != req.avoid]
         pools = self.pools
-        return power_of_two(cands, lambda n: pools[n].outstanding)
+        coming: list[str] = []
+        patience = min(self.follower_wait, route.fence_wait / 4)
+        if patience > 0 and req.floor > 0 and route.policy in ("fenced", "linearizable") \
+                and len(at_index) < len(self.table.nodes):
+            # Live nodes that will very likely reach the index within moments: caught up with the leader's
+            # commit recently (not a node still replaying its log), and not one the read is steered from.
+            leader = self.table.leader(now) if route.prefer_followers else None
+            recent = now - self.table.liveness_timeout
+            coming = [n for n in self.table.live_nodes(now)
+                      if n not in at_index and n != leader and n != req.avoid
+                      and self.caught_up_at.get(n, recent - 1) >= recent]
+        return place_read(cands, coming, lambda n: pools[n].outstanding, now - req.ex.started_at, patience)
 
     def dispatch(self, req: ProxyRequest) -> None:
         """Route a request now: to its node, the hold queue, the fence wait list or the read-index broker."""
@@ -572,7 +585,11 @@ class ClusterProxy:
             for req in waiting:
                 if req.finished:
                     continue
-                if req.fence_deadline > now:
+                # Placement depends on time too (a short wait for an idle node): look again first.
+                node = self.pick(req, now)
+                if node is not None:
+                    self._send(req, node)
+                elif req.fence_deadline > now:
                     self.fence_waiting.append(req)
                 elif req.leader_only:
                     req.leader_ok = True  # no follower caught up in time: the leader serves it

@@ -27,6 +27,7 @@ import httpx
 
 from raftlb.burstlog import BurstLog
 from raftlb.config import ClusterConfig, NodeConfig
+from raftlb.controlclient import make_client
 from raftlb.leader_table import MAX_UINT64, Announcement
 from raftlb.tasks import TaskSet
 
@@ -407,15 +408,8 @@ class ClusterSubscriptions:
 
     @staticmethod
     def make_client(verify: ssl.SSLContext | None = None) -> httpx.AsyncClient:
-        """The control plane's client. Each node has one request in flight at most, so the node count bounds
-        the connections; each request passes timeouts from the cluster config. `verify`: the TLS context
-        for a cluster's https nodes (CA, client certificate)."""
-        return httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=30.0),
-            timeout=httpx.Timeout(5.0),
-            trust_env=False,  # HTTP_PROXY and friends are meant for clients, not for a proxy's own nodes
-            verify=verify if verify is not None else True,
-        )
+        """The control plane's client (`raftlb.controlclient.make_client`)."""
+        return make_client(verify)
 
     def start(self) -> None:
         """Spawn a subscription task for every configured node not yet followed."""

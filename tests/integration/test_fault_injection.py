@@ -522,14 +522,13 @@ async def test_latency_on_one_follower_steers_fenced_reads_to_the_other(demo_clu
     assert reads[fast] > reads[leader], reads  # followers serve fenced reads; the leader only falls back
 
 
-@pytest.mark.xfail(strict=False, reason="gap: a fenced read that waits for its index goes to the first node "
-                                        "that announces it, however slow; see the report (a coin toss per "
-                                        "read, so now and then a run passes)")
 async def test_reads_right_after_a_write_also_avoid_a_slow_follower(demo_cluster: DemoCluster) -> None:
     # Every other request is a write, and clients echo every index they see: the next read's token is fresh,
-    # and which follower announces it first is a coin toss. Today the slow follower serves 30-50 % of them
-    # (each 200 ms late); read-heavy clients echoing read indexes see 8-16 %.
-    load, slow, fast, _ = await run_with_a_slow_follower(demo_cluster, read_ratio=0.5, reads=80,
+    # and which follower announces it first is a coin toss. Released to whichever announced first, the slow
+    # follower served 21-40 % of the reads (each 200 ms late). Placed by load among the nodes at the index,
+    # a read that only the busy slow follower can serve yet waits a moment for the idle fast one: measured
+    # 5-10 % (the slow one still gets the reads it announces first while it is idle).
+    load, slow, fast, _ = await run_with_a_slow_follower(demo_cluster, read_ratio=0.5, reads=160,
                                                          echo_read_index=True)
     reads = load.reads_by_node
     assert reads[slow] < 0.15 * sum(reads.values()), reads

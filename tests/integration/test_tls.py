@@ -183,3 +183,46 @@ async def test_a_reload_with_a_new_ca_reaches_the_announce_streams_too(tmp_path:
             await wait_for(lambda: not server._retired_clients)  # the old client was closed
         finally:
             await server.stop()
+
+
+async def test_a_subscription_stopped_during_its_tls_handshake_closes_the_connection() -> None:
+    # A node that accepts the connection and never answers the ClientHello (stalled, or slow under load).
+    # The subscription is stopped mid-handshake, as a reload with new TLS settings stops the old ones (or a
+    # liveness deadline passes): its connection must close then, not linger until the garbage collector
+    # finds it (an "unclosed resource" ResourceWarning, which failed test_tls under load).
+    from raftlb.config import ClusterConfig, NodeConfig
+    from raftlb.subscriptions import ClusterSubscriptions
+    from raftlb.tasks import TaskSet
+
+    hello, closed = asyncio.Event(), asyncio.Event()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        if await reader.read(65536):
+            hello.set()
+            while await reader.read(65536):
+                pass
+        closed.set()  # EOF: raftlb closed its end
+
+    node = await asyncio.start_server(stall, "127.0.0.1", 0)
+    port = node.sockets[0].getsockname()[1]
+    url = f"https://127.0.0.1:{port}"
+    n1 = NodeConfig(id="n1", url=url, announce_url=url, host="127.0.0.1", port=port)
+    cluster = ClusterConfig(name="c1", kind="native", routes=(), liveness_timeout=30.0, nodes=(n1,))
+    client = ClusterSubscriptions.make_client(ssl.create_default_context())
+    tasks = TaskSet("test")
+    subs = ClusterSubscriptions(cluster, lambda *_: None, lambda *_: None, tasks, client)
+    try:
+        subs.start()
+        await asyncio.wait_for(hello.wait(), timeout=10)
+        await subs.stop()
+        await asyncio.wait_for(closed.wait(), timeout=5)
+    finally:
+        await subs.stop()
+        await tasks.close()
+        await client.aclose()
+        for w in writers:
+            w.transport.abort()
+        node.close()
+        await node.wait_closed()
