@@ -187,7 +187,7 @@ def phase(args: argparse.Namespace, modes: list[str], announce: str, workdir: Pa
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         raftlb = procs.start("raftlb", [sys.executable, "-m", "raftlb", "run", "-c", str(cfg)], env=env)
         wait_port(spread, raftlb)
-        wait_until(lambda: http_get(admin, "/readyz")[0] == 200, "raftlb to see the leader")
+        wait_until(lambda: http_get(admin, "/readyz?leader=1")[0] == 200, "raftlb to see the leader")
         urls = {"raftlb-leader": f"http://127.0.0.1:{spread}", "raftlb-fenced": f"http://127.0.0.1:{spread}",
                 "raftlb-fenced-followers": f"http://127.0.0.1:{followers}"}
         if "haproxy-leader" in modes:

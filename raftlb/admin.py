@@ -3,8 +3,10 @@
     GET  /               the live status page (raftlb/static/status.html)
     GET  /metrics        Prometheus text format (raftlb.metrics)
     GET  /healthz        200 while the process serves
-    GET  /readyz         200 when every cluster has a live leader and the server is not draining, else 503;
-                         `?exclude=c1,c2` leaves clusters out of the leader check
+    GET  /readyz         200 while this replica can take traffic (started, not draining), leader or not: a
+                         write that arrives during an election is held and released, which is raftlb's job;
+                         `?leader=1` also asks for a live leader in every cluster (`?exclude=c1,c2` leaves
+                         clusters out of that check)
     GET  /v1/clusters    the leader table per cluster: per node term, role, indices, last heard, lag; stats
     GET  /v1/clusters/N  one cluster
     GET  /v1/events      text/event-stream: leader_change, node_up, node_down, config_reload, draining;
@@ -159,15 +161,21 @@ class Admin:
     # -- health -------------------------------------------------------------------------------------------
 
     def _readyz(self, req: Request) -> Response:
+        """Readiness is "send me traffic": listeners bound, config loaded, subscriptions started (all done
+        before the admin listener starts), not draining. A cluster without a leader does not make a replica
+        unready: raftlb holds writes through an election and releases them to the new leader, and a
+        balancer (a Kubernetes Service) that dropped every replica during an election would turn those held
+        writes into connection errors. `?leader=1` adds the leader check, for alerts and for a balancer in
+        front that wants it."""
         now = time.monotonic()
         if self.server.draining:
             return json_response({"ready": False, "reason": "draining"}, 503)
         exclude = {c for c in req.query.get("exclude", "").split(",") if c}
         missing = [name for name, p in self.server.proxies.items()
                    if name not in exclude and p.table.leader(now) is None]
-        if missing:
+        if missing and req.query.get("leader", "").lower() in ("1", "true", "yes"):
             return json_response({"ready": False, "reason": "no_leader", "clusters": missing}, 503)
-        return json_response({"ready": True})
+        return json_response({"ready": True, "without_leader": missing})
 
     # -- the leader table ---------------------------------------------------------------------------------
 

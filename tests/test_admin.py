@@ -47,17 +47,21 @@ def elect(server: object, leader: str = "n1", term: int = 2) -> None:
 # -- health ------------------------------------------------------------------------------------------------
 
 
-async def test_healthz_is_ok_and_readyz_needs_a_leader_in_every_cluster() -> None:
+async def test_readyz_is_ready_without_a_leader_and_asks_for_one_only_when_told() -> None:
+    # Readiness is "send me traffic": a replica without a leader still holds and releases writes.
     server = offline_server(cluster_config("c1"), cluster_config("c2"))
     admin = Admin(server)
     assert body(await get(admin, "/healthz"))["status"] == "ok"
     r = await get(admin, "/readyz")
+    assert (r.status, body(r)) == (200, {"ready": True, "without_leader": ["c1", "c2"]})
+    r = await get(admin, "/readyz?leader=1")
     assert r.status == 503
     assert body(r) == {"ready": False, "reason": "no_leader", "clusters": ["c1", "c2"]}
     elect(server)
-    r = await get(admin, "/readyz")
+    r = await get(admin, "/readyz?leader=true")
     assert (r.status, body(r)["clusters"]) == (503, ["c2"])
-    assert (await get(admin, "/readyz?exclude=c2")).status == 200
+    assert (await get(admin, "/readyz?leader=1&exclude=c2")).status == 200
+    assert body(await get(admin, "/readyz"))["without_leader"] == ["c2"]
 
 
 async def test_readyz_turns_503_while_draining() -> None:

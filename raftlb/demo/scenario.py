@@ -125,7 +125,7 @@ class Demo:
                     raise RuntimeError(f"raftlb exited with {self.proxy.returncode}; see "
                                        f"{self.cluster_log_dir() / 'raftlb.log'}")
                 try:
-                    if (await c.get(self.admin_url + "/readyz")).status_code == 200:
+                    if (await c.get(self.admin_url + "/readyz?leader=1")).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass

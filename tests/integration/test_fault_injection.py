@@ -454,7 +454,7 @@ clusters:
             while True:
                 assert proc.poll() is None, log.read_text()[-2000:]
                 with contextlib.suppress(httpx.HTTPError):
-                    if (await c.get(f"http://127.0.0.1:{admin}/readyz")).status_code == 200:
+                    if (await c.get(f"http://127.0.0.1:{admin}/readyz?leader=1")).status_code == 200:
                         return proc
                 assert time.monotonic() < deadline, "raftlb did not become ready"
                 await asyncio.sleep(0.05)

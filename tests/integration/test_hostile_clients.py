@@ -658,7 +658,7 @@ clusters:
             stop = asyncio.Event()
             try:
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as c:
-                    await _wait_ready(c, f"http://127.0.0.1:{admin}/readyz", proc, log)
+                    await _wait_ready(c, f"http://127.0.0.1:{admin}/readyz?leader=1", proc, log)
                     for _ in range(200):  # warm up: pools, parsers, allocator arenas
                         assert (await c.get("/s/2048")).status_code == 200
 

@@ -313,7 +313,7 @@ async def test_raftlb_run_reloads_on_sighup_and_drains_on_sigterm_with_exit_0(tm
             admin = f"http://127.0.0.1:{admin_port}"
             async with httpx.AsyncClient(timeout=10) as c:
                 deadline = time.monotonic() + 10
-                while (await c.get(admin + "/readyz")).status_code != 200:
+                while (await c.get(admin + "/readyz?leader=1")).status_code != 200:
                     assert time.monotonic() < deadline, "never ready"
                     await asyncio.sleep(0.05)
                 # SIGHUP: the fourth node joins.
@@ -338,3 +338,28 @@ async def test_raftlb_run_reloads_on_sighup_and_drains_on_sigterm_with_exit_0(tm
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_readiness_holds_through_an_election_while_writes_are_held(tmp_path: Path) -> None:
+    # A replica that turned unready whenever its cluster had no leader would drop out of its Service during
+    # every election, and the writes raftlb holds for the new leader would become connection errors.
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        cfg = tmp_path / "raftlb.yaml"
+        cfg.write_text(config_yaml(fc.nodes))
+        async with server_from(cfg) as srv, httpx.AsyncClient(timeout=10) as c:
+            admin = f"http://127.0.0.1:{srv.admin.port}"  # type: ignore[union-attr]
+            await wait_for(lambda: leader_of(srv) == "n1")
+            fc.no_leader()
+            await wait_for(lambda: leader_of(srv) is None)
+            writes = [asyncio.create_task(c.post(f"{url_of(srv)}/kv/w{i}", content=b"v")) for i in range(5)]
+            await wait_for(lambda: len(srv.proxies["c1"].held) == 5)
+            r = await c.get(admin + "/readyz")
+            assert (r.status_code, r.json()) == (200, {"ready": True, "without_leader": ["c1"]})
+            r = await c.get(admin + "/readyz?leader=1")  # the opt-in leader check, for alerts
+            assert (r.status_code, r.json()["reason"]) == (503, "no_leader")
+            fc.elect("n2")
+            results = await asyncio.gather(*writes)
+            assert [r.status_code for r in results] == [200] * 5
+            assert len(fc["n2"].requests) == 5  # released to the new leader
+            assert (await c.get(admin + "/readyz?leader=1")).status_code == 200
