@@ -109,6 +109,18 @@ class BadRequest(ProxyError):
     code = "bad_request"
 
 
+class BadConsistency(BadRequest):
+    """`X-Raft-Consistency` names no read policy, or one the route cannot give (`bounded` without limits)."""
+
+    code = "bad_consistency"
+
+
+class BadMinIndex(BadRequest):
+    """`X-Raft-Min-Index` is not a non-negative decimal integer."""
+
+    code = "bad_min_index"
+
+
 class RequestTimeout(ProxyError):
     status = 408
     code = "request_timeout"

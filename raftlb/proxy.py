@@ -19,7 +19,7 @@ from typing import Protocol
 from raftlb.burstlog import BurstLog
 from raftlb.config import ClusterConfig, TlsConfig
 from raftlb.dialects import dialect_for
-from raftlb.errors import BadRequest, HoldQueueFull, NoLeader, SessionGap
+from raftlb.errors import BadConsistency, BadMinIndex, BadRequest, HoldQueueFull, NoLeader, SessionGap
 from raftlb.http.server import Exchange
 from raftlb.leader_table import Announcement, LeaderChange, LeaderTable
 from raftlb.pool import NodePool
@@ -220,8 +220,15 @@ class ClusterProxy:
         target = ex.target
         q = target.find(b"?")
         path = (target[:q] if q >= 0 else target).decode("latin-1")
-        route = self.router.classify(ex.method, path,
-                                     consistency.decode("latin-1") if consistency is not None else None)
+        try:
+            route = self.router.classify(ex.method, path,
+                                         consistency.decode("latin-1") if consistency is not None else None)
+        except ValueError as exc:  # a read policy raftlb cannot give: say so (errors.BadConsistency)
+            route = self.router.classify(ex.method, path)
+            refused = refused or BadConsistency(str(exc))
+        if token is not None and not (token.isdigit() and len(token) <= 20) and refused is None:
+            refused = BadMinIndex(f"X-Raft-Min-Index must be a non-negative decimal integer, got "
+                                  f"{token[:32].decode('latin-1')!r}")
         client = ex.conn.peer_bytes
         parts += (b"x-forwarded-for: ", xff + b", " + client if xff else client,
                   b"\r\nx-forwarded-proto: http\r\n")

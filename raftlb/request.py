@@ -21,6 +21,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from raftlb.config import READ_POLICIES
 from raftlb.dialects import BODY_INDEX_LIMIT
 from raftlb.errors import (
     IndexNotReached,
@@ -41,8 +42,10 @@ log = logging.getLogger("raftlb.proxy")
 
 RESPONSE_DROP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-    b"proxy-authenticate", b"content-length", b"x-raft-node",
+    b"proxy-authenticate", b"content-length", b"x-raft-node", b"x-raft-consistency",
 })
+# On every read's answer: the policy that served it (the route's, or the client's X-Raft-Consistency).
+POLICY_HEADERS = {p: b"x-raft-consistency: " + p.encode() + b"\r\n" for p in READ_POLICIES}
 RESPONSE_WATCH = RESPONSE_DROP | {b"x-raft-index", b"x-raft-term"}
 
 MAX_INDEX = 1 << 64  # Raft indexes are uint64: an X-Raft-Index at or above this is not one
@@ -314,6 +317,7 @@ class ProxyRequest:
             if token > 0:
                 parts.append(b"set-cookie: raftlb-index=%d; Path=/; SameSite=Lax\r\n" % token)
         if route.kind == "read":
+            parts.append(POLICY_HEADERS[route.policy])
             proxy.count_read(self, node)
         if body is not None:
             ex.send_parts(parts, FRAMING_LENGTH, len(body), body)

@@ -56,7 +56,9 @@ class Router:
     def classify(self, method: str, path: str, consistency: str | None = None) -> RouteDecision:
         """The decision for a request. `consistency` is the `X-Raft-Consistency` header, if any: it may
         change a read's policy (`bounded` only where the route sets its lag limits), never turn a write
-        into a read."""
+        into a read (a write ignores it: it always goes to the leader). ValueError, with the reason, for a
+        read whose header names no read policy or `bounded` on a route without lag limits: the client asked
+        for a guarantee raftlb cannot give, so it is told rather than served another one."""
         decision = self._write
         for route, d in zip(self.routes, self._decisions, strict=True):
             if route.methods is not None and method not in route.methods:
@@ -70,10 +72,13 @@ class Router:
             cached = self._override_cache.get(key)
             if cached is None:
                 policy = consistency.strip().lower()
-                usable = policy in SUPPORTED_READ_POLICIES and (
-                    policy != "bounded" or decision.max_lag_entries is not None
-                    or decision.max_lag_ms is not None)
-                cached = replace(decision, policy=policy) if usable else decision
+                if policy not in SUPPORTED_READ_POLICIES:
+                    raise ValueError(f"X-Raft-Consistency: {consistency[:64]!r} is not one of "
+                                     f"{', '.join(SUPPORTED_READ_POLICIES)}")
+                if policy == "bounded" and decision.max_lag_entries is None and decision.max_lag_ms is None:
+                    raise ValueError("X-Raft-Consistency: bounded needs a route with max_lag_entries or "
+                                     "max_lag_ms, and this one has neither")
+                cached = replace(decision, policy=policy)
                 if len(self._override_cache) < 64:
                     self._override_cache[key] = cached
             decision = cached

@@ -28,7 +28,7 @@ ROUTES = (
     ("GET", "/other", None, "read", "leader", False),  # first match wins: the catch-all GET route
     ("GET", "/kv/a", "leader", "read", "leader", False),  # the header narrows a read's policy
     ("GET", "/kv/a", " LEADER ", "read", "leader", False),
-    ("GET", "/kv/a", "nonsense", "read", "any", False),  # unknown values are ignored
+    ("PUT", "/kv/a", "nonsense", "write", "leader", False),  # a write ignores the header
     ("PUT", "/kv/a", "any", "write", "leader", False),  # never turns a write into a read
 ])
 def test_classify(method: str, path: str, header: str | None, kind: str, policy: str,
@@ -36,6 +36,17 @@ def test_classify(method: str, path: str, header: str | None, kind: str, policy:
     d = Router(ROUTES).classify(method, path, header)
     assert (d.kind, d.policy, d.idempotent) == (kind, policy, idempotent)
     assert d.needs_leader == (kind == "write" or policy == "leader")
+
+
+@pytest.mark.parametrize(("header", "reason"), [
+    ("nonsense", "is not one of leader, any, fenced, bounded, linearizable"),
+    ("", "is not one of"),
+    ("bounded", "bounded needs a route with max_lag_entries or max_lag_ms"),  # this route has no limits
+])
+def test_a_read_policy_raftlb_cannot_give_is_an_error_not_another_policy(header: str, reason: str) -> None:
+    # Serving a client that asked for a guarantee with a weaker one would be a silent lie.
+    with pytest.raises(ValueError, match=reason):
+        Router(ROUTES).classify("GET", "/kv/a", header)
 
 
 def test_no_routes_means_everything_is_a_write() -> None:

@@ -269,3 +269,33 @@ async def test_any_ignores_the_token() -> None:
             r = await c.get("/kv/a", headers={"X-Raft-Min-Index": "99"})
             assert r.status_code == 200  # served at once from index 5: `any` promises nothing
             assert srv.proxies["c1"].stats.fence_stale == 0
+
+
+@pytest.mark.parametrize(("headers", "error"), [
+    ({"X-Raft-Consistency": "bogus"}, "bad_consistency"),
+    ({"X-Raft-Consistency": "bounded"}, "bad_consistency"),  # the route sets no lag limits
+    ({"X-Raft-Min-Index": "ninety"}, "bad_min_index"),
+    ({"X-Raft-Min-Index": "-5"}, "bad_min_index"),
+])
+async def test_a_consistency_request_raftlb_cannot_honour_is_a_400_and_reaches_no_node(
+        headers: dict[str, str], error: str) -> None:
+    # Served as the route's default, a client asking for a guarantee would silently get another one.
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        async with running(fc.config(routes=reads())) as srv, httpx.AsyncClient(base_url=url_of(srv)) as c:
+            await wait_for(lambda: leader_of(srv) == "n1")
+            r = await c.get("/kv/a", headers=headers)
+            assert (r.status_code, r.json()["error"]) == (400, error), r.text
+            assert all(n.requests == [] for n in fc.nodes)
+
+
+async def test_every_read_answer_says_which_policy_served_it() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        async with running(fc.config(routes=reads())) as srv, httpx.AsyncClient(base_url=url_of(srv)) as c:
+            await wait_for(lambda: leader_of(srv) == "n1")
+            assert (await c.get("/kv/a")).headers.get_list("x-raft-consistency") == ["fenced"]
+            r = await c.get("/kv/a", headers={"X-Raft-Consistency": "leader"})
+            assert (r.headers.get_list("x-raft-consistency"), r.headers["x-raft-node"]) == (["leader"], "n1")
+            w = await c.put("/kv/a", content=b"v")  # a write is not a read: no policy header
+            assert w.status_code == 200 and "x-raft-consistency" not in w.headers
