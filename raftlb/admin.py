@@ -210,6 +210,7 @@ class Admin:
             doc["url"] = urls.get(node_id)
             doc["subscription"] = None if sub is None else {"mode": sub.mode, "up": sub.up,
                                                             "last_error": sub.last_error or None}
+            doc["state"] = node_state(doc, sub.up if sub is not None else None)
             pool = proxy.pools.get(node_id)
             doc["outstanding"] = pool.outstanding if pool is not None else 0
         snap["leaderless_s"] = round(self.server.metrics.leaderless(name, now)[0], 3)
@@ -295,6 +296,18 @@ class Admin:
         leader = table.leader(time.monotonic())
         return json_response({"cluster": name, "forgotten": node_id, "leader": leader, "term": table.term,
                               "term_floor": table.floor})
+
+
+def node_state(doc: dict[str, object], subscribed_up: bool | None) -> str:
+    """The state an operator acts on, from a node's leader-table snapshot: `down` (reported down by its
+    subscription, or heard once and silent past the liveness timeout) before `deposed` (live, but claiming
+    leadership at an old term), then `live`, or `unheard` (nothing yet, not yet judged down). A dead
+    ex-leader is down, not deposed: what it needs is a restart, not a look at its term."""
+    if doc.get("live"):
+        return "deposed" if doc.get("deposed") else "live"
+    if doc.get("down") or subscribed_up is False or doc.get("role") is not None:
+        return "down"
+    return "unheard"
 
 
 def _split_host(value: str) -> tuple[str, int | None] | None:

@@ -50,6 +50,24 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
+def _state(n: dict[str, Any]) -> str:
+    """A node's state from an older raftlb's admin, which has no `state` field: down before deposed."""
+    if n.get("live"):
+        return "deposed" if n.get("deposed") else "live"
+    return "down" if n.get("down") or n.get("role") else "unheard"
+
+
+def _role(n: dict[str, Any], state: str) -> str:
+    """The ROLE cell: a node that is not live shows its last role as a past one ("was leader"), so a dead
+    ex-leader never reads as the leader; a live deposed one as "leader (old term)"."""
+    role = n.get("role")
+    if not role:
+        return "-"
+    if state == "deposed":
+        return f"{role} (old term)"
+    return role if state == "live" else f"was {role}"
+
+
 def render(doc: dict[str, Any], admin: str) -> str:
     """The human-readable view of one /v1/clusters answer."""
     listeners = ", ".join(f"{x['name']} {x['address']}" for x in doc.get("listeners", []))
@@ -65,10 +83,9 @@ def render(doc: dict[str, Any], admin: str) -> str:
                       f"leader changes {stats.get('leader_changes', 0)}"]
         rows = [["NODE", "ROLE", "TERM", "APPLIED", "COMMIT", "LAG", "HEARD", "STATE", "URL"]]
         for node_id, n in c.get("nodes", {}).items():
-            st = "deposed" if n.get("deposed") else "live" if n.get("live") else \
-                "down" if n.get("role") else "unheard"
+            st = n.get("state") or _state(n)
             mark = "*" if node_id == leader else ""
-            rows.append([node_id + mark, n.get("role") or "-", _num(n.get("term")),
+            rows.append([node_id + mark, _role(n, st), _num(n.get("term")),
                          _num(n.get("applied_index")), _num(n.get("commit_index")), _num(n.get("lag")),
                          _age(n.get("age_s")), st, n.get("url") or ""])
         lines += _table(rows)

@@ -321,6 +321,7 @@ class NodeSubscription:
         self.last_heard = now
         self._deadline = now + self.cluster.liveness_timeout
         self._failures = 0
+        self.last_error = ""  # it is heard: an error from before is history, not its state (as in NodePoller)
         self.announcements += 1
         if self.up is not True:
             self.up = True

@@ -96,6 +96,35 @@ async def test_clusters_json_has_per_node_term_role_indices_age_and_lag() -> Non
     assert doc["draining"] is False and doc["listeners"] == []
 
 
+async def test_node_state_is_down_before_deposed_and_never_unknown_for_a_node_reported_down() -> None:
+    server = offline_server()
+    proxy = server.proxies["c1"]
+    elect(server, "n1", term=2)
+    for n in ("n2", "n3"):  # n2 wins term 3; n1 still announces itself leader at 2, n3 has not heard yet
+        proxy.on_announcement(n, ann(n, 3, "leader" if n == "n2" else "follower", "n2", applied=11))
+
+    async def states() -> dict[str, str]:
+        nodes = body(await get(Admin(server), "/v1/clusters"))["clusters"]["c1"]["nodes"]  # type: ignore[index]
+        return {n: d["state"] for n, d in nodes.items()}
+
+    assert await states() == {"n1": "deposed", "n2": "live", "n3": "live"}
+    proxy.on_node_down("n1", "refuses connections")  # the deposed leader dies: now it needs a restart
+    proxy.on_node_down("n3", "refuses connections")
+    assert await states() == {"n1": "down", "n2": "live", "n3": "down"}
+    n1 = Admin(server).cluster("c1", proxy, time.monotonic())["nodes"]["n1"]  # type: ignore[index]
+    assert (n1["role"], n1["deposed"], n1["live"]) == ("leader", True, False)  # the raw fields stay
+
+
+async def test_a_node_never_heard_is_unheard_until_reported_down() -> None:
+    server = offline_server()
+    proxy = server.proxies["c1"]
+    doc = Admin(server).cluster("c1", proxy, time.monotonic())
+    assert doc["nodes"]["n1"]["state"] == "unheard"  # type: ignore[index]
+    proxy.on_node_down("n1", "never heard; announce stream: connection refused")
+    doc = Admin(server).cluster("c1", proxy, time.monotonic())
+    assert doc["nodes"]["n1"]["state"] == "down"  # type: ignore[index]
+
+
 async def test_one_cluster_and_an_unknown_one() -> None:
     server = offline_server()
     admin = Admin(server)

@@ -57,3 +57,43 @@ def test_without_watch_an_unreachable_admin_is_an_error_and_exit_2(
     assert status_cli.main("http://127.0.0.1:9", out=out) == 2
     assert out.getvalue() == ""
     assert capsys.readouterr().err.startswith("raftlb status: cannot read http://127.0.0.1:9/v1/clusters: ")
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+    """The node rows of a rendered table: node id (leader mark stripped) -> its cells."""
+    rows = [line.split() for line in text.splitlines() if line.startswith("  n")]
+    return {r[0].rstrip("*"): r[1:] for r in rows}
+
+
+def test_a_dead_ex_leader_reads_down_with_its_role_in_the_past_and_a_live_deposed_one_old_term() -> None:
+    # The table once showed a dead ex-leader as ROLE leader, STATE deposed, while the log said it was down.
+    from test_metrics import ann, offline_server
+
+    from raftlb.admin import Admin
+
+    server = offline_server()
+    proxy = server.proxies["c1"]
+    proxy.on_announcement("n1", ann("n1", 2, "leader", "n1", applied=10))
+    proxy.on_announcement("n2", ann("n2", 3, "leader", "n2", applied=11))
+    proxy.on_announcement("n3", ann("n3", 3, "follower", "n2", applied=11))
+    rows = _rows(status_cli.render(Admin(server).clusters(), "http://admin"))
+    assert rows["n1"][:2] == ["leader", "(old"] and rows["n1"][-2] == "deposed"  # live, at an old term
+    assert (rows["n2"][0], rows["n2"][-2]) == ("leader", "live")
+    proxy.on_node_down("n1", "refuses connections")
+    rows = _rows(status_cli.render(Admin(server).clusters(), "http://admin"))
+    assert rows["n1"][:3] == ["was", "leader", "2"] and rows["n1"][-2] == "down"
+    assert "deposed" not in rows["n1"]
+
+
+@pytest.mark.parametrize(("fields", "state", "role"), [
+    ({"role": "leader", "live": False, "deposed": True, "down": True}, "down", "was leader"),
+    ({"role": "leader", "live": True, "deposed": True, "down": False}, "deposed", "leader (old term)"),
+    ({"role": "follower", "live": False, "deposed": False, "down": False}, "down", "was follower"),
+    ({"role": None, "live": False, "deposed": False, "down": True}, "down", "-"),
+    ({"role": None, "live": False, "deposed": False, "down": False}, "unheard", "-"),
+])
+def test_an_older_admin_without_state_is_read_down_first(fields: dict[str, Any], state: str,
+                                                          role: str) -> None:
+    doc = {"version": "old", "clusters": {"c": {"leader": None, "term": 3, "nodes": {"n1": fields}}}}
+    line = next(x for x in status_cli.render(doc, "http://admin").splitlines() if x.startswith("  n1"))
+    assert f"  {role}  " in line and line.split()[-1] == state

@@ -157,6 +157,23 @@ async def test_unreachable_node_is_reported_down_once() -> None:
         assert len(rec.downs) == 1
 
 
+async def test_a_node_that_comes_up_keeps_no_error_from_before() -> None:
+    # The admin (and the status page) show `last_error` of a node: it once kept "connection refused" from
+    # before the node came up, next to state live.
+    node = FakeNode("n1")
+    await node.start()
+    await node.stop()  # nobody listens on its port yet
+    async with subscribed([node], liveness_timeout=0.2, reconnect_max=0.05) as (subs, rec, _):
+        await rec.wait_for(lambda: len(rec.downs) == 1, timeout=2.0)
+        assert "announce stream: " in subs.nodes["n1"].last_error
+        await node.start()  # same port
+        try:
+            await rec.wait_for(lambda: subs.nodes["n1"].up is True, timeout=5.0)
+            assert subs.nodes["n1"].last_error == ""
+        finally:
+            await node.stop()
+
+
 # -- polling fallback -------------------------------------------------------------------------------------
 
 

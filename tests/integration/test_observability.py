@@ -281,8 +281,8 @@ async def test_status_page_shows_the_new_leader_live_after_a_leader_kill(tmp_pat
                 await kill_leader(fc, "n1", "n2")
                 # Without a reload: the event stream (and the next poll) update the open page.
                 await page.wait_for(f"{card}?.dataset.leader === 'n2'")
-                await page.wait_for(f"!!{card}.querySelector('tr[data-node=\"n1\"] td.state-down, "
-                                    "tr[data-node=\"n1\"] td.state-deposed')")
+                # The dead ex-leader reads down (what to act on), not deposed, with its role in the past.
+                await page.wait_for(f"!!{card}.querySelector('tr[data-node=\"n1\"] td.state-down')")
                 await asyncio.sleep(1.5)
                 state = await page.evaluate(f"""(() => {{
                     const c = {card};
@@ -290,6 +290,7 @@ async def test_status_page_shows_the_new_leader_live_after_a_leader_kill(tmp_pat
                       pill: c.querySelector('.leader').textContent,
                       term: c.querySelector('.term').textContent,
                       rows: [...c.querySelectorAll('tbody tr')].map(r => [r.dataset.node, r.dataset.role]),
+                      n1: [...c.querySelectorAll('tr[data-node="n1"] td')].map(td => td.textContent),
                       timeline: [...c.querySelectorAll('.timeline rect[data-leader]')]
                                   .map(r => r.dataset.leader),
                       events: [...document.querySelectorAll('#event-list li')].map(li => li.dataset.type),
@@ -303,6 +304,7 @@ async def test_status_page_shows_the_new_leader_live_after_a_leader_kill(tmp_pat
     assert state["pill"] == "leader n2"
     assert state["term"] == str(fc.term)
     assert ["n2", "leader"] in state["rows"] and ["n3", "follower"] in state["rows"]
+    assert (state["n1"][1], state["n1"][7]) == ("was leader", "down")
     assert state["timeline"][-2:] == ["n1", "n2"]
     assert "leader_change" in state["events"] and "node_down" in state["events"]
     assert state["live"] == "live"
