@@ -229,6 +229,10 @@ class ClusterProxy:
         if token is not None and not (token.isdigit() and len(token) <= 20) and refused is None:
             refused = BadMinIndex(f"X-Raft-Min-Index must be a non-negative decimal integer, got "
                                   f"{token[:32].decode('latin-1')!r}")
+        if sid is not None and seq is not None and not (seq.isdigit() and len(seq) <= 20) and refused is None:
+            # Not a plain write in disguise: the client asked for at-most-once and would not get it.
+            refused = BadRequest(f"X-Raft-Seq must be a non-negative decimal integer, got "
+                                 f"{seq[:32].decode('latin-1')!r}")
         client = ex.conn.peer_bytes
         parts += (b"x-forwarded-for: ", xff + b", " + client if xff else client,
                   b"\r\nx-forwarded-proto: http\r\n")
@@ -266,7 +270,7 @@ class ClusterProxy:
                 req.min_index = int(token)
             if route.cookie:
                 req.min_index = max(req.min_index, cookie_index(cookie))
-        if route.kind == "write" and sid is not None and seq is not None and seq.isdigit():
+        if route.kind == "write" and sid is not None and seq is not None:
             req.session = (sid.decode("latin-1"), int(seq))
             if not self.sessions.admit(req, req.session[0], req.session[1], time.monotonic()):
                 self.stats.session_parked += 1

@@ -299,3 +299,16 @@ async def test_every_read_answer_says_which_policy_served_it() -> None:
             assert (r.headers.get_list("x-raft-consistency"), r.headers["x-raft-node"]) == (["leader"], "n1")
             w = await c.put("/kv/a", content=b"v")  # a write is not a read: no policy header
             assert w.status_code == 200 and "x-raft-consistency" not in w.headers
+
+
+@pytest.mark.parametrize("seq", ["two", "-1", "9" * 5000])
+async def test_a_session_write_with_an_unusable_seq_is_a_400_not_a_plain_write(seq: str) -> None:
+    # Sent on as a plain write, it would lose the at-most-once the client asked for; 5000 digits also
+    # overflowed int() in the request path.
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        async with running(fc.config(routes=reads())) as srv, httpx.AsyncClient(base_url=url_of(srv)) as c:
+            await wait_for(lambda: leader_of(srv) == "n1")
+            r = await c.put("/kv/a", content=b"v", headers={"X-Raft-Session": "s1", "X-Raft-Seq": seq})
+            assert (r.status_code, r.json()["error"]) == (400, "bad_request"), r.text
+            assert all(n.requests == [] for n in fc.nodes)
