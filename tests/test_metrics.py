@@ -90,7 +90,7 @@ def test_every_metric_is_exposed_with_its_help_and_type() -> None:
 
 def test_a_scrape_has_only_the_documented_series() -> None:
     # prometheus-client adds an undocumented `*_created` series to every counter and histogram unless told not
-    # to: a scrape holds the series metric_names() lists (documented in docs/metrics.md) and the process_* ones.
+    # to: a scrape holds the series metric_names() lists (docs/metrics.md) and the process_* ones.
     server = offline_server()
     server.metrics.observe_request("c1", "write", "leader", "n1", 200, 0.01)
     server.metrics.reloads.labels("applied").inc()
