@@ -71,3 +71,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def demo_node_ports() -> list[int]:
+    """Three free HTTP ports whose Raft ports (+100, as `raftlb demo` takes them) are free too."""
+    ports: list[int] = []
+    while len(ports) < 3:
+        port = free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 100))
+        except OSError:
+            continue
+        if port not in ports and port + 100 not in ports:
+            ports.append(port)
+    return ports

@@ -7,7 +7,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,28 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from tools import free_port
+from tools import demo_node_ports, free_port
 
 from raftlb.demo.scenario import DEMO_CONFIG
 
 pytestmark = pytest.mark.integration
 
 PACKAGE_CONFIG = Path(__file__).resolve().parents[2] / "raftlb" / "demo" / DEMO_CONFIG
-
-
-def node_ports() -> list[int]:
-    """Three HTTP ports whose Raft ports (+100, as `raftlb demo` takes them) were free too."""
-    ports: list[int] = []
-    while len(ports) < 3:
-        port = free_port()
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 100))
-        except OSError:
-            continue
-        if port not in ports and port + 100 not in ports:
-            ports.append(port)
-    return ports
 
 
 class Lines:
@@ -79,7 +63,7 @@ def test_keep_shows_where_to_look_and_restarts_a_killed_node(tmp_path: Path) -> 
     doc["listeners"][0]["address"] = f"127.0.0.1:{free_port()}"
     admin = f"127.0.0.1:{free_port()}"
     doc["admin"]["address"] = admin
-    ports = node_ports()
+    ports = demo_node_ports()
     for node, port in zip(doc["clusters"][0]["nodes"], ports, strict=True):
         node["url"] = f"http://127.0.0.1:{port}"
     config = tmp_path / "demo.yaml"

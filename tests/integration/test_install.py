@@ -5,14 +5,13 @@ passes. Needs PyPI for the build backend and the dependencies (skipped, with the
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from tools import free_port
+from tools import demo_node_ports, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -31,21 +30,6 @@ def pip(venv: Path, *args: str, cwd: Path) -> None:
         if "NewConnectionError" in out.stderr or "No matching distribution" in out.stderr:
             pytest.skip(f"PyPI unreachable: {out.stderr[-300:]}")
         raise AssertionError(f"pip {' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-
-
-def node_ports() -> list[int]:
-    """Three HTTP ports whose Raft ports (+100, as `raftlb demo` takes them) were free too."""
-    ports: list[int] = []
-    while len(ports) < 3:
-        port = free_port()
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 100))
-        except OSError:
-            continue
-        if port not in ports and port + 100 not in ports:
-            ports.append(port)
-    return ports
 
 
 @pytest.mark.timeout(900)
@@ -77,7 +61,7 @@ def test_raftlb_demo_from_a_wheel_in_a_fresh_venv_outside_the_repository(tmp_pat
     doc = yaml.safe_load(Path(config).read_text())
     doc["listeners"][0]["address"] = f"127.0.0.1:{free_port()}"
     doc["admin"]["address"] = f"127.0.0.1:{free_port()}"
-    for node, port in zip(doc["clusters"][0]["nodes"], node_ports(), strict=True):
+    for node, port in zip(doc["clusters"][0]["nodes"], demo_node_ports(), strict=True):
         node["url"] = f"http://127.0.0.1:{port}"
     (elsewhere / "demo.yaml").write_text(yaml.safe_dump(doc))
     out = run([raftlb, "demo", "--duration", "4", "--config", "demo.yaml"], elsewhere, 180)

@@ -22,7 +22,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tools import free_port
+from tools import demo_node_ports, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -228,17 +227,7 @@ def test_readme_and_docs_commands_run_against_raftlb_demo_keep(tmp_path: Path) -
     doc["listeners"][0]["address"] = f"127.0.0.1:{ports['8080']}"
     doc["admin"]["address"] = f"127.0.0.1:{ports['9090']}"
     admin_url = f"http://127.0.0.1:{ports['9090']}"
-    node_ports: list[int] = []
-    while len(node_ports) < 3:  # the demo takes each node's port + 100 for Raft
-        port = free_port()
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 100))
-        except OSError:
-            continue
-        if port not in node_ports and port + 100 not in node_ports:
-            node_ports.append(port)
-    for node, port in zip(doc["clusters"][0]["nodes"], node_ports, strict=True):
+    for node, port in zip(doc["clusters"][0]["nodes"], demo_node_ports(), strict=True):
         node["url"] = f"http://127.0.0.1:{port}"
     config = tmp_path / "demo.yaml"
     config.write_text(yaml.safe_dump(doc))
