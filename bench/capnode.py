@@ -5,7 +5,7 @@ each ran on its own machine that can serve at most --rate reads per second.
     python bench/capnode.py --id n2 --listen 127.0.0.1:7002 --role follower --leader n1 \\
         --leader-url http://127.0.0.1:7001 --rate 500 --lag 5ms
 
-It speaks raft-announce/1 (DESIGN.md) at a fixed term 1 with a fixed leader:
+It speaks raft-announce/1 (docs/protocol.md) at a fixed term 1 with a fixed leader:
   GET /raft/announce   SSE: one event per --tick (50 ms, as the demo node), with the applied index
   GET /raft/status     the same event once
   GET /kv/<key>        the value (decimal text) or 404, with X-Raft-Index = the applied index it reflects;

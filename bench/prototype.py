@@ -1,4 +1,4 @@
-"""The floor for this design: the bare relay DESIGN.md measured, with nothing of raftlb's logic.
+"""The floor for this design: the bare relay measured in docs/benchmarks.md, with nothing of raftlb's logic.
 
     .venv/bin/python bench/prototype.py LISTEN_PORT BACKEND_PORT
 

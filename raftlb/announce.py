@@ -1,7 +1,7 @@
 """`raftlb announce`: a sidecar that gives a node without push announcements a raft-announce/1 stream.
 
 It runs beside one node, polls that node's own status API every few milliseconds through an adapter (etcd,
-json), and serves DESIGN.md's wire contract on its own port:
+json), and serves the wire contract of docs/protocol.md on its own port:
 
     GET /raft/announce   text/event-stream: one event per tick, and one at once when term, role or leader
                          change; `seq` rises by one per event on a stream
@@ -56,7 +56,7 @@ class AnnounceConfig:
     host: str
     port: int
     tick: float = 0.05
-    key: bytes | None = None  # sign every event (`sig`, DESIGN.md) with this announce_auth key
+    key: bytes | None = None  # sign every event (`sig`, docs/protocol.md) with this announce_auth key
 
 
 def _identity(ann: Announcement) -> tuple[int, str, str | None]:

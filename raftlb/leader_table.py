@@ -35,7 +35,7 @@ term was last confirmed more than a liveness timeout ago: a node that announced 
 corrected itself is believed again after one liveness timeout. `forget` (the admin API) resets one node's
 view at once.
 
-Decisions taken beyond the rules in DESIGN.md, on purpose:
+Decisions taken beyond the rules in docs/how-it-works.md, on purpose:
 
 - Two live nodes claiming leader at the same term cannot both be right (Raft elects at most one leader per
   term, so one is lying or broken): no leader, writes are held rather than sent to a guess. Only live

@@ -3,8 +3,8 @@
 Each of N clients owns a few keys (`bench-<run>-c<i>-k<j>`) and, over one keep-alive connection per URL,
 either writes the next integer value of one of them (`PUT`, body = the value as decimal text) or reads one
 back (`GET`). It remembers the highest `X-Raft-Index` any response carried and sends it on every request as
-`X-Raft-Min-Index` (the client contract, DESIGN.md), alternating between the given raftlb URLs, so the token
-travels with the client and not with a proxy. Every read is judged by the client's `ClientChecker`
+`X-Raft-Min-Index` (the client contract, docs/headers.md), alternating between the given raftlb URLs, so the
+token travels with the client and not with a proxy. Every read is judged by the client's `ClientChecker`
 (bench_check.py: the rules); after the load, every key is read back from the leader.
 
     report = await run_bench(BenchOptions(urls=("http://127.0.0.1:8080",), duration=5))

@@ -1,6 +1,6 @@
 """Subscriptions: one task per node that follows its announcements and feeds the leader table.
 
-Streams `GET /raft/announce` (DESIGN.md "Wire contract"), or polls `GET /raft/status` for nodes that answer
+Streams `GET /raft/announce` (docs/protocol.md), or polls `GET /raft/status` for nodes that answer
 the stream with 404/405. Input that is not a valid announcement from this node (malformed JSON, bad fields,
 another node's id, a `seq` that does not rise on one stream, a bad `sig`, an oversized event) is dropped,
 counted by reason and logged at most once per LOG_INTERVAL per node and reason: nothing a node sends ends

@@ -1,6 +1,6 @@
 """Fake Raft nodes for tests: loopback HTTP/1.1 servers whose term, role, leader and indexes a test sets.
 
-A `FakeNode` speaks the raft-announce/1 wire contract (DESIGN.md) inside the test's event loop:
+A `FakeNode` speaks the raft-announce/1 wire contract (docs/protocol.md) inside the test's event loop:
 
     GET /raft/announce   text/event-stream; one JSON event at once, on every `set()`, and every `tick` s
     GET /raft/status     the same JSON object once (hangs while the node is silenced)

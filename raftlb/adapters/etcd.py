@@ -1,5 +1,5 @@
-"""etcd: polls each member's `POST /v3/maintenance/status` on the JSON gateway (DESIGN.md, "Facts about the
-real clusters").
+"""etcd: polls each member's `POST /v3/maintenance/status` on the JSON gateway (docs/clusters.md,
+"etcd").
 
     {"header": {"cluster_id": "…", "member_id": "…", "revision": "7", "raft_term": "3"}, "version": "3.5.1",
      "dbSize": "…", "leader": "…", "raftIndex": "12", "raftTerm": "3", "raftAppliedIndex": "12", …}

@@ -224,7 +224,7 @@ class NodeApp:
         return json_response({"error": "not_found", "path": path}, 404, self._headers())
 
     def event(self, st: RaftStatus, seq: int) -> dict[str, object]:
-        """One announcement (DESIGN.md, "Wire contract"); `has_quorum` only from a leader."""
+        """One announcement (docs/protocol.md); `has_quorum` only from a leader."""
         doc: dict[str, object] = {
             "node": self.cfg.id, "term": st.term, "role": st.role, "leader": st.leader,
             "commit_index": st.commit_index, "applied_index": st.applied_index,
