@@ -224,7 +224,7 @@ class ClusterProxy:
                                      consistency.decode("latin-1") if consistency is not None else None)
         client = ex.conn.peer_bytes
         parts += (b"x-forwarded-for: ", xff + b", " + client if xff else client,
-                  b"\r\nx-forwarded-proto: http\r\n")
+                  b"\r\nx-forwarded-proto: ", ex.conn.server.scheme, b"\r\n")
         if route.kind == "write" and self.dialect.write_headers:
             parts.append(self.dialect.write_headers)
         if ex.chunked:

@@ -566,6 +566,7 @@ class HttpServer:
         self.host = ""
         self.port = 0
         self.ssl: SSLContext | None = None
+        self.scheme = b"http"  # what the client spoke to this listener: sent on as X-Forwarded-Proto
 
     def __repr__(self) -> str:
         return f"<HttpServer {self.name} {self.host}:{self.port} [{len(self.connections)} connections]>"
@@ -573,6 +574,7 @@ class HttpServer:
     async def start(self, host: str, port: int, reuse_port: bool = False,
                     ssl: SSLContext | None = None) -> None:
         loop = asyncio.get_running_loop()
+        self.scheme = b"https" if ssl is not None else b"http"  # (before the first connection is accepted)
         self._server = await loop.create_server(
             lambda: HttpConnection(self), host, port, backlog=4096, reuse_port=reuse_port or None, ssl=ssl,
             ssl_handshake_timeout=self.limits.header_timeout if ssl is not None else None)
