@@ -119,7 +119,7 @@ class _ReadIndexCall:
                 index = None
         self._end(index, f"status {self.status}" if index is None else "")
 
-    def on_upstream_error(self, reason: str, written: bool) -> None:
+    def on_upstream_error(self, reason: str, written: bool, timeout: bool = False) -> None:
         self._end(None, reason)
 
     def on_upstream_pause(self) -> None:

@@ -368,7 +368,7 @@ class ProxyRequest:
     def on_upstream_resume(self) -> None:
         self.ex.resume_body()
 
-    def on_upstream_error(self, reason: str, written: bool) -> None:
+    def on_upstream_error(self, reason: str, written: bool, timeout: bool = False) -> None:
         proxy = self.proxy
         self.conn = None
         proxy.inflight.discard(self)
@@ -396,7 +396,6 @@ class ProxyRequest:
             self._resend("idempotent_retry", immediate=not self.to_leader)
             return
         if self.route.kind == "read":
-            timeout = "no response" in reason or "stalled" in reason
             err: ProxyError = UpstreamTimeout(f"node {self.node}: {reason}") if timeout \
                 else UpstreamFailed(f"node {self.node}: {reason}")
             self._fail(err)
