@@ -12,7 +12,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from raftlb.config import LimitsConfig
-from raftlb.errors import BadRequest, PayloadTooLarge, ProxyError
+from raftlb.errors import BadRequest, ExpectationFailed, MethodNotAllowed, PayloadTooLarge, ProxyError
 
 if TYPE_CHECKING:
     from raftlb.http.server import HttpConnection
@@ -244,8 +244,7 @@ def _inspect_framing(ex: Exchange, limits: LimitsConfig) -> None:
                 # §10.1.1).
                 ex.expect_continue = ex.http11
             else:
-                ex.error = ProxyError("unsupported Expect")
-                ex.error.status, ex.error.code = 417, "expectation_failed"
+                ex.error = ExpectationFailed("unsupported Expect")
                 return
         elif name == b"host":
             host_count += 1
@@ -256,8 +255,7 @@ def _inspect_framing(ex: Exchange, limits: LimitsConfig) -> None:
         ex.error = BadRequest("exactly one Host header is required")
         return
     if ex.method == "CONNECT":
-        ex.error = ProxyError("CONNECT is not supported")
-        ex.error.status, ex.error.code = 405, "method_not_allowed"
+        ex.error = MethodNotAllowed("CONNECT is not supported")
         return
     if te_seen:
         ex.chunked = True

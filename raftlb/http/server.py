@@ -21,7 +21,15 @@ from typing import Any, Protocol, cast
 import httptools
 
 from raftlb.config import LimitsConfig
-from raftlb.errors import BadRequest, HeadersTooLarge, Overloaded, PayloadTooLarge, ProxyError, RequestTimeout
+from raftlb.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    Overloaded,
+    PayloadTooLarge,
+    ProxyError,
+    RequestTimeout,
+    VersionNotSupported,
+)
 from raftlb.http.exchange import (
     FRAMING_CHUNKED,
     FRAMING_CLOSE,
@@ -270,8 +278,7 @@ class HttpConnection(asyncio.Protocol):
         if target[:1] != b"/" and target != b"*" and method != b"CONNECT":  # (CONNECT is refused below)
             _absolute_form(ex, target)
         if version not in ("1.1", "1.0") and ex.error is None:
-            ex.error = ProxyError(f"HTTP/{version} is not spoken here (HTTP/1.1 and 1.0 are)")
-            ex.error.status, ex.error.code = 505, "http_version_not_supported"
+            ex.error = VersionNotSupported(f"HTTP/{version} is not spoken here (HTTP/1.1 and 1.0 are)")
         ex.keep_alive = parser.should_keep_alive()
         if ex.keep_alive and not ex.http11 and _says_close(ex.headers):
             ex.keep_alive = False  # HTTP/1.0 with both keep-alive and close: close wins (RFC 9112 §9.3)
