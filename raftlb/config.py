@@ -16,8 +16,6 @@ ClusterKind = Literal["native", "etcd", "json"]
 RouteKind = Literal["read", "write"]
 ReadPolicy = Literal["leader", "any", "fenced", "bounded", "linearizable"]
 READ_POLICIES: tuple[str, ...] = ("leader", "any", "fenced", "bounded", "linearizable")
-# Policies the data path implements (all of them; kept separate so a new policy can land in steps).
-SUPPORTED_READ_POLICIES: tuple[str, ...] = READ_POLICIES
 
 
 @dataclass(frozen=True)

@@ -323,9 +323,6 @@ class NodePool:
         return (f"<NodePool node={self.node_id} [{len(self.busy)} active, {len(self.idle)} idle, "
                 f"{self.connecting} connecting, {len(self.waiters)} waiting]>")
 
-    def is_available(self) -> bool:
-        return bool(self.idle)
-
     def take_idle(self) -> UpstreamConn | None:
         """An idle connection, now marked busy, or None."""
         idle = self.idle

@@ -58,7 +58,7 @@ class ProxyRequest:
         "proxy", "ex", "route", "head", "chunks", "body_len", "retain", "body_done", "node", "conn",
         "attempts", "held_at", "retry_at", "safe_to_repeat", "upstream_chunked", "sent_body", "finished",
         "avoid", "sent_term", "released", "to_leader", "min_index", "read_index", "fence_deadline", "session",
-        "waited", "deferred", "body", "leader_only", "leader_ok", "held_for", "maybe_applied", "add_host",
+        "deferred", "body", "leader_only", "leader_ok", "held_for", "maybe_applied", "add_host",
         "failed_rounds",
     )
 
@@ -92,7 +92,6 @@ class ProxyRequest:
         self.failed_rounds = 0  # ... and read-index rounds that failed before it did (ReadIndexBroker)
         self.fence_deadline = 0.0  # fenced reads waiting for a node to reach their index
         self.session: tuple[str, int] | None = None  # (X-Raft-Session, X-Raft-Seq) of a session write
-        self.waited = False
         self.leader_only = False  # only the leader had the client's index when last picked
         self.leader_ok = False  # ... and waiting for a follower is over: the leader may serve it
         # An answer held back until its body is in: (status, head parts, has X-Raft-Term, index; -2 when

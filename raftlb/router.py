@@ -9,7 +9,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from raftlb.config import SUPPORTED_READ_POLICIES, RouteConfig
+from raftlb.config import READ_POLICIES, RouteConfig
 
 # RFC 9110 §9.2.2: methods whose repetition has the same effect as one request.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -70,7 +70,7 @@ class Router:
             cached = self._override_cache.get(key)
             if cached is None:
                 policy = consistency.strip().lower()
-                usable = policy in SUPPORTED_READ_POLICIES and (
+                usable = policy in READ_POLICIES and (
                     policy != "bounded" or decision.max_lag_entries is not None
                     or decision.max_lag_ms is not None)
                 cached = replace(decision, policy=policy) if usable else decision

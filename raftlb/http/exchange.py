@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from raftlb.config import LimitsConfig
 from raftlb.errors import BadRequest, ExpectationFailed, MethodNotAllowed, PayloadTooLarge, ProxyError
@@ -58,7 +58,7 @@ class Exchange:
         "conn", "method", "method_bytes", "target", "headers", "http11", "keep_alive", "content_length",
         "chunked", "expect_continue", "head_only", "error", "body_buf", "body_buffered", "body_received",
         "body_done", "on_body", "on_body_end", "on_abort", "on_pause_writing", "on_resume_writing",
-        "response_started", "finished", "close_after", "_framing", "started_at", "ctx", "status",
+        "response_started", "finished", "close_after", "_framing", "started_at", "status",
     )
 
     def __init__(self, conn: HttpConnection) -> None:
@@ -88,7 +88,6 @@ class Exchange:
         self.close_after = False
         self._framing = FRAMING_NONE
         self.started_at = time.monotonic()
-        self.ctx: Any = None
         self.status = 0
 
     def __repr__(self) -> str:
