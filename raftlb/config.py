@@ -16,8 +16,6 @@ ClusterKind = Literal["native", "etcd", "json"]
 RouteKind = Literal["read", "write"]
 ReadPolicy = Literal["leader", "any", "fenced", "bounded", "linearizable"]
 READ_POLICIES: tuple[str, ...] = ("leader", "any", "fenced", "bounded", "linearizable")
-# Policies the data path implements (all of them; kept separate so a new policy can land in steps).
-SUPPORTED_READ_POLICIES: tuple[str, ...] = READ_POLICIES
 
 
 @dataclass(frozen=True)
@@ -100,7 +98,7 @@ class ClusterConfig:
     connect_timeout: float = 1.0
     response_timeout: float = 10.0
     resend_body_limit: int = 1024 * 1024  # request bodies up to this size are kept for re-sending
-    max_resends: int = 3
+    max_resends: int = 3  # re-sends of one request to a node (a failed read-index round is not one)
     retry_after: int = 1  # seconds, on 503s the proxy produces
     fence_wait: float = 1.0  # fenced reads wait this long for some node to reach the client's index
     follower_wait: float = 0.05  # ... and this long for a follower when only the leader has it (0: never)

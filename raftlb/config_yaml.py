@@ -25,7 +25,6 @@ from raftlb.config import (
     LOG_LEVELS,
     MAX_WORKERS,
     READ_POLICIES,
-    SUPPORTED_READ_POLICIES,
     WILDCARD_HOSTS,
     AdminConfig,
     ClusterConfig,
@@ -538,9 +537,6 @@ def _regex(cur: Cursor) -> re.Pattern[str]:
 
 
 def _read_policy(cur: Cursor) -> ReadPolicy:
-    if (policy := cur.choice(READ_POLICIES)) not in SUPPORTED_READ_POLICIES:
-        supported = ", ".join(SUPPORTED_READ_POLICIES)
-        raise cur.error(f"policy {policy!r} is not supported yet (supported: {supported})")
-    return cast(ReadPolicy, policy)
+    return cast(ReadPolicy, cur.choice(READ_POLICIES))
 
 

@@ -14,6 +14,9 @@ RaftLBError
     ├── RequestTimeout     408 request_timeout: headers or body not received in time
     ├── PayloadTooLarge    413 payload_too_large
     ├── HeadersTooLarge    431 headers_too_large
+    ├── MethodNotAllowed   405 method_not_allowed: CONNECT (raftlb does not tunnel)
+    ├── ExpectationFailed  417 expectation_failed: an Expect other than 100-continue
+    ├── VersionNotSupported 505 http_version_not_supported: an HTTP version other than 1.0 and 1.1
     └── Overloaded         503 overloaded: connection limit reached
 """
 
@@ -134,6 +137,21 @@ class PayloadTooLarge(ProxyError):
 class HeadersTooLarge(ProxyError):
     status = 431
     code = "headers_too_large"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class ExpectationFailed(ProxyError):
+    status = 417
+    code = "expectation_failed"
+
+
+class VersionNotSupported(ProxyError):
+    status = 505
+    code = "http_version_not_supported"
 
 
 class Overloaded(ProxyError):

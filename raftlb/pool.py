@@ -31,7 +31,8 @@ class UpstreamListener(Protocol):
                          headers: list[tuple[bytes, bytes]]) -> None: ...
     def on_upstream_body(self, data: bytes) -> None: ...
     def on_upstream_done(self) -> None: ...
-    def on_upstream_error(self, reason: str, written: bool) -> None: ...
+    # `timeout`: the node did not answer, or its answer stalled, in time (504; other failures are 502).
+    def on_upstream_error(self, reason: str, written: bool, timeout: bool = False) -> None: ...
     def on_upstream_pause(self) -> None: ...
     def on_upstream_resume(self) -> None: ...
 
@@ -262,17 +263,17 @@ class UpstreamConn(asyncio.Protocol):
         if listener is not None:
             listener.on_upstream_done()
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, timeout: bool = False) -> None:
         listener = self.listener
         self.listener = None
         self.close()
         if listener is not None:
-            listener.on_upstream_error(reason, self.written)
+            listener.on_upstream_error(reason, self.written, timeout)
 
     def timed_out(self) -> None:
         t = self.pool.response_timeout
         self._fail(f"answer stalled: nothing from the node for {t:g}s" if self.head_received
-                   else f"no response within {t:g}s")
+                   else f"no response within {t:g}s", timeout=True)
 
     def reject(self, reason: str) -> None:
         """Give up on the answer (malformed, or its node is gone): close the connection and report `reason`
@@ -321,9 +322,6 @@ class NodePool:
     def __repr__(self) -> str:
         return (f"<NodePool node={self.node_id} [{len(self.busy)} active, {len(self.idle)} idle, "
                 f"{self.connecting} connecting, {len(self.waiters)} waiting]>")
-
-    def is_available(self) -> bool:
-        return bool(self.idle)
 
     def take_idle(self) -> UpstreamConn | None:
         """An idle connection, now marked busy, or None."""
@@ -418,7 +416,8 @@ class NodePool:
         and so are answers paused for a slow client (the client's send timeout governs those)."""
         since = now - quiet + self.response_timeout  # a deadline at or before this: last read `quiet` ago
         for conn in [c for c in self.busy if c.head_received and c.deadline and c.deadline <= since]:
-            conn.reject(f"{reason}: answer stalled for {now - conn.deadline + self.response_timeout:.1f}s")
+            conn._fail(f"{reason}: answer stalled for {now - conn.deadline + self.response_timeout:.1f}s",
+                       timeout=True)
 
     def sweep(self, now: float) -> None:
         """Response timeouts on busy connections (to the head, then between reads of the answer); idle

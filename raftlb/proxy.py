@@ -149,7 +149,6 @@ class ClusterProxy:
         self.broker = ReadIndexBroker(self, cluster.read_index_path)
         self.stats = ProxyStats()
         self.on_change = on_change
-        self.leaderless_since: float | None = time.monotonic()
         self._rejections = BurstLog(log)
         self._term_header = (-1, b"")
         self._configure_nodes(cluster)
@@ -235,7 +234,7 @@ class ClusterProxy:
                                  f"{seq[:32].decode('latin-1')!r}")
         client = ex.conn.peer_bytes
         parts += (b"x-forwarded-for: ", xff + b", " + client if xff else client,
-                  b"\r\nx-forwarded-proto: http\r\n")
+                  b"\r\nx-forwarded-proto: ", ex.conn.server.scheme, b"\r\n")
         if route.kind == "write" and self.dialect.write_headers:
             parts.append(self.dialect.write_headers)
         if ex.chunked:
@@ -353,7 +352,6 @@ class ClusterProxy:
         # fenced / linearizable: wait for an announcement showing a node at the index, then the leader.
         if not req.fence_deadline:
             req.fence_deadline = now + req.route.fence_wait
-            req.waited = True
             self.stats.fence_waited += 1
         if now >= req.fence_deadline:
             self._fall_back_to_leader(req)
@@ -549,11 +547,7 @@ class ClusterProxy:
     def _leader_changed(self, change: LeaderChange, now: float) -> None:
         self.stats.leader_changes += 1
         new = change.new_leader
-        if new is None:
-            if self.leaderless_since is None:
-                self.leaderless_since = now
-        else:
-            self.leaderless_since = None
+        if new is not None:
             if self.inflight:
                 # A higher term with another leader: whatever still waits on a deposed node is not left
                 # hanging until its own timeout.

@@ -119,7 +119,7 @@ class _ReadIndexCall:
                 index = None
         self._end(index, f"status {self.status}" if index is None else "")
 
-    def on_upstream_error(self, reason: str, written: bool) -> None:
+    def on_upstream_error(self, reason: str, written: bool, timeout: bool = False) -> None:
         self._end(None, reason)
 
     def on_upstream_pause(self) -> None:
@@ -136,7 +136,13 @@ class _ReadIndexCall:
 
 
 class ReadIndexBroker:
-    """Batches `linearizable` reads into shared read-index rounds at the leader."""
+    """Batches `linearizable` reads into shared read-index rounds at the leader.
+
+    A read whose round fails joins the next one, up to MAX_ROUNDS_PER_READ times; then 503 `no_leader`.
+    These rounds have their own budget (`ProxyRequest.failed_rounds`), not the request's re-sends
+    (`attempts`, bounded by `max_resends`): a round fails before the read is sent anywhere, and a read that
+    got its index after a failed round still has every re-send for the node that serves it.
+    """
 
     MAX_ROUNDS_PER_READ = 3
 
@@ -184,8 +190,8 @@ class ReadIndexBroker:
             for req in call.members:
                 if req.finished:
                     continue
-                req.attempts += 1
-                if req.attempts > self.MAX_ROUNDS_PER_READ:
+                req.failed_rounds += 1
+                if req.failed_rounds > self.MAX_ROUNDS_PER_READ:
                     req._fail(NoLeader(f"could not obtain a read index from the leader: {reason}",
                                        retry_after=proxy.cluster.retry_after))
                 else:

@@ -61,7 +61,8 @@ class ProxyRequest:
         "proxy", "ex", "route", "head", "chunks", "body_len", "retain", "body_done", "node", "conn",
         "attempts", "held_at", "retry_at", "safe_to_repeat", "upstream_chunked", "sent_body", "finished",
         "avoid", "sent_term", "released", "to_leader", "min_index", "read_index", "fence_deadline", "session",
-        "waited", "deferred", "body", "leader_only", "leader_ok", "held_for", "maybe_applied", "add_host",
+        "deferred", "body", "leader_only", "leader_ok", "held_for", "maybe_applied", "add_host",
+        "failed_rounds",
     )
 
     def __init__(self, proxy: ClusterProxy, ex: Exchange, route: RouteDecision, head: bytes,
@@ -76,7 +77,7 @@ class ProxyRequest:
         self.body_done = False
         self.node: str | None = None
         self.conn: UpstreamConn | None = None
-        self.attempts = 0
+        self.attempts = 0  # re-sends so far, bounded by `max_resends` (read-index rounds have their own)
         self.held_at = 0.0  # when the current hold began (0.0: not held now)
         self.held_for = 0.0  # time spent in earlier holds: the hold timeout bounds the sum
         self.maybe_applied: str | None = None  # a node this write reached, then failed, before a re-send
@@ -91,9 +92,9 @@ class ProxyRequest:
         self.to_leader = route.needs_leader  # writes, leader reads, and reads that fell back to the leader
         self.min_index = 0  # the client's token (X-Raft-Min-Index / raftlb-index cookie)
         self.read_index: int | None = None  # linearizable reads: the index the leader handed out
+        self.failed_rounds = 0  # ... and read-index rounds that failed before it did (ReadIndexBroker)
         self.fence_deadline = 0.0  # fenced reads waiting for a node to reach their index
         self.session: tuple[str, int] | None = None  # (X-Raft-Session, X-Raft-Seq) of a session write
-        self.waited = False
         self.leader_only = False  # only the leader had the client's index when last picked
         self.leader_ok = False  # ... and waiting for a follower is over: the leader may serve it
         # An answer held back until its body is in: (status, head parts, has X-Raft-Term, index; -2 when
@@ -372,7 +373,7 @@ class ProxyRequest:
     def on_upstream_resume(self) -> None:
         self.ex.resume_body()
 
-    def on_upstream_error(self, reason: str, written: bool) -> None:
+    def on_upstream_error(self, reason: str, written: bool, timeout: bool = False) -> None:
         proxy = self.proxy
         self.conn = None
         proxy.inflight.discard(self)
@@ -400,7 +401,6 @@ class ProxyRequest:
             self._resend("idempotent_retry", immediate=not self.to_leader)
             return
         if self.route.kind == "read":
-            timeout = "no response" in reason or "stalled" in reason
             err: ProxyError = UpstreamTimeout(f"node {self.node}: {reason}") if timeout \
                 else UpstreamFailed(f"node {self.node}: {reason}")
             self._fail(err)

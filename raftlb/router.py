@@ -9,7 +9,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from raftlb.config import SUPPORTED_READ_POLICIES, RouteConfig
+from raftlb.config import READ_POLICIES, RouteConfig
 
 # RFC 9110 §9.2.2: methods whose repetition has the same effect as one request.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -72,9 +72,9 @@ class Router:
             cached = self._override_cache.get(key)
             if cached is None:
                 policy = consistency.strip().lower()
-                if policy not in SUPPORTED_READ_POLICIES:
+                if policy not in READ_POLICIES:
                     raise ValueError(f"X-Raft-Consistency: {consistency[:64]!r} is not one of "
-                                     f"{', '.join(SUPPORTED_READ_POLICIES)}")
+                                     f"{', '.join(READ_POLICIES)}")
                 if policy == "bounded" and decision.max_lag_entries is None and decision.max_lag_ms is None:
                     raise ValueError("X-Raft-Consistency: bounded needs a route with max_lag_entries or "
                                      "max_lag_ms, and this one has neither")

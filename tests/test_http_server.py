@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
 
+from raftlb import errors
 from raftlb.config import LimitsConfig
+from raftlb.errors import ProxyError
 from raftlb.http.server import (
     FRAMING_CHUNKED,
     FRAMING_LENGTH,
@@ -207,6 +210,39 @@ async def test_rejected_requests_are_answered_and_closed(raw: bytes, status: int
     assert b"connection: close" in t.out
     assert t.closed
     assert not rec.exchanges  # the handler never saw it
+
+
+REFUSALS = [
+    (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nExpect: something\r\n\r\n", 417),
+    (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99\r\n\r\n", 413),
+]
+
+
+@pytest.mark.parametrize(("raw", "status"), REFUSALS)
+async def test_each_refusal_is_an_error_class_of_the_error_tree(raw: bytes, status: int,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # The status and code of an error are its class's (errors.py lists them), never patched onto a
+    # generic ProxyError after it was built.
+    sent: list[ProxyError] = []
+    respond_error = Exchange.respond_error
+
+    def record(ex: Exchange, err: ProxyError, headers: Any = None) -> None:
+        sent.append(err)
+        respond_error(ex, err, headers)
+
+    monkeypatch.setattr(Exchange, "respond_error", record)
+    conn, t = connect(Recorder(), LimitsConfig(max_body_bytes=10))
+    conn.data_received(raw)
+    assert t.out.startswith(b"HTTP/1.1 %d " % status), bytes(t.out[:80])
+    [err] = sent
+    cls = type(err)
+    assert cls is not ProxyError and vars(err).keys().isdisjoint({"status", "code"})
+    assert (cls.status, cls.code) == (status, json.loads(t.out.partition(b"\r\n\r\n")[2])["error"])
+    tree = " ".join((errors.__doc__ or "").split())
+    assert f"{cls.__name__} {status} {cls.code}" in tree
 
 
 async def test_body_over_limit_mid_stream_is_413_and_handler_is_told() -> None:

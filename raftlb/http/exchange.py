@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from raftlb.config import LimitsConfig
-from raftlb.errors import BadRequest, PayloadTooLarge, ProxyError
+from raftlb.errors import BadRequest, ExpectationFailed, MethodNotAllowed, PayloadTooLarge, ProxyError
 
 if TYPE_CHECKING:
     from raftlb.http.server import HttpConnection
@@ -58,7 +58,7 @@ class Exchange:
         "conn", "method", "method_bytes", "target", "headers", "http11", "keep_alive", "content_length",
         "chunked", "expect_continue", "head_only", "error", "body_buf", "body_buffered", "body_received",
         "body_done", "on_body", "on_body_end", "on_abort", "on_pause_writing", "on_resume_writing",
-        "response_started", "finished", "close_after", "_framing", "started_at", "ctx", "status",
+        "response_started", "finished", "close_after", "_framing", "started_at", "status",
     )
 
     def __init__(self, conn: HttpConnection) -> None:
@@ -88,7 +88,6 @@ class Exchange:
         self.close_after = False
         self._framing = FRAMING_NONE
         self.started_at = time.monotonic()
-        self.ctx: Any = None
         self.status = 0
 
     def __repr__(self) -> str:
@@ -244,8 +243,7 @@ def _inspect_framing(ex: Exchange, limits: LimitsConfig) -> None:
                 # §10.1.1).
                 ex.expect_continue = ex.http11
             else:
-                ex.error = ProxyError("unsupported Expect")
-                ex.error.status, ex.error.code = 417, "expectation_failed"
+                ex.error = ExpectationFailed("unsupported Expect")
                 return
         elif name == b"host":
             host_count += 1
@@ -256,8 +254,7 @@ def _inspect_framing(ex: Exchange, limits: LimitsConfig) -> None:
         ex.error = BadRequest("exactly one Host header is required")
         return
     if ex.method == "CONNECT":
-        ex.error = ProxyError("CONNECT is not supported")
-        ex.error.status, ex.error.code = 405, "method_not_allowed"
+        ex.error = MethodNotAllowed("CONNECT is not supported")
         return
     if te_seen:
         ex.chunked = True

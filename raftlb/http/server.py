@@ -21,7 +21,15 @@ from typing import Any, Protocol, cast
 import httptools
 
 from raftlb.config import LimitsConfig
-from raftlb.errors import BadRequest, HeadersTooLarge, Overloaded, PayloadTooLarge, ProxyError, RequestTimeout
+from raftlb.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    Overloaded,
+    PayloadTooLarge,
+    ProxyError,
+    RequestTimeout,
+    VersionNotSupported,
+)
 from raftlb.http.exchange import (
     FRAMING_CHUNKED,
     FRAMING_CLOSE,
@@ -270,8 +278,7 @@ class HttpConnection(asyncio.Protocol):
         if target[:1] != b"/" and target != b"*" and method != b"CONNECT":  # (CONNECT is refused below)
             _absolute_form(ex, target)
         if version not in ("1.1", "1.0") and ex.error is None:
-            ex.error = ProxyError(f"HTTP/{version} is not spoken here (HTTP/1.1 and 1.0 are)")
-            ex.error.status, ex.error.code = 505, "http_version_not_supported"
+            ex.error = VersionNotSupported(f"HTTP/{version} is not spoken here (HTTP/1.1 and 1.0 are)")
         ex.keep_alive = parser.should_keep_alive()
         if ex.keep_alive and not ex.http11 and _says_close(ex.headers):
             ex.keep_alive = False  # HTTP/1.0 with both keep-alive and close: close wins (RFC 9112 §9.3)
@@ -566,6 +573,7 @@ class HttpServer:
         self.host = ""
         self.port = 0
         self.ssl: SSLContext | None = None
+        self.scheme = b"http"  # what the client spoke to this listener: sent on as X-Forwarded-Proto
 
     def __repr__(self) -> str:
         return f"<HttpServer {self.name} {self.host}:{self.port} [{len(self.connections)} connections]>"
@@ -573,6 +581,7 @@ class HttpServer:
     async def start(self, host: str, port: int, reuse_port: bool = False,
                     ssl: SSLContext | None = None) -> None:
         loop = asyncio.get_running_loop()
+        self.scheme = b"https" if ssl is not None else b"http"  # (before the first connection is accepted)
         self._server = await loop.create_server(
             lambda: HttpConnection(self), host, port, backlog=4096, reuse_port=reuse_port or None, ssl=ssl,
             ssl_handshake_timeout=self.limits.header_timeout if ssl is not None else None)

@@ -201,6 +201,37 @@ async def test_linearizable_reads_share_read_index_rounds_and_are_served_by_foll
             assert srv.proxies["c1"].broker.reads == 40
 
 
+async def test_a_failed_read_index_round_does_not_use_up_the_reads_resends() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        for n in fc.nodes:
+            n.set(applied_index=30, commit_index=30)
+        rounds = reads_served = 0
+
+        async def handler(req: FakeRequest) -> FakeResponse | None:
+            nonlocal rounds, reads_served
+            if req.path == "/raft/read_index":
+                rounds += 1
+                if rounds == 1:  # the first round fails (a leader busy confirming its term)
+                    return FakeResponse.json({"error": "not ready"}, 503)
+                return FakeResponse.json({"read_index": 30, "term": fc.term})
+            reads_served += 1
+            if reads_served == 1:  # the node serving the read dies after it was sent: a GET is re-sent
+                return FakeResponse(action="close")
+            return None
+
+        for n in fc.nodes:
+            n.handler = handler
+        async with running(fc.config(routes=reads("linearizable"), max_resends=1)) as srv, \
+                httpx.AsyncClient(base_url=url_of(srv)) as c:
+            await wait_for(lambda: leader_of(srv) == "n1" and applied(srv, "n3") == 30)
+            r = await c.get("/kv/a")
+            # Today: 502 upstream_failed; the failed round used up the one re-send `max_resends` allows.
+            assert r.status_code == 200, r.text
+            assert (rounds, reads_served) == (2, 2)
+            assert srv.proxies["c1"].stats.resends == {"idempotent_retry": 1}
+
+
 async def test_session_writes_reach_the_leader_in_seq_order() -> None:
     async with FakeCluster(3) as fc:
         fc.elect("n1")

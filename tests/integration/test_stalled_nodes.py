@@ -327,3 +327,20 @@ async def test_an_answer_with_two_or_an_unparsable_raft_index_is_refused(values:
             r = await c.post("/kv/k", content=b"v")
             assert r.status_code == 502 and r.json()["error"] == "outcome_unknown", r.text
         await settled(srv)
+
+
+@pytest.mark.parametrize("value", ["no response", "stalled"])
+async def test_a_malformed_answer_is_a_failure_whatever_its_text_says(value: str) -> None:
+    # 504 (timeout) or 502 (failure) follows from what happened to the answer, never from the words of
+    # the reason, where a node's own header value can appear.
+    async def handler(req: FakeRequest) -> FakeResponse:
+        return FakeResponse(200, [("x-raft-index", value)], b"?")
+
+    async with one_leader(routes=READS_LEADER, max_resends=0) as (srv, node):
+        node.handler = handler
+        async with httpx.AsyncClient(base_url=url_of(srv), timeout=5) as c:
+            r = await c.get("/kv/k")
+            # Today: 504 upstream_timeout, because the reason quotes the header and contains the words.
+            assert r.status_code == 502 and r.json()["error"] == "upstream_failed", r.text
+            assert value in r.json()["detail"]
+        await settled(srv)

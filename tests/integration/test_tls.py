@@ -226,3 +226,29 @@ async def test_a_subscription_stopped_during_its_tls_handshake_closes_the_connec
             w.transport.abort()
         node.close()
         await node.wait_closed()
+
+
+async def test_a_request_on_a_tls_listener_is_forwarded_as_https(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_pem = write_pem(tmp_path / "ca.pem", ca.cert_pem)
+    tls = TlsConfig(cert=write_pem(tmp_path / "server.pem", cert.cert_chain_pems[0]),
+                    key=write_pem(tmp_path / "server.key", cert.private_key_pem))
+    async with FakeCluster(1) as fc:
+        fc.elect("n1")
+        cfg = make_config(fc.config())
+        plain = cfg.listeners[0]
+        cfg = replace(cfg, listeners=(plain, replace(plain, name="tls", tls=tls)))
+        server = Server(cfg)
+        await server.start()
+        try:
+            await wait_for(lambda: server.proxies["c1"].table.leader(time.monotonic()) == "n1", timeout=10)
+            ports = {srv.name: srv.port for srv in server.listeners}
+            async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=ca_pem)) as c:
+                # One cluster behind both listeners: the scheme is the listener's, not the cluster's.
+                await c.put(f"https://127.0.0.1:{ports['tls']}/kv/a", content=b"1")
+                await c.put(f"http://127.0.0.1:{ports['main']}/kv/b", content=b"2")
+            assert [(q.path, q.header("x-forwarded-proto")) for q in fc["n1"].requests] == [
+                ("/kv/a", "https"), ("/kv/b", "http")]
+        finally:
+            await server.stop()
