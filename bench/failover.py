@@ -78,12 +78,12 @@ from procs import (  # noqa: E402  (bench/procs.py)
     wait_port,
 )
 
-from raftlb.bench_http import HttpConnection, HttpResponse, Target, TransportError  # noqa: E402
 from raftlb.demo.cluster import DemoCluster  # noqa: E402
+from raftlb.tools.bench_http import HttpConnection, HttpResponse, Target, TransportError  # noqa: E402
 
 POLL = 0.01  # re-election polling period
 FLOWING = 0.25  # writes "flow" while no two completions are further apart than this
-ERROR_BACKOFF = 0.05  # a writer's pause after an error (as raftlb.loadgen)
+ERROR_BACKOFF = 0.05  # a writer's pause after an error (as raftlb.tools.loadgen)
 WRITE_TIMEOUT = 15.0
 MAX_WAIT = 20.0  # after the kill, longest wait for writes to flow again
 HAPROXY_MODES = {

@@ -22,12 +22,12 @@ from pathlib import Path
 # RAFTLB_SRC: measure the raftlb package in another directory (a patched copy) instead of this tree's.
 sys.path.insert(0, os.environ.get("RAFTLB_SRC") or str(Path(__file__).resolve().parent.parent))
 
-from raftlb.config import parse_config  # noqa: E402
+from raftlb.config.load import parse_config  # noqa: E402
+from raftlb.core.leader_table import Announcement  # noqa: E402
 from raftlb.http.server import HttpConnection, HttpServer  # noqa: E402
-from raftlb.leader_table import Announcement  # noqa: E402
-from raftlb.metrics import Metrics  # noqa: E402
-from raftlb.pool import UpstreamConn  # noqa: E402
-from raftlb.proxy import ClusterProxy  # noqa: E402
+from raftlb.ops.metrics import Metrics  # noqa: E402
+from raftlb.proxy.cluster import ClusterProxy  # noqa: E402
+from raftlb.proxy.pool import UpstreamConn  # noqa: E402
 
 CONFIG = """
 listeners: [{name: bench, address: "127.0.0.1:1"}]

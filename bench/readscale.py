@@ -7,10 +7,11 @@ beyond it queue, like a saturated server on its own machine): n1 leads at term 1
 and apply each entry 5 ms after receiving it; all three announce their applied index every 50 ms
 (raft-announce/1). Writes go to the leader and are not rate-limited.
 
-The load is raftlb.loadgen (`raftlb bench`): --clients keep-alive clients, each writing its own keys (PUT) and
-reading them back (GET; --read-ratio of the requests), carrying the highest X-Raft-Index it has seen as
-X-Raft-Min-Index, and checking every read for read-your-writes, monotonic reads and stale indexes; after the
-run every key is read back from the leader (lost writes). Paths, one run each, --duration seconds:
+The load is raftlb.tools.loadgen (`raftlb bench`): --clients keep-alive clients, each
+writing its own keys (PUT) and reading them back (GET; --read-ratio of the requests), carrying the
+highest X-Raft-Index it has seen as X-Raft-Min-Index, and checking every read
+for read-your-writes, monotonic reads and stale indexes; after the run
+every key is read back from the leader (lost writes). Paths, one run each, --duration seconds:
 
   haproxy-leader           HAProxy (Debian package, installed when missing), `option httpchk GET /raft/status`
                            + `http-check expect rstring "role": ?"leader"`: everything goes to the leader,
@@ -52,8 +53,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(1, str(ROOT))
 
-from raftlb.bench_check import BenchReport  # noqa: E402
-from raftlb.loadgen import BenchOptions, run_bench  # noqa: E402
+from raftlb.tools.bench_check import BenchReport  # noqa: E402
+from raftlb.tools.loadgen import BenchOptions, run_bench  # noqa: E402
 
 NODES = ("n1", "n2", "n3")  # n1 leads
 MODES = {

@@ -1,3 +1,3 @@
-from raftlb.cli import main
+from raftlb.tools.cli import main
 
 raise SystemExit(main())

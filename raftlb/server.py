@@ -18,16 +18,16 @@ from collections.abc import Callable
 
 import httpx
 
-from raftlb.adapters import Subscriptions, make_subscriptions
-from raftlb.config import ClusterConfig, Config, ListenerConfig, TlsConfig
+from raftlb.config.model import ClusterConfig, Config, ListenerConfig, TlsConfig
+from raftlb.control.kinds import Subscriptions, make_subscriptions
+from raftlb.control.stream import ClusterSubscriptions
+from raftlb.core.leader_table import LeaderChange
 from raftlb.errors import ConfigError, os_reason
-from raftlb.events import EventBus
 from raftlb.http.server import HttpServer
-from raftlb.leader_table import LeaderChange
-from raftlb.metrics import Metrics
-from raftlb.proxy import ClusterProxy
-from raftlb.reload import Reloader, ReloadResult
-from raftlb.subscriptions import ClusterSubscriptions
+from raftlb.ops.events import EventBus
+from raftlb.ops.metrics import Metrics
+from raftlb.ops.reload import Reloader, ReloadResult
+from raftlb.proxy.cluster import ClusterProxy
 from raftlb.tasks import TaskSet
 from raftlb.tls import client_context, reload_server_context, server_context
 from raftlb.workers import WorkerInfo, stop_requested
@@ -77,7 +77,7 @@ class Server:
                 raise ConfigError(f"listeners[{i}].address", f"cannot listen on {lc.host}:{lc.port}: "
                                   f"{os_reason(exc)}", file=cfg.source) from exc
         if cfg.admin.enabled:
-            from raftlb.admin import Admin
+            from raftlb.ops.admin import Admin
 
             # Worker i of several serves the admin API on port + i (each worker is scraped on its own).
             port = cfg.admin.port + self.worker.index if self.worker and cfg.admin.port else cfg.admin.port

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 
-from raftlb.config import TlsConfig
+from raftlb.config.model import TlsConfig
 
 
 def server_context(tls: TlsConfig) -> ssl.SSLContext:

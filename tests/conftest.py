@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from raftlb.config import AdminConfig, ClusterConfig, Config, LimitsConfig, ListenerConfig, LoggingConfig
+from raftlb.config.model import (
+    AdminConfig,
+    ClusterConfig,
+    Config,
+    LimitsConfig,
+    ListenerConfig,
+    LoggingConfig,
+)
 from raftlb.server import Server
 
 if TYPE_CHECKING:
@@ -117,7 +124,7 @@ def demo_cluster_config(cluster: DemoCluster, *, urls: dict[str, str] | None = N
     """raftlb's view of a DemoCluster; `urls` replaces a node's client URL (e.g. with a relay's)."""
     import re
 
-    from raftlb.config import NodeConfig, RouteConfig
+    from raftlb.config.model import NodeConfig, RouteConfig
 
     nodes = []
     for spec in cluster.nodes.values():

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import h11
 
-from raftlb.config import ClusterConfig, NodeConfig, RouteConfig
+from raftlb.config.model import ClusterConfig, NodeConfig, RouteConfig
 
 log = logging.getLogger("tests.fakes")
 

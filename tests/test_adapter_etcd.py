@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 from conftest import wait_for
 
-from raftlb.adapters import make_subscriptions
-from raftlb.adapters.base import StatusError
-from raftlb.adapters.etcd import EtcdMembers, EtcdSubscriptions, map_members, parse_status
-from raftlb.config import ClusterConfig, NodeConfig
+from raftlb.config.model import ClusterConfig, NodeConfig
+from raftlb.control.etcd import EtcdMembers, EtcdSubscriptions, map_members, parse_status
+from raftlb.control.kinds import make_subscriptions
+from raftlb.control.poll import StatusError
+from raftlb.control.stream import ClusterSubscriptions
+from raftlb.core.leader_table import Announcement
 from raftlb.http.app import Request, Response, json_response, serve
 from raftlb.http.server import HttpServer
-from raftlb.leader_table import Announcement
-from raftlb.subscriptions import ClusterSubscriptions
 from raftlb.tasks import TaskSet
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -12,18 +12,16 @@ from typing import Any
 
 import pytest
 
-from raftlb.adapters.base import StatusError
-from raftlb.adapters.jsonstatus import LeaderResolver, lookup, parse_status
-from raftlb.config import (
+from raftlb.config.load import check_main, load_config, parse_config
+from raftlb.config.model import (
     ETCD_POLL_INTERVAL,
     ClusterConfig,
     StatusConfig,
-    check_main,
-    load_config,
-    parse_config,
 )
+from raftlb.control.jsonstatus import LeaderResolver, lookup, parse_status
+from raftlb.control.poll import StatusError
+from raftlb.core.leader_table import Announcement
 from raftlb.errors import ConfigError
-from raftlb.leader_table import Announcement
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from test_metrics import ann, cluster_config, offline_server
 
-from raftlb.admin import Admin
-from raftlb.config import Config
-from raftlb.events import EventBus
+from raftlb.config.model import Config
+from raftlb.core.leader_table import Announcement, LeaderChange
 from raftlb.http.app import EventStream, Request, Response
-from raftlb.leader_table import Announcement, LeaderChange
+from raftlb.ops.admin import Admin
+from raftlb.ops.events import EventBus
 
 
 def request(path: str, method: str = "GET", headers: dict[str, str] | None = None) -> Request:
@@ -413,7 +413,7 @@ async def test_state_changes_from_another_origin_or_as_a_simple_form_are_refused
 
 
 async def test_the_origin_of_an_https_admin_is_https() -> None:
-    from raftlb.config import TlsConfig
+    from raftlb.config.model import TlsConfig
 
     admin = Admin(with_admin(tls=TlsConfig(cert="c", key="k")))  # type: ignore[arg-type]
     same = {"host": "[::1]:9443", "origin": "https://[::1]:9443"}

@@ -16,13 +16,13 @@ import pytest
 from conftest import wait_for
 from test_adapter_etcd import FakeMember, Recorder, lead
 
-from raftlb.adapters import make_adapter
-from raftlb.adapters.base import NodePoller
-from raftlb.announce import Announcer, parse_args
-from raftlb.config import ClusterConfig, NodeConfig
+from raftlb.config.model import ClusterConfig, NodeConfig
+from raftlb.control.kinds import make_adapter
+from raftlb.control.poll import NodePoller
+from raftlb.control.stream import ClusterSubscriptions, SSEParser
 from raftlb.http.app import serve
-from raftlb.subscriptions import ClusterSubscriptions, SSEParser
 from raftlb.tasks import TaskSet
+from raftlb.tools.announce import Announcer, parse_args
 
 
 def etcd_cluster(members: list[FakeMember], **kw: Any) -> ClusterConfig:

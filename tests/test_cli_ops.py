@@ -11,9 +11,9 @@ import pytest
 from conftest import make_config, wait_for
 
 from raftlb import __version__
-from raftlb.cli import build_parser
-from raftlb.config import ClusterConfig, NodeConfig
+from raftlb.config.model import ClusterConfig, NodeConfig
 from raftlb.server import Server
+from raftlb.tools.cli import build_parser
 
 COMMANDS = ("run", "check", "status", "demo", "demo-node", "announce", "bench")
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from raftlb.config import Config, check_main, load_config, parse_config
+from raftlb.config.load import check_main, load_config, parse_config
+from raftlb.config.model import Config
 from raftlb.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -17,10 +17,11 @@ import yaml
 from test_admin import get
 from test_metrics import offline_server
 
-from raftlb.admin import Admin
-from raftlb.config import Config, load_config, parse_config
+from raftlb.config.load import load_config, parse_config
+from raftlb.config.model import Config
 from raftlb.errors import ConfigError
-from raftlb.metrics import SPECS, metric_names
+from raftlb.ops.admin import Admin
+from raftlb.ops.metrics import SPECS, metric_names
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -280,7 +281,7 @@ def test_the_dashboard_queries_only_metrics_raftlb_exports() -> None:
     known = set(metric_names())
     used = set().union(*(metrics_in(e) for e in dashboard_exprs()))
     assert used, "no metric found in the dashboard"
-    assert used <= known, f"not exported by raftlb/metrics.py: {sorted(used - known)}"
+    assert used <= known, f"not exported by raftlb/ops/metrics.py: {sorted(used - known)}"
     # The dashboard covers the leadership story at least.
     assert {"raftlb_leader", "raftlb_failover_seconds_bucket", "raftlb_node_lag_entries"} <= used
 

@@ -46,7 +46,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_http_server import MockTransport
 
-from raftlb.config import ClusterConfig, LimitsConfig
+from raftlb.config.model import ClusterConfig, LimitsConfig
 from raftlb.http.server import Exchange, HttpConnection, HttpServer
 
 MOCK_BUDGET = float(os.environ.get("FUZZ_BUDGET_S", "15"))

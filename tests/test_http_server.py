@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from raftlb import errors
-from raftlb.config import LimitsConfig
+from raftlb.config.model import LimitsConfig
 from raftlb.errors import ProxyError
 from raftlb.http.server import (
     FRAMING_CHUNKED,

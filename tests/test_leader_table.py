@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raftlb.leader_table import ROLES, Announcement, LeaderChange, LeaderTable, NodeView
+from raftlb.core.leader_table import ROLES, Announcement, LeaderChange, LeaderTable, NodeView
 
 TIMEOUT = 1.0
 NODES = ("n1", "n2", "n3", "n4")

@@ -13,7 +13,11 @@ from typing import Any
 
 import pytest
 
-from raftlb.bench_check import (
+from raftlb.http.app import Request, Response, json_response, serve
+from raftlb.tools.bench import build_parser as build_bench_parser
+from raftlb.tools.bench import format_report
+from raftlb.tools.bench import main as bench_main
+from raftlb.tools.bench_check import (
     EXAMPLES_PER_KIND,
     VIOLATION_KINDS,
     BenchReport,
@@ -23,12 +27,8 @@ from raftlb.bench_check import (
     latency_summary,
     percentile,
 )
-from raftlb.bench_cli import build_parser as build_bench_parser
-from raftlb.bench_cli import format_report
-from raftlb.bench_cli import main as bench_main
-from raftlb.bench_http import HttpConnection, Target, TransportError
-from raftlb.http.app import Request, Response, json_response, serve
-from raftlb.loadgen import BenchOptions, run_bench
+from raftlb.tools.bench_http import HttpConnection, Target, TransportError
+from raftlb.tools.loadgen import BenchOptions, run_bench
 
 KEY = "k"
 
@@ -646,7 +646,7 @@ def test_documented_bench_commands_target_what_the_demo_serves() -> None:
     from importlib import resources
     from pathlib import Path
 
-    from raftlb.config import load_config
+    from raftlb.config.load import load_config
 
     repo = Path(__file__).resolve().parent.parent
     with resources.as_file(resources.files("raftlb.demo").joinpath("demo.yaml")) as demo_yaml:

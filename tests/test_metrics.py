@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from raftlb.config import ClusterConfig, Config, NodeConfig
-from raftlb.leader_table import Announcement, LeaderChange, LeaderTable
-from raftlb.metrics import SPECS, Metrics, lag_entries, metric_names
-from raftlb.proxy import ClusterProxy
-from raftlb.router import RouteDecision
+from raftlb.config.model import ClusterConfig, Config, NodeConfig
+from raftlb.core.leader_table import Announcement, LeaderChange, LeaderTable
+from raftlb.core.router import RouteDecision
+from raftlb.ops.metrics import SPECS, Metrics, lag_entries, metric_names
+from raftlb.proxy.cluster import ClusterProxy
 from raftlb.server import Server
 
 UNBOUNDED_LABELS = {"path", "target", "url", "method", "client", "key"}
@@ -226,7 +226,7 @@ def test_failover_is_measured_from_leader_loss_to_the_first_write_the_new_leader
         monkeypatch: pytest.MonkeyPatch) -> None:
     m = Metrics(process=False)
     clock = [1000.0]
-    monkeypatch.setattr("raftlb.metrics.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("raftlb.ops.metrics.time.monotonic", lambda: clock[0])
     m.on_leader_change("c1", change(None, "n1", 0, 1))  # startup: not a failover
     m.observe_request("c1", "write", "leader", "n1", 200, 0.001)
     assert failover_samples(m)[0] == 0

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from raftlb.cli import main
-from raftlb.config import load_config
+from raftlb.config.load import load_config
 from raftlb.demo.scenario import DEMO_CONFIG
+from raftlb.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,11 +7,11 @@ from typing import Any
 
 from test_http_server import MockTransport
 
-from raftlb.config import ClusterConfig, HoldConfig, LimitsConfig, NodeConfig
+from raftlb.config.model import ClusterConfig, HoldConfig, LimitsConfig, NodeConfig
+from raftlb.core.leader_table import Announcement
 from raftlb.http.server import HttpConnection, HttpServer
-from raftlb.leader_table import Announcement
-from raftlb.proxy import ClusterProxy
-from raftlb.request import ProxyRequest
+from raftlb.proxy.cluster import ClusterProxy
+from raftlb.proxy.request import ProxyRequest
 
 
 class RecordingPool:

@@ -8,10 +8,10 @@ import time
 import pytest
 from test_proxy import RecordingPool, send
 
-from raftlb.config import ClusterConfig, NodeConfig, RouteConfig
-from raftlb.leader_table import Announcement
-from raftlb.proxy import ClusterProxy
-from raftlb.reads import place_read
+from raftlb.config.model import ClusterConfig, NodeConfig, RouteConfig
+from raftlb.core.leader_table import Announcement
+from raftlb.proxy.cluster import ClusterProxy
+from raftlb.proxy.reads import place_read
 
 FIRST, LAST = (lambda: 0.0), (lambda: 0.999)  # the rng's draw among equally loaded nodes
 

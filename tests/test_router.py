@@ -8,8 +8,8 @@ from itertools import cycle
 
 import pytest
 
-from raftlb.config import RouteConfig
-from raftlb.router import Router, power_of_two
+from raftlb.config.model import RouteConfig
+from raftlb.core.router import Router, power_of_two
 
 ROUTES = (
     RouteConfig(methods=frozenset({"GET", "HEAD"}), path=re.compile(r"^/kv/"), kind="read", policy="any",

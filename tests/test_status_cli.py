@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from raftlb import status_cli
+from raftlb.tools import status as status_cli
 
 DOC: dict[str, Any] = {"version": "test", "uptime_s": 5, "clusters": {"demo": {
     "leader": "n1", "term": 3, "leader_source": "announce", "stats": {}, "nodes": {}}}}
@@ -69,7 +69,7 @@ def test_a_dead_ex_leader_reads_down_with_its_role_in_the_past_and_a_live_depose
     # The table once showed a dead ex-leader as ROLE leader, STATE deposed, while the log said it was down.
     from test_metrics import ann, offline_server
 
-    from raftlb.admin import Admin
+    from raftlb.ops.admin import Admin
 
     server = offline_server()
     proxy = server.proxies["c1"]

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from fakes import FakeCluster, FakeNode, cluster_config
 
-from raftlb.leader_table import Announcement
-from raftlb.subscriptions import ClusterSubscriptions, EventTooLarge, SSEEvent, SSEParser
+from raftlb.control.stream import ClusterSubscriptions, EventTooLarge, SSEEvent, SSEParser
+from raftlb.core.leader_table import Announcement
 from raftlb.tasks import TaskSet
 
 
@@ -261,7 +261,7 @@ async def test_oversized_event_cuts_the_stream_which_reconnects() -> None:
 
 
 async def test_rejections_are_logged_once_per_burst(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="raftlb.subscriptions")
+    caplog.set_level(logging.WARNING, logger="raftlb.control.stream")
     async with FakeNode("n1") as node, subscribed([node]) as (subs, rec, _):
         await rec.wait_for(lambda: len(rec.of("n1")) >= 1)
         for _ in range(20):

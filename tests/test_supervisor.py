@@ -208,8 +208,8 @@ def test_worker_log_lines_name_the_worker(monkeypatch: pytest.MonkeyPatch,
     import json
     import logging
 
-    from raftlb import logs
-    from raftlb.config import LoggingConfig
+    from raftlb.config.model import LoggingConfig
+    from raftlb.ops import logs
 
     root, access = logging.getLogger("raftlb"), logging.getLogger("raftlb.access")
     saved = (root.handlers[:], root.level, root.propagate, access.disabled)

@@ -27,7 +27,8 @@ from typing import Any
 
 import httpx
 
-from raftlb.config import Config, load_config
+from raftlb.config.load import load_config
+from raftlb.config.model import Config
 from raftlb.demo.cluster import DemoCluster
 from raftlb.errors import ConfigError
 

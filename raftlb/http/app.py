@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ssl import SSLContext
 from urllib.parse import parse_qsl
 
-from raftlb.config import LimitsConfig
+from raftlb.config.model import LimitsConfig
 from raftlb.http.server import (
     FRAMING_CHUNKED,
     FRAMING_LENGTH,

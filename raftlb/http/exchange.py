@@ -11,7 +11,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-from raftlb.config import LimitsConfig
+from raftlb.config.model import LimitsConfig
 from raftlb.errors import BadRequest, ExpectationFailed, MethodNotAllowed, PayloadTooLarge, ProxyError
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from typing import Any, Protocol, cast
 
 import httptools
 
-from raftlb.config import LimitsConfig
+from raftlb.config.model import LimitsConfig
 from raftlb.errors import (
     BadRequest,
     HeadersTooLarge,

@@ -15,8 +15,8 @@ import pytest
 from conftest import demo_cluster_config, running, url_of, wait_for
 
 from raftlb.demo.cluster import DemoCluster
-from raftlb.loadgen import BenchOptions, run_bench
 from raftlb.server import Server
+from raftlb.tools.loadgen import BenchOptions, run_bench
 
 pytestmark = pytest.mark.integration
 

@@ -24,7 +24,7 @@ from conftest import running, url_of, wait_for
 from fakes import FakeCluster, FakeNode, FakeRequest, FakeResponse, fake_bytes, hang, sequence
 from faults import FaultRelay, reset_connection
 
-from raftlb.config import ClusterConfig, NodeConfig, RouteConfig
+from raftlb.config.model import ClusterConfig, NodeConfig, RouteConfig
 from raftlb.server import Server
 
 pytestmark = pytest.mark.integration

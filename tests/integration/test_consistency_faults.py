@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from conftest import demo_cluster_config, running, url_of, wait_for
 
-from raftlb.config import HoldConfig
+from raftlb.config.model import HoldConfig
 from raftlb.demo.cluster import DemoCluster
-from raftlb.loadgen import BenchOptions, BenchReport, run_bench
 from raftlb.server import Server
+from raftlb.tools.loadgen import BenchOptions, BenchReport, run_bench
 
 pytestmark = pytest.mark.integration
 

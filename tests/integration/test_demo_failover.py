@@ -12,7 +12,7 @@ import pytest
 from conftest import demo_cluster_config, running, url_of, wait_for
 from relay import Relay
 
-from raftlb.config import HoldConfig
+from raftlb.config.model import HoldConfig
 from raftlb.demo.cluster import DemoCluster
 
 pytestmark = pytest.mark.integration

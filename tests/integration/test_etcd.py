@@ -21,7 +21,8 @@ import pytest
 from conftest import running, url_of, wait_for
 from etcd_cluster import EtcdCluster, etcd_binary
 
-from raftlb.config import ClusterConfig, HoldConfig, NodeConfig, load_config
+from raftlb.config.load import load_config
+from raftlb.config.model import ClusterConfig, HoldConfig, NodeConfig
 from raftlb.demo.cluster import free_ports
 from raftlb.server import Server
 

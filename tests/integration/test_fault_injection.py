@@ -2,7 +2,7 @@
 front of the nodes' ports and raftlb in between.
 
 Every scenario runs the same workload (clients writing increasing integers to keys they own and reading them
-back with their token, judged by raftlb.bench_check.ClientChecker) and ends with the same four checks:
+back with their token, judged by raftlb.tools.bench_check.ClientChecker) and ends with the same four checks:
 
 1. every acknowledged write is there afterwards (read back from the leader);
 2. no fenced read went back in time (read-your-writes, monotonic, stale index, phantom: 0);
@@ -38,11 +38,11 @@ import pytest
 from conftest import demo_cluster_config, running, url_of, wait_for
 from faults import FaultRelay
 
-from raftlb.bench_check import ClientChecker, Violation
-from raftlb.config import ClusterConfig, HoldConfig, RouteConfig
+from raftlb.config.model import ClusterConfig, HoldConfig, RouteConfig
+from raftlb.core.leader_table import LeaderChange
 from raftlb.demo.cluster import DemoCluster, free_ports
-from raftlb.leader_table import LeaderChange
 from raftlb.server import Server
+from raftlb.tools.bench_check import ClientChecker, Violation
 
 pytestmark = pytest.mark.integration
 

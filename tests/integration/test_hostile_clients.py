@@ -28,7 +28,7 @@ from conftest import demo_cluster_config, raw_exchange, running, url_of, wait_fo
 from fakes import FakeNode
 from faults import FaultRelay
 
-from raftlb.config import ClusterConfig, LimitsConfig, NodeConfig, RouteConfig
+from raftlb.config.model import ClusterConfig, LimitsConfig, NodeConfig, RouteConfig
 from raftlb.demo.cluster import DemoCluster, free_ports
 from raftlb.server import Server
 

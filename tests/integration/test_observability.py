@@ -26,10 +26,10 @@ from fakes import FakeCluster
 from prometheus_client.parser import text_string_to_metric_families
 from tools import free_port, require_debian_package
 
-from raftlb import status_cli
-from raftlb.config import LimitsConfig
-from raftlb.proxy import ClusterProxy
+from raftlb.config.model import LimitsConfig
+from raftlb.proxy.cluster import ClusterProxy
 from raftlb.server import Server
+from raftlb.tools import status as status_cli
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,8 @@ import pytest
 from conftest import running, url_of, wait_for
 from fakes import FakeCluster, FakeRequest, FakeResponse
 
-from raftlb.config import RouteConfig
-from raftlb.dialects import dialect_for, etcd_revision
+from raftlb.config.model import RouteConfig
+from raftlb.core.dialects import dialect_for, etcd_revision
 
 pytestmark = pytest.mark.integration
 

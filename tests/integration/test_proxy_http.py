@@ -13,7 +13,7 @@ import pytest
 from conftest import raw_exchange, running, url_of, wait_for
 from fakes import FakeCluster, echo, fake_bytes
 
-from raftlb.config import LimitsConfig, RouteConfig
+from raftlb.config.model import LimitsConfig, RouteConfig
 
 pytestmark = pytest.mark.integration
 

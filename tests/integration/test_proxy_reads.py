@@ -13,7 +13,7 @@ import pytest
 from conftest import running, url_of, wait_for
 from fakes import FakeCluster, FakeRequest, FakeResponse, delay
 
-from raftlb.config import RouteConfig
+from raftlb.config.model import RouteConfig
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import running, url_of, wait_for
 from fakes import FakeCluster, FakeRequest, FakeResponse, close_after_read, hang
 
-from raftlb.config import HoldConfig
+from raftlb.config.model import HoldConfig
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import raw_exchange, url_of, wait_for
 from fakes import FakeCluster, FakeNode, delay
 
-from raftlb.config import load_config
+from raftlb.config.load import load_config
 from raftlb.server import Server
 
 pytestmark = pytest.mark.integration
@@ -188,7 +188,7 @@ async def test_an_invalid_reload_is_rejected_with_its_yaml_path_and_the_old_conf
             await wait_for(lambda: leader_of(srv) == "n2")
             before = srv.config
             cfg.write_text(config_yaml(fc.nodes, liveness="soon"))
-            with caplog.at_level(logging.ERROR, logger="raftlb.reload"):
+            with caplog.at_level(logging.ERROR, logger="raftlb.ops.reload"):
                 r = await c.post(f"http://127.0.0.1:{srv.admin.port}/v1/reload")  # type: ignore[union-attr]
             assert r.status_code == 422
             doc = r.json()

@@ -26,7 +26,7 @@ from fakes import FakeCluster, FakeNode, FakeRequest, FakeResponse, fake_bytes, 
 from faults import reset_connection
 from test_broken_nodes import RawNode, parse_response, raw_config, read_until_close, send
 
-from raftlb.config import HoldConfig, LimitsConfig, RouteConfig
+from raftlb.config.model import HoldConfig, LimitsConfig, RouteConfig
 from raftlb.server import Server
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ import trustme
 from conftest import make_config, wait_for
 from fakes import FakeCluster
 
-from raftlb.config import TlsConfig
+from raftlb.config.model import TlsConfig
 from raftlb.server import Server
 
 pytestmark = pytest.mark.integration
@@ -101,7 +101,7 @@ async def test_node_with_an_untrusted_certificate_gets_no_traffic(tmp_path: Path
 
 
 def test_listener_config_rejects_a_missing_certificate_file(tmp_path: Path) -> None:
-    from raftlb.config import parse_config
+    from raftlb.config.load import parse_config
     from raftlb.errors import ConfigError
 
     text = f"""
@@ -144,7 +144,7 @@ async def test_a_reload_with_a_new_ca_reaches_the_announce_streams_too(tmp_path:
     # The nodes' certificates come from `ca`; raftlb starts trusting only `wrong` (no leader: every
     # announce handshake fails), then a reload points it at the right CA. The control plane (announce
     # streams) must take the new settings, not only the data path's pools.
-    from raftlb.config import load_config
+    from raftlb.config.load import load_config
 
     ca, wrong = trustme.CA(), trustme.CA()
     ca_pem = write_pem(tmp_path / "ca.pem", ca.cert_pem)
@@ -190,8 +190,8 @@ async def test_a_subscription_stopped_during_its_tls_handshake_closes_the_connec
     # The subscription is stopped mid-handshake, as a reload with new TLS settings stops the old ones (or a
     # liveness deadline passes): its connection must close then, not linger until the garbage collector
     # finds it (an "unclosed resource" ResourceWarning, which failed test_tls under load).
-    from raftlb.config import ClusterConfig, NodeConfig
-    from raftlb.subscriptions import ClusterSubscriptions
+    from raftlb.config.model import ClusterConfig, NodeConfig
+    from raftlb.control.stream import ClusterSubscriptions
     from raftlb.tasks import TaskSet
 
     hello, closed = asyncio.Event(), asyncio.Event()

@@ -29,8 +29,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from raftlb import __version__
-from raftlb.leader_table import ROLES, LeaderChange, LeaderTable
-from raftlb.logs import access_enabled, access_log, log_access
+from raftlb.core.leader_table import ROLES, LeaderChange, LeaderTable
+from raftlb.ops.logs import access_enabled, access_log, log_access
 
 # prometheus-client would add a `*_created` series (the start time of each series) to every counter and
 # histogram: undocumented, rarely used and doubling the series count. The switch is process-wide; raftlb's
@@ -38,9 +38,9 @@ from raftlb.logs import access_enabled, access_log, log_access
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 if TYPE_CHECKING:
+    from raftlb.core.router import RouteDecision
     from raftlb.http.server import Exchange
-    from raftlb.proxy import ClusterProxy
-    from raftlb.router import RouteDecision
+    from raftlb.proxy.cluster import ClusterProxy
     from raftlb.server import Server
 
 # The classic text format: what every Prometheus (and promtool) version parses.

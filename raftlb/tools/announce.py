@@ -31,16 +31,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from raftlb.adapters import make_adapter
-from raftlb.adapters.base import NodePoller
-from raftlb.config import ClusterConfig, NodeConfig, load_config
+from raftlb.config.load import load_config
+from raftlb.config.model import ClusterConfig, NodeConfig
+from raftlb.control.kinds import make_adapter
+from raftlb.control.poll import NodePoller
+from raftlb.control.stream import ClusterSubscriptions, signature
+from raftlb.core.leader_table import Announcement
 from raftlb.errors import ConfigError
 from raftlb.http.app import EventStream, Request, Response, Send, json_response, serve
-from raftlb.leader_table import Announcement
-from raftlb.subscriptions import ClusterSubscriptions, signature
 from raftlb.tasks import TaskSet
 
-log = logging.getLogger("raftlb.announce")
+log = logging.getLogger("raftlb.tools.announce")
 
 EXIT_USAGE, EXIT_BIND_FAILED = 2, 3
 
@@ -290,6 +291,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg, level = parse_args(argv)
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from raftlb.cli import run_async
+    from raftlb.tools.cli import run_async
 
     return run_async(lambda: run(cfg))

@@ -26,12 +26,12 @@ from typing import Any
 import httpx
 
 from raftlb.burstlog import BurstLog
-from raftlb.config import ClusterConfig, NodeConfig
-from raftlb.controlclient import make_client
-from raftlb.leader_table import MAX_UINT64, Announcement
+from raftlb.config.model import ClusterConfig, NodeConfig
+from raftlb.control.client import make_client
+from raftlb.core.leader_table import MAX_UINT64, Announcement
 from raftlb.tasks import TaskSet
 
-log = logging.getLogger("raftlb.subscriptions")
+log = logging.getLogger("raftlb.control.stream")
 
 OnAnnouncement = Callable[[str, Announcement], None]
 OnDown = Callable[[str, str], None]
@@ -409,7 +409,7 @@ class ClusterSubscriptions:
 
     @staticmethod
     def make_client(verify: ssl.SSLContext | None = None) -> httpx.AsyncClient:
-        """The control plane's client (`raftlb.controlclient.make_client`)."""
+        """The control plane's client (`raftlb.control.client.make_client`)."""
         return make_client(verify)
 
     def start(self) -> None:

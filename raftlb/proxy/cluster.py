@@ -4,7 +4,7 @@ It owns the cluster's leader table, a keep-alive pool per node, and the places a
 hold queue (no leader yet), the fence wait list (no node at the client's index yet), the read-index broker
 (linearizable reads) and the session order (writes of one session, in seq order). Everything is callbacks:
 held requests wait in a deque, not in tasks. The per-request relay and the re-send rule live in
-`raftlb.request`.
+`raftlb.proxy.request`.
 """
 
 from __future__ import annotations
@@ -17,19 +17,19 @@ from ssl import SSLContext
 from typing import Protocol
 
 from raftlb.burstlog import BurstLog
-from raftlb.config import ClusterConfig, TlsConfig
-from raftlb.dialects import dialect_for
+from raftlb.config.model import ClusterConfig, TlsConfig
+from raftlb.core.dialects import dialect_for
+from raftlb.core.leader_table import Announcement, LeaderChange, LeaderTable
+from raftlb.core.router import IDEMPOTENT_METHODS, RouteDecision, Router
+from raftlb.core.sessions import SessionOrder
 from raftlb.errors import BadConsistency, BadMinIndex, BadRequest, HoldQueueFull, NoLeader, SessionGap
 from raftlb.http.server import Exchange
-from raftlb.leader_table import Announcement, LeaderChange, LeaderTable
-from raftlb.pool import NodePool
-from raftlb.reads import ReadIndexBroker, eligible_nodes, place_read
-from raftlb.request import ProxyRequest
-from raftlb.router import IDEMPOTENT_METHODS, RouteDecision, Router
-from raftlb.sessions import SessionOrder
+from raftlb.proxy.pool import NodePool
+from raftlb.proxy.reads import ReadIndexBroker, eligible_nodes, place_read
+from raftlb.proxy.request import ProxyRequest
 from raftlb.tls import client_context
 
-log = logging.getLogger("raftlb.proxy")
+log = logging.getLogger("raftlb.proxy.cluster")
 
 # Request headers not forwarded: hop-by-hop (RFC 9110 §7.6.1), framing we redo, and what we set ourselves.
 REQUEST_DROP = frozenset({

@@ -1,7 +1,7 @@
 """The admin listener, on its own address (127.0.0.1:9090 by default).
 
     GET  /               the live status page (raftlb/static/status.html)
-    GET  /metrics        Prometheus text format (raftlb.metrics)
+    GET  /metrics        Prometheus text format (raftlb.ops.metrics)
     GET  /healthz        200 while the process serves
     GET  /readyz         200 while this replica can take traffic (started, not draining), leader or not: a
                          write that arrives during an election is held and released, which is raftlb's job;
@@ -45,8 +45,8 @@ from raftlb import __version__
 from raftlb.http.app import EventStream, Request, Response, Send, json_response
 from raftlb.http.app import serve as serve_app
 from raftlb.http.server import HttpServer
-from raftlb.metrics import CONTENT_TYPE, lag_entries
-from raftlb.proxy import ClusterProxy
+from raftlb.ops.metrics import CONTENT_TYPE, lag_entries
+from raftlb.proxy.cluster import ClusterProxy
 from raftlb.tls import server_context
 
 if TYPE_CHECKING:

@@ -18,9 +18,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from raftlb.leader_table import Announcement, LeaderChange
+from raftlb.core.leader_table import Announcement, LeaderChange
 
-log = logging.getLogger("raftlb.events")
+log = logging.getLogger("raftlb.ops.events")
 
 OnAnnouncement = Callable[[str, Announcement], None]
 OnDown = Callable[[str, str], None]

@@ -25,16 +25,17 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from raftlb.config import Config, ListenerConfig, load_config, shared_port_problem
+from raftlb.config.load import load_config
+from raftlb.config.model import Config, ListenerConfig, shared_port_problem
 from raftlb.errors import ConfigError, os_reason
 from raftlb.http.server import HttpServer
 
 if TYPE_CHECKING:
-    from raftlb.adapters import Subscriptions
-    from raftlb.proxy import ClusterProxy
+    from raftlb.control.kinds import Subscriptions
+    from raftlb.proxy.cluster import ClusterProxy
     from raftlb.server import Server
 
-log = logging.getLogger("raftlb.reload")
+log = logging.getLogger("raftlb.ops.reload")
 
 
 @dataclass
@@ -262,7 +263,7 @@ class Reloader:
 def _apply_logging(config: Config) -> None:
     root = logging.getLogger("raftlb")
     if not root.propagate:  # set up by `setup_logging` (raftlb run), not by a host program or a test
-        from raftlb.logs import setup_logging
+        from raftlb.ops.logs import setup_logging
 
         setup_logging(config.logging)
     else:

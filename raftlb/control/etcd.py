@@ -29,7 +29,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from raftlb.adapters.base import (
+from raftlb.config.model import NodeConfig
+from raftlb.control.poll import (
     JSON_HEADERS,
     NodeAdapter,
     PollingSubscriptions,
@@ -37,10 +38,9 @@ from raftlb.adapters.base import (
     as_index,
     decode_json,
 )
-from raftlb.config import NodeConfig
-from raftlb.leader_table import Announcement
+from raftlb.core.leader_table import Announcement
 
-log = logging.getLogger("raftlb.adapters.etcd")
+log = logging.getLogger("raftlb.control.etcd")
 
 STATUS_PATH = "/v3/maintenance/status"
 MEMBER_LIST_PATH = "/v3/cluster/member/list"

@@ -1,4 +1,4 @@
-"""`raftlb bench`: argument parsing, the progress line, and the report table; the work is in loadgen.py."""
+"""`raftlb bench`: argument parsing, the progress line and the report table (the work: tools/loadgen.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import threading
 from typing import Any, TextIO
 
-from raftlb.loadgen import (
+from raftlb.tools.loadgen import (
     CONSISTENCY_LEVELS,
     BenchOptions,
     BenchProgress,

@@ -1,4 +1,4 @@
-"""Configuration: YAML in, frozen dataclasses out, validated once (the reading is in `raftlb.config_yaml`).
+"""Configuration: frozen dataclasses, validated once (reading YAML into them is `raftlb.config.load`).
 
 Every validation error is a `ConfigError` naming the YAML path (`clusters[0].nodes[2].url`) and, where the
 YAML parser knows it, the line. Durations are written `250ms`, `5s`, `1m`; sizes `64KiB`, `16MiB` or plain
@@ -8,7 +8,6 @@ bytes. `${NAME}` and `${NAME:-default}` are expanded from the environment before
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -225,34 +224,3 @@ def shared_port_problem(cfg: Config, workers: int) -> str | None:
             return (f"the admin ports of {workers} workers ({admin.port}-{last}) include listener "
                     f"{lc.name}'s port {lc.port}")
     return None
-
-
-def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Config:
-    """Read, expand and validate the YAML file at `path`, with `environ` (default `os.environ`) for `${NAME}`.
-
-    Raises `ConfigError` naming the file, the YAML path and the line of anything that cannot be used.
-    """
-    from raftlb.config_yaml import load_config as load
-
-    return load(path, environ=environ)
-
-
-def parse_config(text: str, source: str | None = None, *, environ: Mapping[str, str] | None = None) -> Config:
-    """Expand `${NAME}` / `${NAME:-default}` in `text`, parse it as YAML and validate it into a `Config`."""
-    from raftlb.config_yaml import parse_config as parse
-
-    return parse(text, source, environ=environ)
-
-
-def check_main(path: str) -> int:
-    """`raftlb check -c FILE`: print a summary and return 0, or print the error to stderr and return 2."""
-    from raftlb.config_yaml import check_main as check
-
-    return check(path)
-
-
-def summarize(cfg: Config) -> str:
-    """One line for humans: `1 listener, 1 cluster (demo: 3 nodes, 2 routes)`."""
-    from raftlb.config_yaml import summarize as summary
-
-    return summary(cfg)

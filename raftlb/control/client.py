@@ -18,7 +18,7 @@ from typing import Any
 import httpcore
 import httpx
 
-log = logging.getLogger("raftlb.subscriptions")
+log = logging.getLogger("raftlb.control.stream")
 
 
 class _Stream(httpcore.AsyncNetworkStream):

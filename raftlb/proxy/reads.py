@@ -16,16 +16,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from raftlb.core.leader_table import LeaderTable
+from raftlb.core.router import RouteDecision
 from raftlb.errors import NoLeader
-from raftlb.leader_table import LeaderTable
-from raftlb.pool import UpstreamConn
-from raftlb.router import RouteDecision
+from raftlb.proxy.pool import UpstreamConn
 
 if TYPE_CHECKING:
-    from raftlb.proxy import ClusterProxy
-    from raftlb.request import ProxyRequest
+    from raftlb.proxy.cluster import ClusterProxy
+    from raftlb.proxy.request import ProxyRequest
 
-log = logging.getLogger("raftlb.reads")
+log = logging.getLogger("raftlb.proxy.reads")
 
 
 def eligible_nodes(table: LeaderTable, route: RouteDecision, floor: int, now: float,

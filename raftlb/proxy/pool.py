@@ -18,7 +18,7 @@ from typing import Protocol, cast
 
 import httptools
 
-log = logging.getLogger("raftlb.pool")
+log = logging.getLogger("raftlb.proxy.pool")
 
 MAX_RESPONSE_HEAD = 256 * 1024  # a node's status line and headers; beyond this it is not a sane answer
 

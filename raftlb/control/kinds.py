@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import httpx
 
-from raftlb.adapters.base import NodeAdapter, NodeStatus, PollingSubscriptions, Subscriptions
-from raftlb.adapters.etcd import EtcdAdapter, EtcdMembers, EtcdSubscriptions
-from raftlb.adapters.jsonstatus import JsonSubscriptions, json_adapter
-from raftlb.config import ClusterConfig, NodeConfig
-from raftlb.subscriptions import ClusterSubscriptions, OnAnnouncement, OnDown
+from raftlb.config.model import ClusterConfig, NodeConfig
+from raftlb.control.etcd import EtcdAdapter, EtcdMembers, EtcdSubscriptions
+from raftlb.control.jsonstatus import JsonSubscriptions, json_adapter
+from raftlb.control.poll import NodeAdapter, NodeStatus, PollingSubscriptions, Subscriptions
+from raftlb.control.stream import ClusterSubscriptions, OnAnnouncement, OnDown
 from raftlb.tasks import TaskSet
 
 __all__ = ["NodeAdapter", "NodeStatus", "PollingSubscriptions", "Subscriptions", "make_adapter",

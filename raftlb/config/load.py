@@ -1,5 +1,5 @@
 """Reading a config file: `${ENV}` expansion, YAML with positions, and the schema that turns it into the
-frozen dataclasses of `raftlb.config`.
+frozen dataclasses of `raftlb.config.model`.
 
 A `Cursor` walks the composed YAML node tree alongside the conversion, so every error names the YAML path
 (`clusters[0].nodes[2].url`) and the line. Unknown keys are errors, with a suggestion for a typo.
@@ -17,7 +17,23 @@ from typing import Any, Literal, cast
 
 import yaml
 
-from raftlb.config import (
+from raftlb.config.cursor import (
+    Conv,
+    Cursor,
+    Map,
+    Reported,
+    at_least_one,
+    attempt,
+    claim,
+    collecting,
+    combined,
+    expand_env,
+    give_up_if_failed,
+    make_conv,
+    mark,
+    suggest,
+)
+from raftlb.config.model import (
     _ANNOUNCE_ROLES,
     CLUSTER_KINDS,
     ETCD_POLL_INTERVAL,
@@ -45,22 +61,6 @@ from raftlb.config import (
     shared_port_problem,
 )
 from raftlb.errors import ConfigError
-from raftlb.yamlcursor import (
-    Conv,
-    Cursor,
-    Map,
-    Reported,
-    at_least_one,
-    attempt,
-    claim,
-    collecting,
-    combined,
-    expand_env,
-    give_up_if_failed,
-    make_conv,
-    mark,
-    suggest,
-)
 
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]+")  # an HTTP token (RFC 9110 §5.6.2), once upper-cased
 # RFC 9110 §9, PATCH (RFC 5789) and the WebDAV/CalDAV methods of the IANA registry.

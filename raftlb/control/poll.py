@@ -25,12 +25,12 @@ from typing import Any, Protocol
 import httpx
 
 from raftlb.burstlog import BurstLog
-from raftlb.config import ClusterConfig, NodeConfig
-from raftlb.leader_table import MAX_UINT64, Announcement
-from raftlb.subscriptions import ClusterSubscriptions, OnAnnouncement, OnDown
+from raftlb.config.model import ClusterConfig, NodeConfig
+from raftlb.control.stream import ClusterSubscriptions, OnAnnouncement, OnDown
+from raftlb.core.leader_table import MAX_UINT64, Announcement
 from raftlb.tasks import TaskSet
 
-log = logging.getLogger("raftlb.adapters")
+log = logging.getLogger("raftlb.control.kinds")
 
 JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
 

@@ -49,9 +49,10 @@ def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from raftlb.config import load_config, shared_port_problem
+    from raftlb.config.load import load_config
+    from raftlb.config.model import shared_port_problem
     from raftlb.errors import ConfigError
-    from raftlb.logs import setup_logging
+    from raftlb.ops.logs import setup_logging
     from raftlb.server import Server
 
     try:
@@ -94,13 +95,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from raftlb.config import check_main
+    from raftlb.config.load import check_main
 
     return check_main(args.config)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from raftlb.status_cli import main as status_main
+    from raftlb.tools.status import main as status_main
 
     return status_main(args.admin, watch=args.watch, as_json=args.json, interval=args.interval)
 
@@ -180,11 +181,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return node_main(argv[1:])
     if argv and argv[0] == "announce":
-        from raftlb.announce import main as announce_main
+        from raftlb.tools.announce import main as announce_main
 
         return announce_main(argv[1:])
     if argv and argv[0] == "bench":
-        from raftlb.bench_cli import main as bench_main
+        from raftlb.tools.bench import main as bench_main
 
         return bench_main(argv[1:])
     parser = build_parser()

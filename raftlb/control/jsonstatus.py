@@ -25,11 +25,11 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from raftlb.adapters.base import NodeAdapter, PollingSubscriptions, StatusError, as_index, decode_json
-from raftlb.config import ClusterConfig, FieldPath, NodeConfig, StatusConfig
-from raftlb.leader_table import ROLES, Announcement
+from raftlb.config.model import ClusterConfig, FieldPath, NodeConfig, StatusConfig
+from raftlb.control.poll import NodeAdapter, PollingSubscriptions, StatusError, as_index, decode_json
+from raftlb.core.leader_table import ROLES, Announcement
 
-log = logging.getLogger("raftlb.adapters.json")
+log = logging.getLogger("raftlb.control.kinds.json")
 
 _MISSING = object()
 

@@ -21,8 +21,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from raftlb.config import READ_POLICIES
-from raftlb.dialects import BODY_INDEX_LIMIT
+from raftlb.config.model import READ_POLICIES
+from raftlb.core.dialects import BODY_INDEX_LIMIT
+from raftlb.core.router import RouteDecision
 from raftlb.errors import (
     IndexNotReached,
     OutcomeUnknown,
@@ -32,13 +33,12 @@ from raftlb.errors import (
 )
 from raftlb.http.exchange import STATUS_LINES
 from raftlb.http.server import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE, Exchange, status_line
-from raftlb.pool import UpstreamConn
-from raftlb.router import RouteDecision
+from raftlb.proxy.pool import UpstreamConn
 
 if TYPE_CHECKING:
-    from raftlb.proxy import ClusterProxy
+    from raftlb.proxy.cluster import ClusterProxy
 
-log = logging.getLogger("raftlb.proxy")
+log = logging.getLogger("raftlb.proxy.cluster")
 
 RESPONSE_DROP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from raftlb.bench_check import (
+from raftlb.tools.bench_check import (
     VIOLATION_KINDS,
     BenchProgress,
     BenchReport,
@@ -31,7 +31,7 @@ from raftlb.bench_check import (
     Violation,
     latency_summary,
 )
-from raftlb.bench_http import HttpConnection, HttpResponse, Target, TransportError
+from raftlb.tools.bench_http import HttpConnection, HttpResponse, Target, TransportError
 
 __all__ = ["VIOLATION_KINDS", "BenchOptions", "BenchProgress", "BenchReport", "ClientChecker", "Violation",
            "run_bench", "unreachable", "CONSISTENCY_LEVELS"]

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from raftlb.config import LoggingConfig
+from raftlb.config.model import LoggingConfig
 
 if TYPE_CHECKING:
     from raftlb.http.server import Exchange
