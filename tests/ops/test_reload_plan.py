@@ -149,6 +149,8 @@ ROWS = [
         {"flags": ["logging_changed", "drain_timeout_changed"]}, ["logging changed", "drain_timeout 2.5s"]),
     Row("a cluster removed by an earlier reload, still draining, named again: kept, not added twice",
         BASE, TWO, {"bind": ["side"]}, ["listener side: added on 127.0.0.1:8081"], retiring=(cluster("c2"),)),
+    Row("... and not named again: left to the reload that removed it, not removed a second time",
+        BASE, BASE, {}, [], retiring=(cluster("c2"),)),
     Row("... and named again with other nodes: changed in place",
         BASE, replace(TWO, clusters=(cluster(), cluster("c2", nodes=("n1",)))),
         {"change": {"c2": ((), ("n2", "n3"), None)}, "bind": ["side"]},
