@@ -1,7 +1,7 @@
 """What a reload changes, decided before anything running is touched: a pure function of the running config
 and the new one (`plan_reload`), executed by raftlb.ops.reload.
 
-The rules (docs/configuration.md, "Reload"):
+The rules (docs/operations.md, "Hot reload"):
 - a cluster named in the new config only is added; one in both with other settings or nodes is changed in
   place (its leader table keeps what it knows of kept nodes); one in the old config only is removed, after
   the listeners that fronted it have drained. A cluster followed another way (another `kind`, `sidecar` or

@@ -1,5 +1,5 @@
 """What a reload changes, as a table: each row is a running config, the file read again, and the plan
-`plan_reload` decides (docs/configuration.md, "Reload"): clusters added, changed in place or removed;
+`plan_reload` decides (docs/operations.md, "Hot reload"): clusters added, changed in place or removed;
 listeners bound, changed, drained; what only a restart applies. No socket, no server: the plan is a pure
 function of the two configs."""
 
