@@ -18,15 +18,18 @@ from collections.abc import Callable
 
 import httpx
 
+from raftlb import __version__
 from raftlb.config.model import ClusterConfig, Config, ListenerConfig, TlsConfig
 from raftlb.control.kinds import Subscriptions, make_subscriptions
 from raftlb.control.stream import ClusterSubscriptions
 from raftlb.core.leader_table import LeaderChange
 from raftlb.errors import ConfigError, os_reason
 from raftlb.http.server import HttpServer
+from raftlb.ops.admin import Admin
 from raftlb.ops.events import EventBus
 from raftlb.ops.metrics import Metrics
 from raftlb.ops.reload import Reloader, ReloadResult
+from raftlb.ops.runtime import Runtime
 from raftlb.proxy.cluster import ClusterProxy
 from raftlb.tasks import TaskSet
 from raftlb.tls import client_context, reload_server_context, server_context
@@ -38,23 +41,17 @@ SWEEP_INTERVAL = 0.02  # leader liveness, hold timeouts, upstream timeouts
 
 
 class Server:
-    """Everything one raftlb process runs."""
+    """Everything one raftlb process runs. Its running state is one `Runtime`, which the admin API, the
+    metrics and reload read (the properties below are views of it)."""
 
     def __init__(self, config: Config, worker: WorkerInfo | None = None) -> None:
-        self.config = config
-        self.worker = worker  # one of `workers: N` processes (listener ports shared), or None: the only one
-        self.tasks = TaskSet("raftlb")
-        self.proxies: dict[str, ClusterProxy] = {}
-        self.subscriptions: dict[str, Subscriptions] = {}
-        self.listeners: list[HttpServer] = []
-        self.admin: HttpServer | None = None
-        self.draining = False
-        self.started_at = time.time()
+        # `worker`: one of `workers: N` processes (listener ports shared), or None: the only one.
+        self.worker = worker
+        self.runtime = Runtime(config, worker)
         self.change_listeners: list[Callable[[str, LeaderChange], None]] = []
-        self.metrics = Metrics(self)
-        self.events = EventBus()
+        self.metrics = Metrics(self.runtime)
         self.change_listeners += [self.metrics.on_leader_change, self.events.leader_change]
-        self.reloader = Reloader(self)
+        self.reloader = Reloader(self.runtime, self.metrics, self)
         self._client: httpx.AsyncClient | None = None
         self._tls_clients: dict[str, tuple[TlsConfig, httpx.AsyncClient]] = {}  # cluster: (settings, client)
         self._retired_clients: dict[str, list[httpx.AsyncClient]] = {}  # cluster: replaced by a reload
@@ -64,6 +61,54 @@ class Server:
     def __repr__(self) -> str:
         return (f"<Server clusters={list(self.proxies)} listeners={len(self.listeners)} "
                 f"draining={self.draining}>")
+
+    # -- views of the runtime -------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self.runtime.config = config
+
+    @property
+    def draining(self) -> bool:
+        return self.runtime.draining
+
+    @draining.setter
+    def draining(self, draining: bool) -> None:
+        self.runtime.draining = draining
+
+    @property
+    def tasks(self) -> TaskSet:
+        return self.runtime.tasks
+
+    @property
+    def events(self) -> EventBus:
+        return self.runtime.events
+
+    @property
+    def proxies(self) -> dict[str, ClusterProxy]:
+        return self.runtime.proxies
+
+    @property
+    def subscriptions(self) -> dict[str, Subscriptions]:
+        return self.runtime.subscriptions
+
+    @property
+    def listeners(self) -> list[HttpServer]:
+        return self.runtime.listeners
+
+    @property
+    def admin(self) -> HttpServer | None:
+        return self.runtime.admin
+
+    @property
+    def started_at(self) -> float:
+        return self.runtime.started_at
+
+    # -- start ----------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         cfg = self.config
@@ -77,16 +122,14 @@ class Server:
                 raise ConfigError(f"listeners[{i}].address", f"cannot listen on {lc.host}:{lc.port}: "
                                   f"{os_reason(exc)}", file=cfg.source) from exc
         if cfg.admin.enabled:
-            from raftlb.ops.admin import Admin
-
             # Worker i of several serves the admin API on port + i (each worker is scraped on its own).
             port = cfg.admin.port + self.worker.index if self.worker and cfg.admin.port else cfg.admin.port
             try:
-                self.admin = await Admin(self).start(cfg.admin.host, port)
+                admin = self.runtime.admin = await Admin(self).start(cfg.admin.host, port)
             except OSError as exc:
                 raise ConfigError("admin.address", f"cannot listen on {cfg.admin.host}:{port}: "
                                   f"{os_reason(exc)}", file=cfg.source) from exc
-            log.info("admin on %s:%d", self.admin.host, self.admin.port)
+            log.info("admin on %s:%d", admin.host, admin.port)
         self._schedule_sweep()
 
     def new_proxy(self, cluster: ClusterConfig) -> ClusterProxy:
@@ -193,7 +236,7 @@ class Server:
 
     async def stop(self) -> None:
         # 1. readiness turns red first, so whoever balances across raftlb replicas moves away.
-        self.draining = True
+        self.runtime.draining = True
         self.events.publish("draining", timeout_s=self.config.drain_timeout)
         # 2-3. stop accepting, close idle connections, let in-flight requests finish within the drain timeout.
         results = await asyncio.gather(*(srv.drain(self.config.drain_timeout) for srv in self.listeners))
@@ -222,8 +265,6 @@ class Server:
 
     def startup_line(self) -> str:
         """What a started raftlb serves, for its log: version, config file, listeners, admin, clusters."""
-        from raftlb import __version__
-
         cfg = self.config
         listeners = ", ".join(f"{lc.name} {srv.host}:{srv.port} -> {lc.cluster}"
                               for lc, srv in zip(cfg.listeners, self.listeners, strict=False))

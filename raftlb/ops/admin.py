@@ -38,19 +38,18 @@ import ipaddress
 import os
 import time
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from raftlb import __version__
 from raftlb.http.app import EventStream, Request, Response, Send, json_response
 from raftlb.http.app import serve as serve_app
 from raftlb.http.server import HttpServer
-from raftlb.ops.metrics import CONTENT_TYPE, lag_entries
+from raftlb.ops.metrics import CONTENT_TYPE, Metrics, lag_entries
+from raftlb.ops.reload import ReloadResult
+from raftlb.ops.runtime import Runtime
 from raftlb.proxy.cluster import ClusterProxy
 from raftlb.tls import server_context
-
-if TYPE_CHECKING:
-    from raftlb.server import Server
 
 KEEPALIVE_INTERVAL = 15.0  # an SSE comment this often, so proxies keep the stream and dead clients are found
 # The page is self-contained: inline script and style, data from this origin only.
@@ -73,18 +72,33 @@ def error(status: int, code: str, detail: str | None = None, **extra: object) ->
     return json_response(doc, status)
 
 
-class Admin:
-    """Routes of the admin listener: read-only views of the running server, plus reload."""
+class AdminHost(Protocol):
+    """What the admin serves from (raftlb.server.Server): the running state, its metrics, and reload."""
 
-    def __init__(self, server: Server, keepalive: float = KEEPALIVE_INTERVAL) -> None:
-        self.server = server
+    @property
+    def runtime(self) -> Runtime: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    async def reload(self, trigger: str = "api") -> ReloadResult:
+        """Read the config file again and apply it."""
+        ...
+
+
+class Admin:
+    """Routes of the admin listener: read-only views of the running state, plus reload and forget."""
+
+    def __init__(self, host: AdminHost, keepalive: float = KEEPALIVE_INTERVAL) -> None:
+        self.host = host
+        self.runtime = host.runtime
         self.keepalive = keepalive
         self._page: bytes | None = None
 
     async def start(self, host: str, port: int) -> HttpServer:
-        admin = self.server.config.admin
+        admin = self.runtime.config.admin
         ctx = server_context(admin.tls) if admin.tls is not None else None
-        return await serve_app(self.handle, host, port, self.server.config.limits, name="admin", ssl=ctx,
+        return await serve_app(self.handle, host, port, self.runtime.config.limits, name="admin", ssl=ctx,
                                max_connections=admin.max_connections)
 
     async def handle(self, req: Request) -> Response | EventStream:
@@ -104,7 +118,7 @@ class Admin:
         if path == "/":
             return Response(200, self.page(), list(PAGE_HEADERS), "text/html; charset=utf-8")
         if path == "/metrics":
-            return Response(200, self.server.metrics.exposition(), [("cache-control", "no-cache")],
+            return Response(200, self.host.metrics.exposition(), [("cache-control", "no-cache")],
                             CONTENT_TYPE)
         if path == "/healthz":
             return json_response({"status": "ok", "version": __version__})
@@ -114,10 +128,10 @@ class Admin:
             return json_response(self.clusters())
         if path.startswith("/v1/clusters/"):
             name = path.removeprefix("/v1/clusters/")
-            proxy = self.server.proxies.get(name)
+            proxy = self.runtime.proxies.get(name)
             if proxy is None:
                 return error(404, "unknown_cluster", f"no cluster named {name!r}",
-                             clusters=list(self.server.proxies))
+                             clusters=list(self.runtime.proxies))
             return json_response(self.cluster(name, proxy, time.monotonic()))
         if path == "/v1/events":
             return self._events(req)
@@ -126,7 +140,7 @@ class Admin:
     def refusal(self, req: Request) -> Response | None:
         """The answer to a request a browser may have been made to send (DNS rebinding, cross-site request
         forgery), or None when the request may be served."""
-        admin = self.server.config.admin
+        admin = self.runtime.config.admin
         host = req.headers.get("host")
         # (No Host at all is an HTTP/1.0 client, never a browser.)
         target = _split_host(host) if host is not None else None
@@ -168,10 +182,10 @@ class Admin:
         writes into connection errors. `?leader=1` adds the leader check, for alerts and for a balancer in
         front that wants it."""
         now = time.monotonic()
-        if self.server.draining:
+        if self.runtime.draining:
             return json_response({"ready": False, "reason": "draining"}, 503)
         exclude = {c for c in req.query.get("exclude", "").split(",") if c}
-        missing = [name for name, p in self.server.proxies.items()
+        missing = [name for name, p in self.runtime.proxies.items()
                    if name not in exclude and p.table.leader(now) is None]
         if missing and req.query.get("leader", "").lower() in ("1", "true", "yes"):
             return json_response({"ready": False, "reason": "no_leader", "clusters": missing}, 503)
@@ -181,26 +195,26 @@ class Admin:
 
     def clusters(self) -> dict[str, object]:
         now = time.monotonic()
-        srv = self.server
+        rt = self.runtime
         listeners = [{"name": s.name, "address": f"{s.host}:{s.port}",
                       "cluster": s.handler.cluster.name if isinstance(s.handler, ClusterProxy) else None,
-                      "connections": len(s.connections), "requests": s.requests} for s in srv.listeners]
+                      "connections": len(s.connections), "requests": s.requests} for s in rt.listeners]
         return {
             "version": __version__,
             "pid": os.getpid(),
-            "worker": {"index": srv.worker.index, "count": srv.worker.count} if srv.worker else None,
-            "uptime_s": round(time.time() - srv.started_at, 3),
-            "draining": srv.draining,
-            "config": srv.config.source,
-            "reloads": srv.reloader.reloads,
+            "worker": {"index": rt.worker.index, "count": rt.worker.count} if rt.worker else None,
+            "uptime_s": round(time.time() - rt.started_at, 3),
+            "draining": rt.draining,
+            "config": rt.config.source,
+            "reloads": rt.reloads,
             "listeners": listeners,
-            "clusters": {name: self.cluster(name, p, now) for name, p in srv.proxies.items()},
+            "clusters": {name: self.cluster(name, p, now) for name, p in rt.proxies.items()},
         }
 
     def cluster(self, name: str, proxy: ClusterProxy, now: float) -> dict[str, object]:
         snap = proxy.table.snapshot(now)
         lags = lag_entries(proxy.table, now)
-        subs = self.server.subscriptions.get(name)
+        subs = self.runtime.subscriptions.get(name)
         urls = {n.id: n.url for n in proxy.cluster.nodes}
         nodes = snap["nodes"]
         assert isinstance(nodes, dict)
@@ -213,7 +227,7 @@ class Admin:
             doc["state"] = node_state(doc, sub.up if sub is not None else None)
             pool = proxy.pools.get(node_id)
             doc["outstanding"] = pool.outstanding if pool is not None else 0
-        snap["leaderless_s"] = round(self.server.metrics.leaderless(name, now)[0], 3)
+        snap["leaderless_s"] = round(self.host.metrics.leaderless(name, now)[0], 3)
         s = proxy.stats
         snap["stats"] = {
             "requests": s.requests, "held": s.held, "released": s.released, "expired": s.expired,
@@ -234,7 +248,7 @@ class Admin:
                 return error(400, "bad_request", "Last-Event-ID / since must be an event id")
             after = int(raw)
         types = {t for t in req.query.get("types", "").split(",") if t}
-        bus = self.server.events
+        bus = self.runtime.events
         keepalive = self.keepalive
 
         async def produce(send: Send) -> None:
@@ -257,24 +271,24 @@ class Admin:
         return EventStream(produce, [("x-accel-buffering", "no")])
 
     async def _reload(self, req: Request) -> Response:
-        token = self.server.config.admin.token
+        token = self.runtime.config.admin.token
         if token is not None and not _bearer_matches(req.headers.get("authorization", ""), token):
             resp = error(401, "unauthorized", "POST /v1/reload needs Authorization: Bearer <admin.token>")
             resp.headers.append(("www-authenticate", 'Bearer realm="raftlb admin"'))
             return resp
-        if self.server.draining:
+        if self.runtime.draining:
             return error(503, "draining", "the server is shutting down")
-        result = await self.server.reload("api")
+        result = await self.host.reload("api")
         if result.applied:
-            if self.server.worker is not None:
-                self.server.worker.reload_others()  # (the supervisor sends the other workers SIGHUP)
+            if self.runtime.worker is not None:
+                self.runtime.worker.reload_others()  # (the supervisor sends the other workers SIGHUP)
             return json_response(result.to_json())
         status = 422 if result.error in ("invalid_config", "bind_failed") else 409
         return json_response(result.to_json(), status)
 
 
     def _forget(self, req: Request, path: str) -> Response:
-        token = self.server.config.admin.token
+        token = self.runtime.config.admin.token
         if token is not None and not _bearer_matches(req.headers.get("authorization", ""), token):
             resp = error(401, "unauthorized", "POST .../forget needs Authorization: Bearer <admin.token>")
             resp.headers.append(("www-authenticate", 'Bearer realm="raftlb admin"'))
@@ -284,10 +298,10 @@ class Admin:
         if not sep or not node_id or "/" in node_id:
             return error(404, "not_found",
                          f"no admin route {path}: expected /v1/clusters/NAME/nodes/ID/forget")
-        proxy = self.server.proxies.get(name)
+        proxy = self.runtime.proxies.get(name)
         if proxy is None:
             return error(404, "unknown_cluster", f"no cluster named {name!r}",
-                         clusters=list(self.server.proxies))
+                         clusters=list(self.runtime.proxies))
         if node_id not in proxy.table.nodes:
             return error(404, "unknown_node", f"no node {node_id!r} in cluster {name!r}",
                          nodes=list(proxy.table.nodes))

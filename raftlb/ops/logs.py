@@ -6,12 +6,9 @@ import json
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING
 
 from raftlb.config.model import LoggingConfig
-
-if TYPE_CHECKING:
-    from raftlb.http.server import Exchange
+from raftlb.http.exchange import Exchange
 
 access_log = logging.getLogger("raftlb.access")
 

@@ -2,14 +2,14 @@
 
 Two sources feed them:
 
-- **Scrape time** (`ServerCollector`): what the leader table, the proxies' `ProxyStats`, the upstream pools,
+- **Scrape time** (`RuntimeCollector`): what the leader table, the proxies' `ProxyStats`, the upstream pools,
   the subscriptions and the listeners already know is read when Prometheus scrapes, so the data path pays
   nothing for it.
 - **Events** (`Metrics`): per-request counts and durations come from one call when a proxied request
   finishes (`request_done`), and the failover histogram pairs a leader change (`on_leader_change`) with the
   first write the new leader answers.
 
-Each `Server` owns one `Metrics` with its own `CollectorRegistry` (never the global one), so a test process
+Each server owns one `Metrics` with its own `CollectorRegistry` (never the global one), so a test process
 can run many servers. Labels are bounded: cluster, node, listener and the fixed sets named in `SPECS`.
 """
 
@@ -20,7 +20,6 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import TYPE_CHECKING
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -30,23 +29,22 @@ from prometheus_client.registry import Collector
 
 from raftlb import __version__
 from raftlb.core.leader_table import ROLES, LeaderChange, LeaderTable
+from raftlb.core.router import RouteDecision
+from raftlb.http.exchange import Exchange
 from raftlb.ops.logs import access_enabled, access_log, log_access
+from raftlb.ops.runtime import Runtime
+from raftlb.proxy.cluster import ClusterProxy
 
 # prometheus-client would add a `*_created` series (the start time of each series) to every counter and
 # histogram: undocumented, rarely used and doubling the series count. The switch is process-wide; raftlb's
 # processes export nothing else through prometheus-client.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
-if TYPE_CHECKING:
-    from raftlb.core.router import RouteDecision
-    from raftlb.http.server import Exchange
-    from raftlb.proxy.cluster import ClusterProxy
-    from raftlb.server import Server
 
 # The classic text format: what every Prometheus (and promtool) version parses.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-__all__ = ["CONTENT_TYPE", "SPECS", "Metrics", "MetricSpec", "ServerCollector", "lag_entries"]
+__all__ = ["CONTENT_TYPE", "SPECS", "Metrics", "MetricSpec", "RuntimeCollector", "lag_entries"]
 
 
 @dataclass(frozen=True)
@@ -174,26 +172,26 @@ def _family(name: str) -> GaugeMetricFamily | CounterMetricFamily:
     return GaugeMetricFamily(spec.family, spec.help, labels=spec.labels)
 
 
-class ServerCollector(Collector):
-    """Reads the running server's state at scrape time (see the module doc)."""
+class RuntimeCollector(Collector):
+    """Reads the running state (raftlb.ops.runtime.Runtime) at scrape time (see the module doc)."""
 
-    def __init__(self, server: Server, metrics: Metrics) -> None:
-        self.server = server
+    def __init__(self, runtime: Runtime, metrics: Metrics) -> None:
+        self.runtime = runtime
         self.metrics = metrics
 
     def collect(self) -> Iterable[Metric]:
         now = time.monotonic()
         fams = {name: _family(name) for name, s in SPECS.items()
                 if s.type != "histogram" and name not in self.metrics.instrumented}
-        for name, proxy in self.server.proxies.items():
+        for name, proxy in self.runtime.proxies.items():
             self._cluster(fams, name, proxy, now)
-        for srv in [*self.server.listeners, *([self.server.admin] if self.server.admin else [])]:
+        for srv in self.runtime.served_listeners():
             lbl = [srv.name]
             fams["raftlb_downstream_connections"].add_metric(lbl, len(srv.connections))
             fams["raftlb_downstream_connections_rejected_total"].add_metric(lbl, srv.rejected_connections)
             fams["raftlb_downstream_requests_total"].add_metric(lbl, srv.requests)
             fams["raftlb_downstream_send_timeouts_total"].add_metric(lbl, srv.send_timeouts)
-        fams["raftlb_draining"].add_metric([], 1 if self.server.draining else 0)
+        fams["raftlb_draining"].add_metric([], 1 if self.runtime.draining else 0)
         fams["raftlb_build_info"].add_metric([__version__], 1)
         return fams.values()
 
@@ -228,7 +226,7 @@ class ServerCollector(Collector):
         fams["raftlb_session_writes_parked_total"].add_metric(c, stats.session_parked)
         fams["raftlb_session_gaps_total"].add_metric(c, stats.session_gaps)
         rejected = {"table": stats.rejected_announcements}
-        subs = self.server.subscriptions.get(name)
+        subs = self.runtime.subscriptions.get(name)
         if subs is not None:
             rejected.update(subs.rejected)
         for reason, n in sorted(rejected.items()):
@@ -237,7 +235,7 @@ class ServerCollector(Collector):
 
     def _nodes(self, fams: _Families, name: str, proxy: ClusterProxy, now: float, leader: str | None) -> None:
         table = proxy.table
-        subs = self.server.subscriptions.get(name)
+        subs = self.runtime.subscriptions.get(name)
         lags = lag_entries(table, now)
         for view in table.nodes.values():
             n_ = [name, view.id]
@@ -307,7 +305,7 @@ class _Failover:
 class Metrics:
     """The registry of one server: event-fed instruments plus the scrape-time collector."""
 
-    def __init__(self, server: Server | None = None, *, process: bool = True) -> None:
+    def __init__(self, runtime: Runtime | None = None, *, process: bool = True) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.failover = _histogram("raftlb_failover_seconds", r, FAILOVER_BUCKETS)
@@ -329,8 +327,8 @@ class Metrics:
         self._gap_start: dict[str, float] = {}  # cluster -> monotonic start of its leaderless gap
         self._gap_total: dict[str, float] = {}
         r.register(RequestCollector(self))
-        if server is not None:
-            r.register(ServerCollector(server, self))
+        if runtime is not None:
+            r.register(RuntimeCollector(runtime, self))
         if process:
             ProcessCollector(registry=r)
 

@@ -14,26 +14,29 @@ client connection or an in-flight request:
 
 The admin listener's address and TLS cannot change without a restart: a change is reported and the running
 ones kept (a new `admin.token`, `admin.allowed_hosts` or `admin.max_connections` applies at once).
+
+What changes is decided first, without touching anything (raftlb.ops.reload_plan.plan_reload); the
+`Reloader` then carries the plan out on the server's `Runtime`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from raftlb.config.load import load_config
-from raftlb.config.model import Config, ListenerConfig, shared_port_problem
+from raftlb.config.model import ClusterConfig, Config, ListenerConfig, shared_port_problem
+from raftlb.control.kinds import Subscriptions
 from raftlb.errors import ConfigError, os_reason
 from raftlb.http.server import HttpServer
-
-if TYPE_CHECKING:
-    from raftlb.control.kinds import Subscriptions
-    from raftlb.proxy.cluster import ClusterProxy
-    from raftlb.server import Server
+from raftlb.ops.logs import setup_logging
+from raftlb.ops.metrics import Metrics
+from raftlb.ops.reload_plan import ReloadPlan, plan_reload
+from raftlb.ops.runtime import Runtime
+from raftlb.proxy.cluster import ClusterProxy
 
 log = logging.getLogger("raftlb.ops.reload")
 
@@ -56,34 +59,56 @@ class ReloadResult:
         return doc
 
 
-def _same_socket(a: ListenerConfig, b: ListenerConfig) -> bool:
-    return (a.host, a.port) == (b.host, b.port)
+class ClusterBuilder(Protocol):
+    """What a reload asks of the server that composes the runtime (raftlb.server.Server): build and follow
+    clusters, bind listeners, close the control-plane clients a reload replaced."""
+
+    def new_proxy(self, cluster: ClusterConfig) -> ClusterProxy:
+        """A proxy for `cluster`, not yet registered or subscribed."""
+        ...
+
+    def add_cluster(self, cluster: ClusterConfig, proxy: ClusterProxy) -> None:
+        """Register `proxy` in the runtime and start following `cluster`'s nodes."""
+
+    async def start_listener(self, lc: ListenerConfig, proxy: ClusterProxy) -> HttpServer:
+        """Bind and serve one listener in front of `proxy` (OSError if it cannot bind)."""
+        ...
+
+    async def close_retired_clients(self, cluster: str | None = None) -> None:
+        """Close the control-plane clients a reload replaced for `cluster` (all: None)."""
 
 
 class Reloader:
-    """Serializes reloads of one server and owns the listeners it retires (see the module doc)."""
+    """Serializes reloads of one runtime and owns the listeners it retires (see the module doc)."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.reloads = 0
+    def __init__(self, runtime: Runtime, metrics: Metrics, builder: ClusterBuilder) -> None:
+        self.runtime = runtime
+        self.metrics = metrics
+        self.builder = builder
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"<Reloader reloads={self.reloads} retiring={len(self._retiring)}>"
 
+    @property
+    def reloads(self) -> int:
+        """Reloads tried so far, applied or rejected."""
+        return self.runtime.reloads
+
     async def reload(self, trigger: str = "api") -> ReloadResult:
+        """Read the config file again and apply it (see the module doc); serialized with other reloads."""
+        rt = self.runtime
         async with self._lock:
-            source = self.server.config.source
+            source = rt.config.source
             if source is None:
                 result = ReloadResult(False, error="no_config_file",
                                       detail="the running config was not loaded from a file")
             else:
                 result = await self._reload(source)
-            self.reloads += 1
-        srv = self.server
-        srv.metrics.config_reloaded(result.applied)
-        srv.events.publish("config_reload", trigger=trigger, **result.to_json())
+            rt.reloads += 1
+        self.metrics.config_reloaded(result.applied)
+        rt.events.publish("config_reload", trigger=trigger, **result.to_json())
         if result.applied:
             log.info("config reloaded (%s): %s", trigger, "; ".join(result.changes) or "no changes")
         else:
@@ -95,151 +120,101 @@ class Reloader:
             new = load_config(source)
         except ConfigError as exc:
             return ReloadResult(False, error="invalid_config", detail=str(exc), path=exc.path or None)
-        old = self.server.config
+        rt = self.runtime
+        old = rt.config
         if problem := shared_port_problem(new, old.workers):
             # (the running workers stay, whatever `workers` the file now says: their ports are shared)
             return ReloadResult(False, error="invalid_config", path="workers",
                                 detail=f"{new.source}: {problem} (running {old.workers} workers)")
-        changes: list[str] = []
-        if new.admin.token != old.admin.token:
-            changes.append("admin token changed")
-        if (new.admin.allowed_hosts, new.admin.max_connections) != (old.admin.allowed_hosts,
-                                                                    old.admin.max_connections):
-            changes.append("admin allowed_hosts / max_connections changed")
-        running_admin = dataclasses.replace(old.admin, token=new.admin.token,
-                                            allowed_hosts=new.admin.allowed_hosts,
-                                            max_connections=new.admin.max_connections)
-        if new.admin != running_admin:
-            changes.append("admin: its address and TLS cannot change without a restart; kept "
-                           f"{old.admin.host}:{old.admin.port}")
-            new = dataclasses.replace(new, admin=running_admin)
+        retiring = {name: proxy.cluster for name, proxy in rt.proxies.items()
+                    if name not in {c.name for c in old.clusters}}
+        plan = plan_reload(old, new, retiring)
         # 1. everything that can fail, before anything running changes.
-        added = {c.name: self.server.new_proxy(c) for c in new.clusters if c.name not in self.server.proxies}
+        added = {c.name: self.builder.new_proxy(c) for c in plan.add_clusters}
         for proxy in added.values():
             proxy.write_buffer_high = new.limits.write_buffer_high
         try:
-            started = await self._bind(new, added)
+            started = await self._bind(plan, added)
         except ConfigError as exc:
             for proxy in added.values():
                 proxy.close()
             return ReloadResult(False, error="bind_failed", detail=str(exc), path=exc.path)
-        # 2. apply.
-        self._apply(old, new, added, started, changes)
-        return ReloadResult(True, changes)
+        # 2. apply: nothing fails from here.
+        self._apply(plan, added, started)
+        bound = {name: f"{srv.host}:{srv.port}" for name, srv in started.items()}
+        return ReloadResult(True, plan.changes(bound))
 
-    async def _bind(self, new: Config, added: dict[str, ClusterProxy]) -> dict[str, HttpServer]:
+    async def _bind(self, plan: ReloadPlan, added: dict[str, ClusterProxy]) -> dict[str, HttpServer]:
         """Start the listeners that are new or moved; ConfigError (with the YAML path) if one cannot bind."""
-        running = {srv.name: srv for srv in self.server.listeners}
-        old = {lc.name: lc for lc in self.server.config.listeners}
         started: dict[str, HttpServer] = {}
-        for i, lc in enumerate(new.listeners):
-            if lc.name in running and lc.name in old and _same_socket(lc, old[lc.name]):
-                continue
-            proxy = added.get(lc.cluster) or self.server.proxies[lc.cluster]
+        index = {lc.name: i for i, lc in enumerate(plan.config.listeners)}
+        for lc in plan.bind_listeners:
+            proxy = added.get(lc.cluster) or self.runtime.proxies[lc.cluster]
             try:
-                started[lc.name] = await self.server.start_listener(lc, proxy)
+                started[lc.name] = await self.builder.start_listener(lc, proxy)
             except OSError as exc:
                 for srv in started.values():
                     await srv.close()
-                raise ConfigError(f"listeners[{i}].address", f"cannot listen on {lc.host}:{lc.port}: "
-                                  f"{os_reason(exc)}", file=new.source) from exc
+                raise ConfigError(f"listeners[{index[lc.name]}].address",
+                                  f"cannot listen on {lc.host}:{lc.port}: {os_reason(exc)}",
+                                  file=plan.config.source) from exc
         return started
 
-    def _apply(self, old: Config, new: Config, added: dict[str, ClusterProxy],
-               started: dict[str, HttpServer], changes: list[str]) -> None:
-        srv = self.server
-        for cluster in new.clusters:
-            if cluster.name in added:
-                srv.add_cluster(cluster, added[cluster.name])
-                changes.append(f"cluster {cluster.name}: added ({len(cluster.nodes)} nodes)")
-                continue
-            proxy = srv.proxies[cluster.name]
-            before = proxy.cluster
-            if cluster == before and proxy.write_buffer_high == new.limits.write_buffer_high:
-                continue
-            old_ids, new_ids = [n.id for n in before.nodes], [n.id for n in cluster.nodes]
+    def _apply(self, plan: ReloadPlan, added: dict[str, ClusterProxy],
+               started: dict[str, HttpServer]) -> None:
+        rt = self.runtime
+        new = plan.config
+        for cluster in plan.add_clusters:
+            self.builder.add_cluster(cluster, added[cluster.name])
+        for step in plan.change_clusters:
+            proxy = rt.proxies[step.name]
             proxy.write_buffer_high = new.limits.write_buffer_high
-            proxy.reconfigure(cluster)
-            if (cluster.kind, cluster.sidecar, cluster.tls) == (before.kind, before.sidecar, before.tls):
-                srv.subscriptions[cluster.name].update(cluster)
+            proxy.reconfigure(step.config)
+            if step.resubscribe is None:
+                rt.subscriptions[step.name].update(step.config)
             else:  # followed another way now: new subscriptions; the old ones stop in the background
-                retired_subs = srv.subscriptions[cluster.name]
-                srv.add_cluster(cluster, proxy)
-                self._spawn(self._unsubscribe(retired_subs, cluster.name),
-                            f"reload:unsubscribe:{cluster.name}")
-                changes.append(f"cluster {cluster.name}: now followed as kind {cluster.kind}"
-                               if cluster.tls == before.tls else f"cluster {cluster.name}: new TLS settings")
-            for node_id in set(old_ids) - set(new_ids):
-                srv.events.forget_node(cluster.name, node_id)
-            what = [f"node {n} added" for n in new_ids if n not in old_ids]
-            what += [f"node {n} removed" for n in old_ids if n not in new_ids]
-            changes.append(f"cluster {cluster.name}: {', '.join(what) or 'settings changed'}")
-        kept: list[HttpServer] = []
-        retired: list[HttpServer] = []
-        wanted = {lc.name: lc for lc in new.listeners}
-        running = {lc.name: lc for lc in old.listeners}
-        kept_configs: dict[str, ListenerConfig] = {}
-        for listener in srv.listeners:
-            lc = wanted.get(listener.name)
-            if lc is None or lc.name in started:
-                retired.append(listener)
-                changes.append(f"listener {listener.name}: " + ("moved" if lc else "removed"))
-                continue
-            proxy = srv.proxies[lc.cluster]
-            if listener.handler is not proxy:
-                listener.handler = proxy
-                changes.append(f"listener {lc.name}: now fronts cluster {lc.cluster}")
-            if listener.max_connections != lc.max_connections:
-                listener.max_connections = lc.max_connections
-                changes.append(f"listener {lc.name}: max_connections {lc.max_connections}")
-            if lc.tls != running[lc.name].tls:  # the socket stays; so does its TLS context
-                lc = dataclasses.replace(lc, tls=running[lc.name].tls)
-                changes.append(f"listener {lc.name}: new TLS settings need a restart or a new address; "
-                               "kept (SIGHUP re-reads the certificate files)")
-            kept_configs[lc.name] = lc
-            kept.append(listener)
-        for name, listener in started.items():
-            kept.append(listener)
-            if name not in {lc.name for lc in old.listeners}:
-                changes.append(f"listener {name}: added on {listener.host}:{listener.port}")
+                retired_subs = rt.subscriptions[step.name]
+                self.builder.add_cluster(step.config, proxy)
+                self._spawn(self._unsubscribe(retired_subs, step.name), f"reload:unsubscribe:{step.name}")
+            for node_id in step.nodes_removed:
+                rt.events.forget_node(step.name, node_id)
+        running = {listener.name: listener for listener in rt.listeners}
+        retired = [running[name] for name in plan.retire_listeners]
+        for lp in plan.change_listeners:
+            listener = running[lp.name]
+            if lp.cluster is not None:
+                listener.handler = rt.proxies[lp.cluster]
+            if lp.max_connections is not None:
+                listener.max_connections = lp.max_connections
+        kept = [listener for name, listener in running.items() if name not in plan.retire_listeners]
+        kept += started.values()
         order = {lc.name: i for i, lc in enumerate(new.listeners)}
-        srv.listeners = sorted(kept, key=lambda listener: order[listener.name])  # config order, as at start
-        # The config tells the truth about what runs: kept listeners keep the TLS their socket has.
-        new = dataclasses.replace(new, listeners=tuple(kept_configs.get(lc.name, lc) for lc in new.listeners))
-        if new.limits != old.limits:
-            for listener in [*kept, *([srv.admin] if srv.admin else [])]:
+        rt.listeners = sorted(kept, key=lambda listener: order[listener.name])  # config order, as at start
+        if plan.limits_changed:
+            for listener in [*kept, *([rt.admin] if rt.admin else [])]:
                 listener.limits = new.limits
                 for conn in list(listener.connections):
                     conn.limits = new.limits
-            changes.append("limits changed")
-        if new.logging != old.logging:
+        if plan.logging_changed:
             _apply_logging(new)
-            changes.append("logging changed")
-        if new.drain_timeout != old.drain_timeout:
-            changes.append(f"drain_timeout {new.drain_timeout:g}s")
-        if new.workers != old.workers:
-            changes.append(f"workers: {new.workers} needs a restart; kept {old.workers}")
-            new = dataclasses.replace(new, workers=old.workers)
-        if srv.admin is not None:
-            srv.admin.max_connections = new.admin.max_connections
-        srv.config = new
-        removed = [name for name in srv.proxies if name not in {c.name for c in new.clusters}]
-        if retired or removed:
-            self._spawn(self._retire(retired, removed, new.drain_timeout), "reload:retire")
-            changes += [f"cluster {name}: removed" for name in removed]
+        if rt.admin is not None:
+            rt.admin.max_connections = new.admin.max_connections
+        rt.config = new
+        if retired or plan.remove_clusters:
+            self._spawn(self._retire(retired, list(plan.remove_clusters), new.drain_timeout), "reload:retire")
 
     async def _unsubscribe(self, subs: Subscriptions, cluster: str) -> None:
         await subs.stop()
-        await self.server.close_retired_clients(cluster)
+        await self.builder.close_retired_clients(cluster)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = self.server.tasks.spawn(coro, name=name)
+        task = self.runtime.tasks.spawn(coro, name=name)
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
     async def _retire(self, listeners: list[HttpServer], clusters: list[str], timeout: float) -> None:
         """Drain retired listeners like a shutdown does; then stop the clusters no listener fronts."""
-        srv = self.server
+        rt = self.runtime
         results = await asyncio.gather(*(listener.drain(timeout) for listener in listeners))
         for listener, drained in zip(listeners, results, strict=True):
             if not drained:
@@ -247,24 +222,22 @@ class Reloader:
                             len(listener.connections))
             await listener.close()
         for name in clusters:
-            if name in {c.name for c in srv.config.clusters}:
+            if name in {c.name for c in rt.config.clusters}:
                 continue  # added back by a later reload meanwhile
-            subs = srv.subscriptions.pop(name)
+            subs = rt.subscriptions.pop(name)
             await subs.stop()
-            srv.proxies.pop(name).close()
-            srv.metrics.forget_cluster(name)
+            rt.proxies.pop(name).close()
+            self.metrics.forget_cluster(name)
 
     async def close(self) -> None:
         """Shutdown: wait for listeners still retiring (each is bounded by the drain timeout)."""
         if self._retiring:
-            await asyncio.wait(self._retiring, timeout=self.server.config.drain_timeout + 1)
+            await asyncio.wait(self._retiring, timeout=self.runtime.config.drain_timeout + 1)
 
 
 def _apply_logging(config: Config) -> None:
     root = logging.getLogger("raftlb")
     if not root.propagate:  # set up by `setup_logging` (raftlb run), not by a host program or a test
-        from raftlb.ops.logs import setup_logging
-
         setup_logging(config.logging)
     else:
         logging.getLogger("raftlb.access").disabled = not config.logging.access_log

@@ -40,6 +40,7 @@ from raftlb.core.leader_table import Announcement
 from raftlb.errors import ConfigError
 from raftlb.http.app import EventStream, Request, Response, Send, json_response, serve
 from raftlb.tasks import TaskSet
+from raftlb.tools.loop import run_async
 
 log = logging.getLogger("raftlb.tools.announce")
 
@@ -291,6 +292,4 @@ def main(argv: list[str] | None = None) -> int:
     cfg, level = parse_args(argv)
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from raftlb.tools.cli import run_async
-
     return run_async(lambda: run(cfg))

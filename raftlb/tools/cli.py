@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import logging
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 from raftlb import __version__
+from raftlb.tools.loop import run_async
 
 DESCRIPTION = """\
 raftlb: a leader-aware load balancer for Raft clusters.
@@ -37,15 +35,8 @@ examples:
 """
 
 
-def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    """Run on uvloop when it is installed."""
-    try:
-        import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(main())
-    except ImportError:
-        return asyncio.run(main())
+# Each command imports what it runs inside its function: `raftlb --help`, `raftlb check` and `raftlb status`
+# start without loading the data path (and `demo` without PySyncObj until it is known to be installed).
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
