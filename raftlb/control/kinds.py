@@ -1,8 +1,8 @@
 """Cluster kinds: who follows a cluster's nodes, and how one node's native status is read.
 
 `native` nodes (and nodes with a `raftlb announce` sidecar, `sidecar: true`) push raft-announce/1 and are
-followed by `subscriptions.ClusterSubscriptions`; `etcd` and `json` nodes are polled through an adapter
-(`base.NodePoller`). `make_subscriptions` picks; `make_adapter` gives the sidecar its one node's adapter.
+followed by `stream.ClusterSubscriptions`; `etcd` and `json` nodes are polled through an adapter
+(`poll.NodePoller`). `make_subscriptions` picks; `make_adapter` gives the sidecar its one node's adapter.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import httpx
 
 from raftlb.config.model import ClusterConfig, NodeConfig
 from raftlb.control.etcd import EtcdAdapter, EtcdMembers, EtcdSubscriptions
+from raftlb.control.follower import OnAnnouncement, OnDown
 from raftlb.control.jsonstatus import JsonSubscriptions, json_adapter
 from raftlb.control.poll import NodeAdapter, NodeStatus, PollingSubscriptions, Subscriptions
-from raftlb.control.stream import ClusterSubscriptions, OnAnnouncement, OnDown
+from raftlb.control.stream import ClusterSubscriptions
 from raftlb.tasks import TaskSet
 
 __all__ = ["NodeAdapter", "NodeStatus", "PollingSubscriptions", "Subscriptions", "make_adapter",
