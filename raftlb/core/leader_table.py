@@ -270,14 +270,18 @@ class LeaderTable:
 
     def live_nodes(self, now: float) -> list[str]:
         """Nodes heard within the liveness timeout and not down, in configuration order."""
-        return [v.id for v in self._nodes.values() if v.is_live(now, self._timeout)]
+        # (The rule called directly, not through NodeView.is_live: one call per node on every read.)
+        timeout = self._timeout
+        return [v.id for v in self._nodes.values() if not v.down and is_live(v.last_heard, now, timeout)]
 
     def applied_at_least(self, index: int, now: float) -> list[str]:
         """Live nodes whose last announced applied index is >= `index` (for index-fenced reads)."""
+        timeout = self._timeout
         return [
             v.id
             for v in self._nodes.values()
-            if v.applied_index is not None and v.applied_index >= index and v.is_live(now, self._timeout)
+            if v.applied_index is not None and v.applied_index >= index and not v.down
+            and is_live(v.last_heard, now, timeout)
         ]
 
     def is_deposed(self, node_id: str) -> bool:
@@ -338,7 +342,7 @@ class LeaderTable:
         """(target, how it was chosen, the governing term, until when this holds), from the current state
         (module doc). O(nodes)."""
         floor, timeout = self._floor, self._timeout
-        live = [v for v in self._nodes.values() if v.is_live(now, timeout)]
+        live = [v for v in self._nodes.values() if not v.down and is_live(v.last_heard, now, timeout)]
         # Liveness only ever lapses as time passes, so the decision holds until the first live node's
         # deadline (any node: a lapsing hinter or rival claimant changes it as much as the leader does).
         deadlines = [live_until(v.last_heard, timeout) for v in live if v.last_heard is not None]
