@@ -179,7 +179,7 @@ F = TypeVar("F", bound=NodeFollower)
 
 class FollowerSet(ABC, Generic[F]):
     """The followers of one cluster: one task per node, spawned through `tasks`. Subclasses make the
-    follower for each node (`make_follower`).
+    follower for each node (`make_follower`), on `clock`.
 
     `nodes` maps node id to its live follower; `rejected` counts dropped input per reason over the
     cluster's lifetime (monotonic, for metrics). With no `client`, one is made (`make_client()`) on start
@@ -189,8 +189,10 @@ class FollowerSet(ABC, Generic[F]):
     task_prefix = "follow"  # task names: {task_prefix}:{cluster}:{node}
 
     def __init__(self, cluster: ClusterConfig, on_announcement: OnAnnouncement, on_down: OnDown,
-                 tasks: TaskSet, client: httpx.AsyncClient | None = None) -> None:
+                 tasks: TaskSet, client: httpx.AsyncClient | None = None, *,
+                 clock: Clock = time.monotonic) -> None:
         self.cluster = cluster
+        self.clock = clock  # every follower's: the clock the leader table is fed with
         self.nodes: dict[str, F] = {}
         self.rejected: dict[str, int] = {}
         self.on_announcement = on_announcement

@@ -195,4 +195,4 @@ class PollingSubscriptions(FollowerSet[NodePoller]):
 
     def make_follower(self, node: NodeConfig, client: httpx.AsyncClient) -> NodePoller:
         return NodePoller(self.make_adapter(node), self.cluster, client, self.on_announcement, self.on_down,
-                          totals=self.rejected)
+                          totals=self.rejected, clock=self.clock)

@@ -289,9 +289,9 @@ class ClusterSubscriptions(FollowerSet[NodeSubscription]):
     def __init__(
         self, cluster: ClusterConfig, on_announcement: OnAnnouncement, on_down: OnDown, tasks: TaskSet,
         client: httpx.AsyncClient | None = None, *, key: bytes | None = None,
-        stream_retry_interval: float = STREAM_RETRY_INTERVAL,
+        stream_retry_interval: float = STREAM_RETRY_INTERVAL, clock: Clock = time.monotonic,
     ) -> None:
-        super().__init__(cluster, on_announcement, on_down, tasks, client)
+        super().__init__(cluster, on_announcement, on_down, tasks, client, clock=clock)
         self._key = key
         self._stream_retry_interval = stream_retry_interval
 
@@ -301,5 +301,5 @@ class ClusterSubscriptions(FollowerSet[NodeSubscription]):
     def make_follower(self, node: NodeConfig, client: httpx.AsyncClient) -> NodeSubscription:
         return NodeSubscription(
             node, self.cluster, client, self.on_announcement, self.on_down, key=self._key,
-            totals=self.rejected, stream_retry_interval=self._stream_retry_interval,
+            totals=self.rejected, stream_retry_interval=self._stream_retry_interval, clock=self.clock,
         )  # fmt: skip

@@ -231,7 +231,7 @@ class HandFedSet(FollowerSet[HandFed]):
 
     def make_follower(self, node: NodeConfig, client: httpx.AsyncClient) -> HandFed:
         return HandFed(node, self.cluster, client, self.on_announcement, self.on_down, logger=LOG,
-                       where=node.url, totals=self.rejected)
+                       where=node.url, totals=self.rejected, clock=self.clock)
 
 
 async def test_a_follower_set_follows_each_node_keeps_them_across_a_reload_and_stops_them() -> None:
@@ -240,10 +240,12 @@ async def test_a_follower_set_follows_each_node_keeps_them_across_a_reload_and_s
     tasks = TaskSet("test")
     calls = Calls()
     async with httpx.AsyncClient() as client:
-        subs = HandFedSet(cluster, calls.on_announcement, calls.on_down, tasks, client)
+        clock = ManualClock()
+        subs = HandFedSet(cluster, calls.on_announcement, calls.on_down, tasks, client, clock=clock)
         subs.start()
         first = dict(subs.nodes)
         assert list(first) == ["n1", "n2"] and len(tasks) == 2
+        assert all(f.clock is clock for f in first.values())  # one clock for all
         assert repr(subs) == "<HandFedSet c [2 nodes: 0 up, 0 down, 2 unknown]>"
         first["n1"].deliver(ANN)
         first["n2"].reject("malformed_json", "x")
