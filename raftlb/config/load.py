@@ -34,7 +34,6 @@ from raftlb.config.cursor import (
     suggest,
 )
 from raftlb.config.model import (
-    _ANNOUNCE_ROLES,
     CLUSTER_KINDS,
     ETCD_POLL_INTERVAL,
     LOG_FORMATS,
@@ -60,6 +59,7 @@ from raftlb.config.model import (
     TlsConfig,
     shared_port_problem,
 )
+from raftlb.core.announcement import ROLES
 from raftlb.errors import ConfigError
 
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]+")  # an HTTP token (RFC 9110 §5.6.2), once upper-cased
@@ -369,7 +369,7 @@ def _field_path(cur: Cursor) -> FieldPath:
 
 
 def _role(cur: Cursor) -> str:
-    return cur.choice(_ANNOUNCE_ROLES)
+    return cur.choice(ROLES)
 
 
 def _header_name(cur: Cursor) -> str:

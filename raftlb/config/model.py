@@ -193,7 +193,6 @@ class Config:
 
 CLUSTER_KINDS: tuple[str, ...] = ("native", "etcd", "json")
 ETCD_POLL_INTERVAL = 0.025  # etcd's status answer is cheap: poll it often, so a new leader is seen soon
-_ANNOUNCE_ROLES: tuple[str, ...] = ("leader", "follower", "candidate", "learner")  # as leader_table.ROLES
 MAX_WORKERS = 64
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 LOG_FORMATS: tuple[str, ...] = ("text", "json")

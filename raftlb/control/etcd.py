@@ -38,7 +38,7 @@ from raftlb.control.poll import (
     as_index,
     decode_json,
 )
-from raftlb.core.leader_table import Announcement
+from raftlb.core.announcement import Announcement
 
 log = logging.getLogger("raftlb.control.etcd")
 

@@ -27,7 +27,7 @@ import httpx
 
 from raftlb.config.model import ClusterConfig, FieldPath, NodeConfig, StatusConfig
 from raftlb.control.poll import NodeAdapter, PollingSubscriptions, StatusError, as_index, decode_json
-from raftlb.core.leader_table import ROLES, Announcement
+from raftlb.core.announcement import ROLES, Announcement
 
 log = logging.getLogger("raftlb.control.kinds.json")
 

@@ -5,36 +5,29 @@ the stream with 404/405. Input that is not a valid announcement from this node (
 another node's id, a `seq` that does not rise on one stream, a bad `sig`, an oversized event) is dropped,
 counted by reason and logged at most once per LOG_INTERVAL per node and reason: nothing a node sends ends
 its subscription. The data path never awaits anything here; it reads the table these callbacks feed.
+Liveness, backoff, rejects and the per-node tasks are the follower base's (raftlb.control.follower);
+checking a signed announcement is raftlb.core.announcement's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
-import random
 import re
-import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 
-from raftlb.burstlog import BurstLog
 from raftlb.config.model import ClusterConfig, NodeConfig
-from raftlb.control.client import make_client
-from raftlb.core.leader_table import MAX_UINT64, Announcement
+from raftlb.control.follower import Clock, FollowerSet, NodeFollower, OnAnnouncement, OnDown, describe
+from raftlb.core.announcement import Announcement, is_recent, verify
 from raftlb.tasks import TaskSet
 
 log = logging.getLogger("raftlb.control.stream")
-
-OnAnnouncement = Callable[[str, Announcement], None]
-OnDown = Callable[[str, str], None]
 
 STREAM_RETRY_INTERVAL = 30.0  # a polled node is offered the stream again this often
 MAX_EVENT_BYTES = 64 * 1024  # no announcement is this long; a stream sending one is cut
@@ -124,17 +117,7 @@ class SSEParser:
         return SSEEvent(event, "\n".join(data), self.last_id) if data else None
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def signature(doc: dict[str, Any], key: bytes) -> str:
-    """HMAC-SHA256 (hex) over the event without `sig`, serialized with sorted keys and no spaces."""
-    body = json.dumps({k: v for k, v in doc.items() if k != "sig"}, sort_keys=True, separators=(",", ":"))
-    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
-
-
-class NodeSubscription:
+class NodeSubscription(NodeFollower):
     """Follows one node: streams GET {announce_url}/raft/announce, reconnecting with jittered exponential
     backoff (cluster.reconnect_min..reconnect_max); polls GET {announce_url}/raft/status every
     cluster.poll_interval when the stream is answered with 404 or 405, offering the stream again every
@@ -149,52 +132,34 @@ class NodeSubscription:
         self, node: NodeConfig, cluster: ClusterConfig, client: httpx.AsyncClient,
         on_announcement: OnAnnouncement, on_down: OnDown, *, key: bytes | None = None,
         totals: dict[str, int] | None = None, stream_retry_interval: float = STREAM_RETRY_INTERVAL,
+        clock: Clock = time.monotonic,
     ) -> None:
-        self.node = node
-        self.cluster = cluster  # replaced on hot reload; timeouts are read from it when used
+        announce_url = node.announce_url.rstrip("/") + "/raft/announce"
+        super().__init__(node, cluster, client, on_announcement, on_down, logger=log, where=announce_url,
+                         totals=totals, clock=clock)
         self.stream_retry_interval = stream_retry_interval
         self.mode = "stream"  # or "poll"
-        self.up: bool | None = None
-        self.last_heard: float | None = None  # loop time of the last valid announcement
-        self.last_error = ""
-        self.announcements = 0
         self.connects = 0  # announce streams opened
-        self.rejected: dict[str, int] = {}
-        self._client = client
-        self._on_announcement = on_announcement
-        self._on_down = on_down
         self._key = key
-        self._totals = totals  # the cluster-wide rejected counts, which outlive this subscription
-        self._deadline = 0.0  # loop time by which the next valid announcement must arrive
-        self._failures = 0  # in a row, for the backoff
         self._last_seq: int | None = None  # on the current stream
-        self._burst = BurstLog(log)
 
     def __repr__(self) -> str:
-        state = {None: "unknown", True: "up", False: "down"}[self.up]
         rejected = sum(self.rejected.values())
         counts = f"announcements={self.announcements} connects={self.connects} rejected={rejected}"
-        return f"<NodeSubscription {self.node.id} {self.mode} {state} {counts}>"
+        return f"<NodeSubscription {self.node.id} {self.mode} {self.state()} {counts}>"
 
-    async def run(self) -> None:
-        """Follow the node until cancelled."""
-        self._deadline = asyncio.get_running_loop().time() + self.cluster.liveness_timeout
+    async def follow(self) -> None:
         while True:
             if self.mode == "poll":
                 await self._poll_for(self.stream_retry_interval)
             await self._stream_once()
 
+    def via(self) -> str:
+        return self.mode
+
     def _timeout(self) -> httpx.Timeout:
         # A read waiting longer than the liveness timeout means a silent node.
         return httpx.Timeout(self.cluster.connect_timeout, read=self.cluster.liveness_timeout)
-
-    def _window(self) -> float:
-        """The loop time by which the current attempt must deliver a valid announcement: the liveness
-        deadline while the node is up or not yet judged; once it is down, a full window per attempt."""
-        self._check_liveness()
-        if self.up is not False:
-            return self._deadline
-        return asyncio.get_running_loop().time() + self.cluster.liveness_timeout
 
     def _url(self, path: str) -> str:
         return self.node.announce_url.rstrip("/") + path
@@ -207,23 +172,23 @@ class NodeSubscription:
         except TimeoutError:
             self.last_error = f"{what}: no announcement within the liveness timeout"
         except (httpx.HTTPError, StreamError) as exc:
-            self.last_error = f"{what}: {_describe(exc)}"
+            self.last_error = f"{what}: {describe(exc)}"
             if isinstance(exc, EventTooLarge):
-                self._reject("oversized", self.last_error)
+                self.reject("oversized", self.last_error)
         except Exception as exc:  # a bug here must not end the node's subscription
-            self.last_error = f"{what}: {_describe(exc)}"
-            self._warn("internal", "node %s: %s", self.last_error, exc_info=True)
+            self.last_error = f"{what}: {describe(exc)}"
+            self.warn("internal", "node %s: %s", self.last_error, exc_info=True)
 
     async def _stream_once(self) -> None:
         """Open the announce stream and follow it until it fails or falls silent, then back off."""
+        loop = asyncio.get_running_loop()
         parser = SSEParser()
         self._last_seq = None
         headers = {"accept": "text/event-stream", "cache-control": "no-cache"}
-        url = self._url("/raft/announce")
         with self._attempt("announce stream"):
             async with (
-                asyncio.timeout_at(self._window()) as scope,
-                self._client.stream("GET", url, headers=headers, timeout=self._timeout()) as resp,
+                asyncio.timeout(self.time_left()) as scope,
+                self.client.stream("GET", self.where, headers=headers, timeout=self._timeout()) as resp,
             ):
                 if resp.status_code in (404, 405):
                     if self.mode != "poll":
@@ -241,30 +206,30 @@ class NodeSubscription:
                 async for chunk in resp.aiter_bytes():
                     for event in parser.feed(chunk):
                         if self._on_event(event):
-                            scope.reschedule(self._deadline)
+                            # (the scope runs on the loop's clock; time_left is in seconds from now)
+                            scope.reschedule(loop.time() + self.time_left())
                 raise StreamError("ended")
         log.debug("node %s: %s", self.node.id, self.last_error)
         if self.mode == "stream":
-            await self._pause(self._backoff_delay())
+            await self.pause(self.backoff_delay())
 
     async def _poll_for(self, duration: float) -> None:
         """Poll /raft/status every poll_interval (backing off while it fails) for `duration` seconds."""
-        loop = asyncio.get_running_loop()
-        until = loop.time() + duration
-        while loop.time() < until:
+        until = self.clock() + duration
+        while self.clock() < until:
             ok = False
             with self._attempt("status poll"):
-                async with asyncio.timeout_at(self._window()):
-                    resp = await self._client.get(self._url("/raft/status"), timeout=self._timeout())
+                async with asyncio.timeout(self.time_left()):
+                    resp = await self.client.get(self._url("/raft/status"), timeout=self._timeout())
                 if resp.status_code != 200:
                     raise StreamError(f"answered HTTP {resp.status_code}")
                 ann = self._parse(resp.content)
                 if ann is not None:
-                    self._deliver(ann)
+                    self.deliver(ann)
                     ok = True
             interval = self.cluster.poll_interval
-            delay = interval if ok else max(self._backoff_delay(), interval)
-            await self._pause(min(delay, max(0.0, until - loop.time())))
+            delay = interval if ok else max(self.backoff_delay(), interval)
+            await self.pause(min(delay, max(0.0, until - self.clock())))
 
     def _on_event(self, event: SSEEvent) -> bool:
         """Handle one stream event; True when it was a valid announcement."""
@@ -275,10 +240,10 @@ class NodeSubscription:
             return False
         if ann.seq is not None:
             if self._last_seq is not None and ann.seq <= self._last_seq:
-                self._reject("seq_backwards", f"seq {ann.seq} after {self._last_seq}")
+                self.reject("seq_backwards", f"seq {ann.seq} after {self._last_seq}")
                 return False
             self._last_seq = ann.seq
-        self._deliver(ann)
+        self.deliver(ann)
         return True
 
     def _parse(self, data: str | bytes) -> Announcement | None:
@@ -286,95 +251,31 @@ class NodeSubscription:
         try:
             doc = json.loads(data)
         except (ValueError, RecursionError) as exc:
-            self._reject("malformed_json", _describe(exc))
+            self.reject("malformed_json", describe(exc))
             return None
         keys = self.cluster.announce_keys or ((self._key,) if self._key is not None else ())
         if keys:
-            sig = doc.get("sig") if isinstance(doc, dict) else None
-            # Any configured key verifies: during a rotation both the old and the new one are accepted.
-            # compare_digest raises TypeError on a non-ASCII str: such a sig is simply wrong.
-            if (not isinstance(sig, str) or not sig.isascii()
-                    or not any(hmac.compare_digest(sig, signature(doc, k)) for k in keys)):
-                self._reject("bad_signature", "missing or wrong sig")
+            if not verify(doc, keys):
+                self.reject("bad_signature", "missing or wrong sig")
                 return None
             # Replay protection: seq must rise on a stream (checked by the caller), and a signed event must
             # be recent, so an old recording replayed on a new connection is refused.
-            ts = doc.get("ts_ms")
-            skew = self.cluster.announce_max_skew
-            # (Range first: an int too large for a float would raise OverflowError in the subtraction.)
-            if (not isinstance(ts, int) or not 0 <= ts <= MAX_UINT64
-                    or abs(time.time() * 1000 - ts) > skew * 1000):
-                self._reject("replayed", f"ts_ms {ts!r} is more than {skew:g}s from now")
+            ts, skew = doc.get("ts_ms"), self.cluster.announce_max_skew
+            if not is_recent(ts, time.time() * 1000, skew):
+                self.reject("replayed", f"ts_ms {ts!r} is more than {skew:g}s from now")
                 return None
         try:
             ann = Announcement.from_json(doc)
         except (ValueError, TypeError) as exc:
-            self._reject("invalid_fields", _describe(exc))
+            self.reject("invalid_fields", describe(exc))
             return None
         if ann.node != self.node.id:
-            self._reject("wrong_node", f"announcement for node {ann.node!r}")
+            self.reject("wrong_node", f"announcement for node {ann.node!r}")
             return None
         return ann
 
-    def _deliver(self, ann: Announcement) -> None:
-        now = asyncio.get_running_loop().time()
-        self.last_heard = now
-        self._deadline = now + self.cluster.liveness_timeout
-        self._failures = 0
-        self.last_error = ""  # it is heard: an error from before is history, not its state (as in NodePoller)
-        self.announcements += 1
-        if self.up is not True:
-            self.up = True
-            log.info("node %s: up (%s at term %d, %s)", self.node.id, ann.role, ann.term, self.mode)
-        try:
-            self._on_announcement(self.node.id, ann)
-        except Exception:
-            self._warn("callback", "node %s: on_announcement failed%s", "", exc_info=True)
 
-    def _check_liveness(self) -> None:
-        """Report the node down, once, when its deadline has passed without a valid announcement."""
-        now = asyncio.get_running_loop().time()
-        if self.up is False or now < self._deadline:
-            return
-        self.up = False
-        silent = "never heard" if self.last_heard is None else f"silent for {now - self.last_heard:.2f}s"
-        reason = f"{silent}; {self.last_error}" if self.last_error else silent
-        log.warning("node %s: down (%s) at %s", self.node.id, reason, self._url("/raft/announce"))
-        try:
-            self._on_down(self.node.id, reason)
-        except Exception:
-            self._warn("callback", "node %s: on_down failed%s", "", exc_info=True)
-
-    def _backoff_delay(self) -> float:
-        """Exponential in the failures in a row, capped, with the upper half jittered."""
-        c = self.cluster
-        base = min(c.reconnect_max, c.reconnect_min * 2.0 ** min(self._failures, 30))
-        self._failures += 1
-        return base / 2 + random.uniform(0, base / 2)
-
-    async def _pause(self, delay: float) -> None:
-        """Sleep `delay` seconds, reporting the node down meanwhile if its deadline passes."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + delay
-        while True:
-            self._check_liveness()
-            now = loop.time()
-            if now >= end:
-                return
-            await asyncio.sleep((end if self.up is False else min(end, self._deadline)) - now)
-
-    def _reject(self, reason: str, detail: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-        if self._totals is not None:
-            self._totals[reason] = self._totals.get(reason, 0) + 1
-        self._warn(reason, "node %s: rejected announcement: %s", detail)
-
-    def _warn(self, key: str, msg: str, detail: str, exc_info: bool = False) -> None:
-        """Log at WARNING at most once per LOG_INTERVAL per key, saying how many were held back."""
-        self._burst.warning(key, msg + "%s", self.node.id, detail, exc_info=exc_info)
-
-
-class ClusterSubscriptions:
+class ClusterSubscriptions(FollowerSet[NodeSubscription]):
     """The subscriptions of one cluster: one NodeSubscription task per node, spawned through `tasks`.
 
     `on_announcement(node_id, ann)` and `on_down(node_id, reason)` are called synchronously from the node's
@@ -383,74 +284,22 @@ class ClusterSubscriptions:
     start and closed on stop.
     """
 
+    task_prefix = "subscribe"
+
     def __init__(
         self, cluster: ClusterConfig, on_announcement: OnAnnouncement, on_down: OnDown, tasks: TaskSet,
         client: httpx.AsyncClient | None = None, *, key: bytes | None = None,
-        stream_retry_interval: float = STREAM_RETRY_INTERVAL,
+        stream_retry_interval: float = STREAM_RETRY_INTERVAL, clock: Clock = time.monotonic,
     ) -> None:
-        self.cluster = cluster
-        self.nodes: dict[str, NodeSubscription] = {}
-        self.rejected: dict[str, int] = {}
-        self._on_announcement = on_announcement
-        self._on_down = on_down
-        self._tasks = tasks
-        self._client = client
-        self._own_client = client is None
+        super().__init__(cluster, on_announcement, on_down, tasks, client, clock=clock)
         self._key = key
         self._stream_retry_interval = stream_retry_interval
-        self._running: dict[str, asyncio.Task[Any]] = {}
-        self._retiring: set[asyncio.Task[Any]] = set()
 
-    def __repr__(self) -> str:
-        ups = [s.up for s in self.nodes.values()]
-        polling = sum(s.mode == "poll" for s in self.nodes.values())
-        counts = f"{ups.count(True)} up, {ups.count(False)} down, {ups.count(None)} unknown"
-        return f"<ClusterSubscriptions {self.cluster.name} [{len(ups)} nodes: {counts}; {polling} polling]>"
+    def repr_detail(self) -> str:
+        return f"; {sum(s.mode == 'poll' for s in self.nodes.values())} polling"
 
-    @staticmethod
-    def make_client(verify: ssl.SSLContext | None = None) -> httpx.AsyncClient:
-        """The control plane's client (`raftlb.control.client.make_client`)."""
-        return make_client(verify)
-
-    def start(self) -> None:
-        """Spawn a subscription task for every configured node not yet followed."""
-        if self._client is None:
-            self._client = self.make_client()
-        for node in self.cluster.nodes:
-            if node.id not in self.nodes:
-                sub = NodeSubscription(
-                    node, self.cluster, self._client, self._on_announcement, self._on_down, key=self._key,
-                    totals=self.rejected, stream_retry_interval=self._stream_retry_interval,
-                )  # fmt: skip
-                self.nodes[node.id] = sub
-                name = f"subscribe:{self.cluster.name}:{node.id}"
-                self._running[node.id] = self._tasks.spawn(sub.run(), name=name)
-
-    def update(self, cluster: ClusterConfig) -> None:
-        """Hot reload: follow new nodes, stop removed or re-addressed ones, keep the rest (new timeouts)."""
-        self.cluster = cluster
-        wanted = {n.id: n for n in cluster.nodes}
-        for node_id, sub in list(self.nodes.items()):
-            if wanted.get(node_id) == sub.node:
-                sub.cluster = cluster
-            else:
-                self._stop_node(node_id)
-        if self._client is not None:  # started
-            self.start()
-
-    async def stop(self) -> None:
-        """1. cancel every node task; 2. wait (bounded) so their streams close; 3. close our own client."""
-        for node_id in list(self.nodes):
-            self._stop_node(node_id)
-        if self._retiring:
-            await asyncio.wait(self._retiring, timeout=5.0)
-        if self._own_client and self._client is not None:
-            await self._client.aclose()
-            self._client = None
-
-    def _stop_node(self, node_id: str) -> None:
-        del self.nodes[node_id]
-        task = self._running.pop(node_id)
-        task.cancel()
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+    def make_follower(self, node: NodeConfig, client: httpx.AsyncClient) -> NodeSubscription:
+        return NodeSubscription(
+            node, self.cluster, client, self.on_announcement, self.on_down, key=self._key,
+            totals=self.rejected, stream_retry_interval=self._stream_retry_interval, clock=self.clock,
+        )  # fmt: skip

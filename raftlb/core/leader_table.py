@@ -47,7 +47,10 @@ Decisions taken beyond the rules in docs/how-it-works.md, on purpose:
 - A 421 carries the answering node's own term: it moves that node's view (role follower, its hint) like an
   announcement would, and governs only by the rules above.
 - Terms, indexes, `seq` and `ts_ms` are JSON integers from 0 to 2**64-1 (etcd's uint64); anything else is
-  refused when parsed, so every accepted value converts to a float (metrics) and prints.
+  refused when parsed (raftlb.core.announcement), so every accepted value converts to a float (metrics)
+  and prints.
+- Liveness is the one rule of raftlb.core.liveness: heard within the liveness timeout (and not reported
+  down by its follower).
 """
 
 from __future__ import annotations
@@ -57,76 +60,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from types import MappingProxyType
 
-ROLES = ("leader", "follower", "candidate", "learner")
-MAX_UINT64 = 2**64 - 1  # the largest term or index accepted (etcd's terms and revisions are uint64)
+from raftlb.core.announcement import MAX_UINT64, ROLES, Announcement
+from raftlb.core.liveness import is_live, live_until
+
+__all__ = ["MAX_UINT64", "ROLES", "Announcement", "LeaderChange", "LeaderTable", "NodeView"]
+
 _MONOTONIC = ("last_heard", "term_heard")  # NodeView fields in monotonic time: not shown in snapshots
-
-
-def _non_negative_int(doc: dict[str, object], name: str, required: bool = False) -> int | None:
-    if name not in doc and required:
-        raise ValueError(f"{name}: is required")
-    value = doc.get(name)
-    if value is None and not required:
-        return None
-    # bool is an int subclass: JSON `true` must not pass for 1. A 4299-digit integer is valid JSON but
-    # no float (metrics) and no Raft term: the range is a uint64's.
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_UINT64:
-        raise ValueError(f"{name}: must be a non-negative integer below 2**64")
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class Announcement:
-    """One raft-announce/1 event (or one /raft/status answer) from one node."""
-
-    node: str
-    term: int
-    role: str  # one of ROLES
-    leader: str | None = None  # the node's view of the leader id
-    commit_index: int | None = None
-    applied_index: int | None = None
-    has_quorum: bool | None = None  # the leader's own view; None when not reported
-    seq: int | None = None
-    ts_ms: int | None = None
-
-    @classmethod
-    def from_json(cls, doc: object) -> Announcement:
-        """Validate a decoded JSON object strictly; ValueError names the first bad field.
-
-        Unknown keys (e.g. `sig`, which the subscription checks) are ignored; an empty `leader` means none.
-        """
-        if not isinstance(doc, dict):
-            raise ValueError("announcement: must be a JSON object")
-        node = doc.get("node")
-        if not isinstance(node, str) or not node:
-            raise ValueError("node: must be a non-empty string")
-        term = _non_negative_int(doc, "term", required=True)
-        assert term is not None  # required=True never returns None
-        role = doc.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            raise ValueError(f"role: must be one of {', '.join(ROLES)}")
-        leader = doc.get("leader")
-        if leader is not None and not isinstance(leader, str):
-            raise ValueError("leader: must be a string or null")
-        has_quorum = doc.get("has_quorum")
-        if has_quorum is not None and not isinstance(has_quorum, bool):
-            raise ValueError("has_quorum: must be a boolean or null")
-        return cls(
-            node=node,
-            term=term,
-            role=role,
-            leader=leader or None,
-            commit_index=_non_negative_int(doc, "commit_index"),
-            applied_index=_non_negative_int(doc, "applied_index"),
-            has_quorum=has_quorum,
-            seq=_non_negative_int(doc, "seq"),
-            ts_ms=_non_negative_int(doc, "ts_ms"),
-        )
-
-    def to_json(self) -> dict[str, object]:
-        """The wire form, omitting fields that are None (the inverse of `from_json`)."""
-        doc = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {k: v for k, v in doc.items() if v is not None}
 
 
 @dataclass(slots=True)
@@ -147,7 +86,7 @@ class NodeView:
 
     def is_live(self, now: float, liveness_timeout: float) -> bool:
         """Heard within the liveness timeout and not reported down."""
-        return not self.down and self.last_heard is not None and now <= self.last_heard + liveness_timeout
+        return not self.down and is_live(self.last_heard, now, liveness_timeout)
 
     def spoke_at(self, term: int) -> bool:
         """This node's own word at `term` is known, so it governs over anyone's hint about it."""
@@ -331,14 +270,18 @@ class LeaderTable:
 
     def live_nodes(self, now: float) -> list[str]:
         """Nodes heard within the liveness timeout and not down, in configuration order."""
-        return [v.id for v in self._nodes.values() if v.is_live(now, self._timeout)]
+        # (The rule called directly, not through NodeView.is_live: one call per node on every read.)
+        timeout = self._timeout
+        return [v.id for v in self._nodes.values() if not v.down and is_live(v.last_heard, now, timeout)]
 
     def applied_at_least(self, index: int, now: float) -> list[str]:
         """Live nodes whose last announced applied index is >= `index` (for index-fenced reads)."""
+        timeout = self._timeout
         return [
             v.id
             for v in self._nodes.values()
-            if v.applied_index is not None and v.applied_index >= index and v.is_live(now, self._timeout)
+            if v.applied_index is not None and v.applied_index >= index and not v.down
+            and is_live(v.last_heard, now, timeout)
         ]
 
     def is_deposed(self, node_id: str) -> bool:
@@ -393,16 +336,16 @@ class LeaderTable:
     def _term_lapsed(self, view: NodeView, now: float) -> bool:
         """The node's current term was last confirmed more than a liveness timeout ago: a lower one from it
         is a correction (or a restart), no longer an in-flight event of an old stream."""
-        return view.term_heard is None or now > view.term_heard + self._timeout
+        return not is_live(view.term_heard, now, self._timeout)
 
     def _decide(self, now: float) -> tuple[str | None, str, int, float]:
         """(target, how it was chosen, the governing term, until when this holds), from the current state
         (module doc). O(nodes)."""
         floor, timeout = self._floor, self._timeout
-        live = [v for v in self._nodes.values() if v.is_live(now, timeout)]
+        live = [v for v in self._nodes.values() if not v.down and is_live(v.last_heard, now, timeout)]
         # Liveness only ever lapses as time passes, so the decision holds until the first live node's
         # deadline (any node: a lapsing hinter or rival claimant changes it as much as the leader does).
-        deadlines = [v.last_heard + timeout for v in live if v.last_heard is not None]
+        deadlines = [live_until(v.last_heard, timeout) for v in live if v.last_heard is not None]
         valid_until = min(deadlines, default=math.inf)
         claims = [v for v in live if v.role == "leader" and v.term >= floor]
         if claims:

@@ -33,10 +33,10 @@ from urllib.parse import urlsplit
 
 from raftlb.config.load import load_config
 from raftlb.config.model import ClusterConfig, NodeConfig
+from raftlb.control.client import make_client
 from raftlb.control.kinds import make_adapter
 from raftlb.control.poll import NodePoller
-from raftlb.control.stream import ClusterSubscriptions, signature
-from raftlb.core.leader_table import Announcement
+from raftlb.core.announcement import Announcement, sign
 from raftlb.errors import ConfigError
 from raftlb.http.app import EventStream, Request, Response, Send, json_response, serve
 from raftlb.tasks import TaskSet
@@ -100,7 +100,7 @@ class Announcer:
     def event(self, ann: Announcement, seq: int) -> bytes:
         doc: dict[str, Any] = {**ann.to_json(), "seq": seq, "ts_ms": int(time.time() * 1000)}
         if self.key is not None:
-            doc["sig"] = signature(doc, self.key)
+            doc["sig"] = sign(doc, self.key)
         return json.dumps(doc, separators=(",", ":")).encode()
 
     async def handle(self, req: Request) -> Response | EventStream:
@@ -146,7 +146,7 @@ async def run(cfg: AnnounceConfig) -> int:
     """Lifecycle: poll → serve → wait for SIGTERM/SIGINT → end streams, stop serving, stop polling."""
     loop = asyncio.get_running_loop()
     announcer = Announcer(cfg.node.id, cfg.tick, cfg.key)
-    client = ClusterSubscriptions.make_client()
+    client = make_client()
     tasks = TaskSet(f"announce-{cfg.node.id}")
     poller = NodePoller(make_adapter(cfg.cluster, cfg.node, cfg.status_url), cfg.cluster, client,
                         announcer.on_announcement, announcer.on_down)
