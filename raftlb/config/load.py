@@ -40,6 +40,7 @@ from raftlb.config.model import (
     LOG_LEVELS,
     MAX_WORKERS,
     READ_POLICIES,
+    ROLES,
     WILDCARD_HOSTS,
     AdminConfig,
     ClusterConfig,
@@ -59,7 +60,6 @@ from raftlb.config.model import (
     TlsConfig,
     shared_port_problem,
 )
-from raftlb.core.announcement import ROLES
 from raftlb.errors import ConfigError
 
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]+")  # an HTTP token (RFC 9110 §5.6.2), once upper-cased

@@ -15,6 +15,8 @@ ClusterKind = Literal["native", "etcd", "json"]
 RouteKind = Literal["read", "write"]
 ReadPolicy = Literal["leader", "any", "fenced", "bounded", "linearizable"]
 READ_POLICIES: tuple[str, ...] = ("leader", "any", "fenced", "bounded", "linearizable")
+# The roles of raft-announce/1 (docs/protocol.md): what a node announces, what a `json` status maps to.
+ROLES: tuple[str, ...] = ("leader", "follower", "candidate", "learner")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import TypeGuard
 
-ROLES = ("leader", "follower", "candidate", "learner")
+# ROLES is re-exported: the roles are named in the config too (a `json` cluster's role map).
+from raftlb.config.model import ROLES as ROLES
+
 MAX_UINT64 = 2**64 - 1  # the largest term or index accepted (etcd's terms and revisions are uint64)
 
 
