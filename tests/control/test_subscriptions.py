@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import fakes
 import httpx
 import pytest
-from fakes import FakeCluster, FakeNode, cluster_config
 
 from raftlb.control.stream import ClusterSubscriptions, EventTooLarge, SSEEvent, SSEParser
 from raftlb.core.leader_table import Announcement
 from raftlb.tasks import TaskSet
+from tests.support import fakes
+from tests.support.fakes import FakeCluster, FakeNode, cluster_config
 
 
 class Recorder:

@@ -3,7 +3,7 @@
 Two layers:
 
 - **mock transport** (thousands of cases, no sockets): bytes are fed to an `HttpConnection` in random cuts,
-  as tests/test_http_server.py does. Properties: nothing raises; the output is a sequence of whole, valid
+  as tests/http/test_http_server.py does. Properties: nothing raises; the output is a sequence of whole, valid
   HTTP/1.1 responses; a refusal is the last thing said and closes the connection; the handler only ever sees
   well-formed requests; where h11 (an independent, strict parser) reads the same bytes as requests, raftlb
   reads the same requests with the same bodies (no desync); a client that never reads costs a bounded queue.
@@ -44,10 +44,10 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from test_http_server import MockTransport
 
 from raftlb.config.model import ClusterConfig, LimitsConfig
 from raftlb.http.server import Exchange, HttpConnection, HttpServer
+from tests.support.transport import MockTransport
 
 MOCK_BUDGET = float(os.environ.get("FUZZ_BUDGET_S", "15"))
 SOCKET_BUDGET = float(os.environ.get("FUZZ_SOCKET_BUDGET_S", "15"))
@@ -556,8 +556,9 @@ class _ErrorLog(logging.Handler):
 @pytest.fixture(scope="module")
 def live() -> Iterator[LiveProxy]:
     import uvloop
-    from conftest import running
-    from fakes import FakeNode
+
+    from tests.support.fakes import FakeNode
+    from tests.support.harness import running
 
     proxy = LiveProxy()
     ready = threading.Event()

@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import demo_cluster_config, running, url_of, wait_for
 
 from raftlb.config.model import HoldConfig
 from raftlb.demo.cluster import DemoCluster
 from raftlb.server import Server
 from raftlb.tools.loadgen import BenchOptions, BenchReport, run_bench
+from tests.support.harness import demo_cluster_config, running, url_of, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-from conftest import demo_cluster_config, running, url_of, wait_for
-from relay import Relay
 
 from raftlb.config.model import HoldConfig
 from raftlb.demo.cluster import DemoCluster
+from tests.support.harness import demo_cluster_config, running, url_of, wait_for
+from tests.support.relay import Relay
 
 pytestmark = pytest.mark.integration
 

@@ -35,14 +35,14 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import demo_cluster_config, running, url_of, wait_for
-from faults import FaultRelay
 
 from raftlb.config.model import ClusterConfig, HoldConfig, RouteConfig
 from raftlb.core.leader_table import LeaderChange
 from raftlb.demo.cluster import DemoCluster, free_ports
 from raftlb.server import Server
 from raftlb.tools.bench_check import ClientChecker, Violation
+from tests.support.faults import FaultRelay
+from tests.support.harness import demo_cluster_config, running, url_of, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,7 @@ Every refused request gets its error and a closed connection, and nothing of it 
 a node; limits and timeouts hold however the bytes are cut; a client that never reads its answers costs a
 bounded buffer and never slows anyone else down, and 10,000 of them leave raftlb's memory flat.
 (The first framing cases, 431/413/408 and the idle timeout are in test_proxy_http.py; fuzzing in
-tests/test_http_fuzz.py.)
+tests/http/test_http_fuzz.py.)
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import demo_cluster_config, raw_exchange, running, url_of, wait_for
-from fakes import FakeNode
-from faults import FaultRelay
 
 from raftlb.config.model import ClusterConfig, LimitsConfig, NodeConfig, RouteConfig
 from raftlb.demo.cluster import DemoCluster, free_ports
 from raftlb.server import Server
+from tests.support.fakes import FakeNode
+from tests.support.faults import FaultRelay
+from tests.support.harness import demo_cluster_config, raw_exchange, running, url_of, wait_for
 
 pytestmark = pytest.mark.integration
 

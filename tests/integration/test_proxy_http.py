@@ -10,10 +10,10 @@ from dataclasses import replace
 
 import httpx
 import pytest
-from conftest import raw_exchange, running, url_of, wait_for
-from fakes import FakeCluster, echo, fake_bytes
 
 from raftlb.config.model import LimitsConfig, RouteConfig
+from tests.support.fakes import FakeCluster, echo, fake_bytes
+from tests.support.harness import raw_exchange, running, url_of, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -21,13 +21,13 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from conftest import running, url_of, wait_for
-from fakes import FakeCluster, FakeNode, FakeRequest, FakeResponse, fake_bytes, hang
-from faults import reset_connection
-from test_broken_nodes import RawNode, parse_response, raw_config, read_until_close, send
 
 from raftlb.config.model import HoldConfig, LimitsConfig, RouteConfig
 from raftlb.server import Server
+from tests.support.fakes import FakeCluster, FakeNode, FakeRequest, FakeResponse, fake_bytes, hang
+from tests.support.faults import reset_connection
+from tests.support.harness import running, url_of, wait_for
+from tests.support.raw_nodes import RawNode, parse_response, raw_config, read_until_close, send
 
 pytestmark = pytest.mark.integration
 

@@ -10,26 +10,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from test_metrics import ann, cluster_config, offline_server
 
 from raftlb.config.model import Config
 from raftlb.core.leader_table import Announcement, LeaderChange
-from raftlb.http.app import EventStream, Request, Response
+from raftlb.http.app import EventStream, Response
 from raftlb.ops.admin import Admin
 from raftlb.ops.events import EventBus
-
-
-def request(path: str, method: str = "GET", headers: dict[str, str] | None = None) -> Request:
-    target = path
-    path, _, qs = target.partition("?")
-    query = dict(p.split("=", 1) for p in qs.split("&") if "=" in p)
-    return Request(method, target, path, query, headers or {}, b"")
-
-
-async def get(admin: Admin, path: str, method: str = "GET", **kw: object) -> Response:
-    resp = await admin.handle(request(path, method, **kw))  # type: ignore[arg-type]
-    assert isinstance(resp, Response)
-    return resp
+from tests.support.offline import ann, cluster_config, get, offline_server, request
 
 
 def body(resp: Response) -> dict[str, object]:

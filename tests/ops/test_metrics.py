@@ -11,36 +11,13 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from raftlb.config.model import ClusterConfig, Config, NodeConfig
 from raftlb.core.leader_table import Announcement, LeaderChange, LeaderTable
 from raftlb.core.router import RouteDecision
 from raftlb.ops.metrics import SPECS, Metrics, lag_entries, metric_names
 from raftlb.proxy.cluster import ClusterProxy
-from raftlb.server import Server
+from tests.support.offline import ann, offline_server
 
 UNBOUNDED_LABELS = {"path", "target", "url", "method", "client", "key"}
-
-
-def cluster_config(name: str = "c1", n: int = 3) -> ClusterConfig:
-    nodes = tuple(NodeConfig(f"n{i}", f"http://127.0.0.1:{9000 + i}", f"http://127.0.0.1:{9000 + i}",
-                             "127.0.0.1", 9000 + i) for i in range(1, n + 1))
-    return ClusterConfig(name=name, kind="native", nodes=nodes, routes=())
-
-
-def offline_server(*clusters: ClusterConfig) -> Server:
-    """A Server that is never started: its proxies are fed announcements by the test."""
-    cfgs = clusters or (cluster_config(),)
-    server = Server(Config(listeners=(), clusters=cfgs))
-    for c in cfgs:
-        server.proxies[c.name] = server.new_proxy(c)
-        server.metrics.cluster_added(c.name)
-    return server
-
-
-def ann(node: str, term: int, role: str, leader: str | None = None, applied: int | None = None,
-        commit: int | None = None) -> Announcement:
-    return Announcement(node=node, term=term, role=role, leader=leader, applied_index=applied,
-                        commit_index=commit if commit is not None else applied)
 
 
 def scrape(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

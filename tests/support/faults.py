@@ -109,7 +109,7 @@ class FaultRelay:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    # -- compatibility with the first Relay (tests/relay.py)
+    # -- compatibility with the first Relay (tests/support/relay.py)
 
     @property
     def refuse(self) -> bool:

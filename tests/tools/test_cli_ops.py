@@ -8,12 +8,12 @@ import logging
 import socket
 
 import pytest
-from conftest import make_config, wait_for
 
 from raftlb import __version__
 from raftlb.config.model import ClusterConfig, NodeConfig
 from raftlb.server import Server
 from raftlb.tools.cli import build_parser
+from tests.support.harness import make_config, wait_for
 
 COMMANDS = ("run", "check", "status", "demo", "demo-node", "announce", "bench")
 

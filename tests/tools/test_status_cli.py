@@ -67,9 +67,8 @@ def _rows(text: str) -> dict[str, list[str]]:
 
 def test_a_dead_ex_leader_reads_down_with_its_role_in_the_past_and_a_live_deposed_one_old_term() -> None:
     # The table once showed a dead ex-leader as ROLE leader, STATE deposed, while the log said it was down.
-    from test_metrics import ann, offline_server
-
     from raftlb.ops.admin import Admin
+    from tests.support.offline import ann, offline_server
 
     server = offline_server()
     proxy = server.proxies["c1"]
