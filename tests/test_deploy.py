@@ -70,6 +70,7 @@ def k8s_config(objects: dict[str, dict[str, Any]], token: str | None = "t" * 24)
 
 
 def container(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    c: dict[str, Any]
     [c] = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
     return c
 

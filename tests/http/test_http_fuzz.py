@@ -36,7 +36,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import h11
@@ -434,12 +434,12 @@ def check_case(data: bytes, data_pieces: list[bytes], finish: int, *, compare_h1
                                                                             strict=True) if ex.body_done]
         if responses and responses[-1].status >= 400:
             ours = ours[:len(ok)]
-        for mine, (method, target, body) in zip(ours, theirs, strict=False):
+        for mine, (method, target, their_body) in zip(ours, theirs, strict=False):
             # raftlb turns an absolute-form target into origin-form (RFC 9112 §3.2.2); h11 keeps it as sent.
             origin = re.sub(rb"^https?://[^/?#]*", b"", target, flags=re.IGNORECASE)
             if origin != target and not origin.startswith(b"/"):
                 origin = b"/" + origin
-            assert mine == (method, origin, body), (mine, (method, target, body))
+            assert mine == (method, origin, their_body), (mine, (method, target, their_body))
 
 
 BATCH = 8  # cases per Hypothesis example: its own overhead (~1 ms an example) is then paid once per batch
@@ -532,15 +532,14 @@ class LiveProxy:
     loop: asyncio.AbstractEventLoop | None = None
     errors: list[str] = field(default_factory=list)
 
-    def call(self, fn: object) -> object:
+    def call(self, fn: Callable[[], object]) -> object:
         """Run `fn()` on the proxy's loop and return its result."""
         assert self.loop is not None
-        fut: asyncio.Future[object] = asyncio.run_coroutine_threadsafe(_call(fn), self.loop)  # type: ignore[arg-type]
-        return fut.result(5)
+        return asyncio.run_coroutine_threadsafe(_call(fn), self.loop).result(5)
 
 
-async def _call(fn: object) -> object:
-    return fn()  # type: ignore[operator]
+async def _call(fn: Callable[[], object]) -> object:
+    return fn()
 
 
 class _ErrorLog(logging.Handler):
@@ -617,7 +616,7 @@ def exchange(port: int, data_pieces: list[bytes], half_close: bool,
                 s.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # raftlb closed first: what it said is still readable
-        chunks = []
+        chunks: list[bytes] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:

@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from typing import Any
 
 import httpx
 import pytest
@@ -61,7 +62,7 @@ async def hung(fc: FakeCluster, node_id: str, how: str) -> AsyncIterator[dict[st
         yield {node_id: relay.url}
 
 
-def config_with_urls(fc: FakeCluster, urls: dict[str, str], **overrides: object) -> ClusterConfig:
+def config_with_urls(fc: FakeCluster, urls: dict[str, str], **overrides: Any) -> ClusterConfig:
     cfg = fc.config(**overrides)
     nodes = []
     for n in cfg.nodes:

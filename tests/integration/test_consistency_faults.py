@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 @contextlib.asynccontextmanager
 async def replicas(cluster: DemoCluster, count: int) -> AsyncIterator[list[Server]]:
-    cfg = {"response_timeout": 2.0, "hold": HoldConfig(timeout=8.0)}
+    cfg: dict[str, Any] = {"response_timeout": 2.0, "hold": HoldConfig(timeout=8.0)}
     async with contextlib.AsyncExitStack() as stack:
         servers = [await stack.enter_async_context(running(demo_cluster_config(cluster, **cfg)))
                    for _ in range(count)]

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -75,7 +76,7 @@ async def test_event_stream_announces_leader_changes_and_nodes_going_down() -> N
         fc.elect("n1")
         async with running(fc.config(liveness_timeout=0.4), admin=True) as srv, httpx.AsyncClient() as c:
             await wait_for(lambda: leader_of(srv) == "n1")
-            events: list[dict[str, object]] = []
+            events: list[dict[str, Any]] = []
 
             async def follow() -> None:
                 async with c.stream("GET", admin_url(srv) + "/v1/events",

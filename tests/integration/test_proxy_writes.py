@@ -44,8 +44,8 @@ async def test_writes_follow_the_leader_as_it_moves() -> None:
                 await wait_for(lambda: len(sent) > 20)
                 before = len(sent)
                 fc.elect(new)
-                await wait_for(lambda n=new: leader_of(srv) == n)  # type: ignore[misc]
-                await wait_for(lambda b=before: len(sent) > b + 20)  # type: ignore[misc]
+                await wait_for(lambda n=new: leader_of(srv) == n)
+                await wait_for(lambda b=before: len(sent) > b + 20)
             stop.set()
             await task
             # Every acknowledged write was accepted by a node that was leader when it arrived there; a

@@ -18,6 +18,7 @@ import contextlib
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -73,7 +74,7 @@ def stalling(sent: int, total: int = BIG, chunked: bool = False) -> FakeResponse
 
 
 @contextlib.asynccontextmanager
-async def one_leader(**cluster: object) -> AsyncIterator[tuple[Server, FakeNode]]:
+async def one_leader(**cluster: Any) -> AsyncIterator[tuple[Server, FakeNode]]:
     async with FakeCluster(1) as fc:
         fc.elect("n1")
         async with running(fc.config(**cluster), drain_timeout=1.0) as srv:

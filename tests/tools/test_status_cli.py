@@ -32,7 +32,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch, answers: list[str]) -> None:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(status_cli, "fetch", fetch)
-    monkeypatch.setattr(status_cli.time, "sleep", sleep)
+    monkeypatch.setattr("raftlb.tools.status.time.sleep", sleep)
 
 
 def test_watch_shows_one_line_while_raftlb_is_unreachable_and_recovers(
