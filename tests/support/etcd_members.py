@@ -63,11 +63,14 @@ class FakeMember:
 
 
 def lead(members: list[FakeMember], leader: FakeMember, term: int) -> None:
+    """Every member's status now names `leader` at `term`."""
     for m in members:
         m.status["leader"], m.status["raftTerm"] = leader.member_id, str(term)
 
 
 class Recorder:
+    """The callbacks pollers call: every announcement per node, and every down with its time."""
+
     def __init__(self) -> None:
         self.anns: dict[str, list[Announcement]] = {}
         self.downs: list[tuple[str, str, float]] = []

@@ -48,6 +48,7 @@ async def running(cluster: ClusterConfig, **kw: Any) -> AsyncIterator[Server]:
 
 
 def url_of(server: Server) -> str:
+    """The base URL of the server's first listener."""
     srv = server.listeners[0]
     return f"http://127.0.0.1:{srv.port}"
 

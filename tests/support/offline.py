@@ -11,6 +11,7 @@ from raftlb.server import Server
 
 
 def cluster_config(name: str = "c1", n: int = 3) -> ClusterConfig:
+    """A native cluster of `n` nodes n1..nN on 127.0.0.1:9001.. (nothing listens there), no routes."""
     nodes = tuple(NodeConfig(f"n{i}", f"http://127.0.0.1:{9000 + i}", f"http://127.0.0.1:{9000 + i}",
                              "127.0.0.1", 9000 + i) for i in range(1, n + 1))
     return ClusterConfig(name=name, kind="native", nodes=nodes, routes=())
@@ -28,18 +29,22 @@ def offline_server(*clusters: ClusterConfig) -> Server:
 
 def ann(node: str, term: int, role: str, leader: str | None = None, applied: int | None = None,
         commit: int | None = None) -> Announcement:
+    """An announcement from `node`; the commit index defaults to the applied one."""
     return Announcement(node=node, term=term, role=role, leader=leader, applied_index=applied,
                         commit_index=commit if commit is not None else applied)
 
 
 def request(path: str, method: str = "GET", headers: dict[str, str] | None = None) -> Request:
+    """An admin request for `path` (with its query string), no body."""
     target = path
     path, _, qs = target.partition("?")
     query = dict(p.split("=", 1) for p in qs.split("&") if "=" in p)
     return Request(method, target, path, query, headers or {}, b"")
 
 
-async def get(admin: Admin, path: str, method: str = "GET", **kw: object) -> Response:
-    resp = await admin.handle(request(path, method, **kw))  # type: ignore[arg-type]
+async def get(admin: Admin, path: str, method: str = "GET",
+              headers: dict[str, str] | None = None) -> Response:
+    """`admin`'s answer to `method path`, called directly (no sockets)."""
+    resp = await admin.handle(request(path, method, headers))
     assert isinstance(resp, Response)
     return resp

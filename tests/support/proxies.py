@@ -34,6 +34,7 @@ class RecordingPool:
 
 
 def send(proxy: ClusterProxy, raw: bytes) -> MockTransport:
+    """Feed `raw` to `proxy` through a new downstream connection; its transport records the answers."""
     conn = HttpConnection(HttpServer(proxy, LimitsConfig()))
     t = MockTransport()
     conn.connection_made(t)

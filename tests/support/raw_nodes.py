@@ -64,6 +64,7 @@ class RawNode:
 
 
 def raw_config(raw: RawNode, announcer: FakeNode, **overrides: object) -> ClusterConfig:
+    """A one-node cluster: client traffic to `raw`, announcements from `announcer`."""
     node = NodeConfig(id=announcer.id, url=f"http://127.0.0.1:{raw.port}", announce_url=announcer.url,
                       host="127.0.0.1", port=raw.port)
     return ClusterConfig(name="c1", kind="native", nodes=(node,), **overrides)  # type: ignore[arg-type]

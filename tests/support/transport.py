@@ -7,6 +7,8 @@ from typing import Any
 
 
 class MockTransport(asyncio.Transport):
+    """Records what is written (`out`), whether it was closed and whether reading is paused."""
+
     def __init__(self) -> None:
         super().__init__()
         self.out = bytearray()
