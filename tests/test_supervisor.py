@@ -1,7 +1,8 @@
 """The `workers: N` supervisor with stand-in workers (real forked processes, no raftlb server in them):
 restarts with back-off, a worker failing at its first start stopping all, signals passed on, a reload
 asked by one worker sent to the others, a worker that ignores SIGTERM killed after the drain. The same with
-raftlb in the workers, on a real cluster: tests/integration/test_workers.py. Config: tests/test_config.py."""
+raftlb in the workers, on a real cluster: tests/integration/test_workers.py. Config:
+tests/config/test_config.py."""
 
 from __future__ import annotations
 

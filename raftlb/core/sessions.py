@@ -41,8 +41,10 @@ class SessionOrder(Generic[R]):
         st = self._sessions.get(session)
         if st is None:
             # First sight of this session (or it was forgotten): whatever seq it is, it starts the order.
-            st = self._sessions[session] = _Session(last=seq - 1)
+            # Room is made first, so the new session (idle until this write is placed) is never the one
+            # forgotten.
             self._evict()
+            st = self._sessions[session] = _Session(last=seq - 1)
         else:
             self._sessions.move_to_end(session)
         if seq <= st.last:
@@ -80,12 +82,12 @@ class SessionOrder(Generic[R]):
         return out
 
     def _evict(self) -> None:
-        """Forget the least recently used idle sessions beyond `max_sessions`."""
-        if len(self._sessions) <= self.max_sessions:
+        """Make room for one more session: forget the least recently used idle ones beyond `max_sessions`."""
+        if len(self._sessions) < self.max_sessions:
             return
         for sid in list(self._sessions):
             st = self._sessions[sid]
             if st.in_flight is None and not st.parked:
                 del self._sessions[sid]
-                if len(self._sessions) <= self.max_sessions:
+                if len(self._sessions) < self.max_sessions:
                     return

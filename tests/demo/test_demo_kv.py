@@ -200,7 +200,7 @@ def test_command_wire_form_is_a_plain_tuple() -> None:
     assert type(wire) is tuple and len(wire) == 6 and Command.from_wire(wire) == cmd  # as before keys
     cmd = keyed(cmd, "key-1")
     wire = cmd.to_wire()
-    assert type(wire) is tuple and wire[6] == "key-1" and Command.from_wire(wire) == cmd
+    assert type(wire) is tuple and len(wire) == 7 and wire[6] == "key-1" and Command.from_wire(wire) == cmd
 
 
 commands = st.builds(

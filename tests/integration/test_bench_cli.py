@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import demo_cluster_config, running, url_of, wait_for
 
 from raftlb.demo.cluster import DemoCluster
 from raftlb.server import Server
 from raftlb.tools.loadgen import BenchOptions, run_bench
+from tests.support.harness import demo_cluster_config, running, url_of, wait_for
 
 pytestmark = pytest.mark.integration
 

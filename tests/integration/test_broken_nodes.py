@@ -3,7 +3,7 @@ nonsense. raftlb applies the re-send rule, cuts the client connection rather tha
 rejects and counts bad announcements (logging them once per burst), and keeps serving throughout.
 
 (The re-send rule for connections closed after a write, 421s and deposed leaders is pinned by
-test_proxy_writes.py; single bad events on a bare subscription by tests/test_subscriptions.py.)
+test_proxy_writes.py; single bad events on a bare subscription by tests/control/test_subscriptions.py.)
 """
 
 from __future__ import annotations
@@ -14,18 +14,19 @@ import logging
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from typing import Any
 
-import h11
 import httpx
 import pytest
-from conftest import running, url_of, wait_for
-from fakes import FakeCluster, FakeNode, FakeRequest, FakeResponse, fake_bytes, hang, sequence
-from faults import FaultRelay, reset_connection
 
 from raftlb.config.model import ClusterConfig, NodeConfig, RouteConfig
 from raftlb.server import Server
+from tests.support.fakes import FakeCluster, FakeNode, FakeRequest, FakeResponse, fake_bytes, hang, sequence
+from tests.support.faults import FaultRelay
+from tests.support.harness import running, url_of, wait_for
+from tests.support.raw_nodes import RawNode, parse_response, raw_config, read_until_close, send
 
 pytestmark = pytest.mark.integration
 
@@ -45,124 +46,6 @@ def no_crash_records(caplog: pytest.LogCaptureFixture) -> list[str]:
             if r.levelno >= logging.ERROR and (r.name.startswith("raftlb") or r.name == "asyncio")]
 
 
-# -- a node's client port that speaks whatever a test scripts ----------------------------------------------
-
-Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-class RawNode:
-    """A node's client port answering each request head with a script; the announcements come from a FakeNode
-    (`config()` pairs them). `sent` counts the bytes scripts report writing; `requests` the heads read."""
-
-    def __init__(self, script: Script) -> None:
-        self.script = script
-        self.port = 0
-        self.requests = 0
-        self.sent = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> RawNode:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=2)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                self.requests += 1
-                m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-                if m:
-                    await reader.readexactly(int(m.group(1)))
-                await self.script(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        except asyncio.CancelledError:
-            pass  # __aexit__ cancels; end quietly
-        finally:
-            writer.transport.abort()
-            self._tasks.discard(task)
-
-
-def raw_config(raw: RawNode, announcer: FakeNode, **overrides: object) -> ClusterConfig:
-    node = NodeConfig(id=announcer.id, url=f"http://127.0.0.1:{raw.port}", announce_url=announcer.url,
-                      host="127.0.0.1", port=raw.port)
-    return ClusterConfig(name="c1", kind="native", nodes=(node,), **overrides)  # type: ignore[arg-type]
-
-
-def send(data: bytes, then: str = "stay") -> Script:
-    """A script: write `data`, then "stay" (keep the connection), "close" (FIN) or "reset" (RST)."""
-
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(data)
-        await writer.drain()
-        if then == "close":
-            writer.close()
-            raise ConnectionResetError  # ends the serve loop
-        if then == "reset":
-            await asyncio.sleep(0.05)  # let the proxy read what was sent before the RST
-            reset_connection(writer.transport)
-            raise ConnectionResetError
-
-    return script
-
-
-async def read_until_close(port: int, request: bytes, timeout: float = 5.0) -> tuple[bytes, bool]:
-    """Send `request`, read until the proxy closes; (bytes, closed) where closed is False on a timeout."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    chunks = []
-    closed = False
-    try:
-        async with asyncio.timeout(timeout):
-            while chunk := await reader.read(65536):
-                chunks.append(chunk)
-            closed = True
-    except TimeoutError:
-        pass
-    except ConnectionResetError:
-        closed = True
-    writer.transport.abort()
-    return b"".join(chunks), closed
-
-
-def parse_response(data: bytes) -> tuple[int, dict[str, str], bytes, bool]:
-    """(status, headers, body, complete) of the first response in `data`, as a strict client reads it:
-    complete only if the body's framing says it ended (Content-Length reached, or the zero chunk)."""
-    conn = h11.Connection(h11.CLIENT)
-    conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
-    conn.send(h11.EndOfMessage())
-    conn.receive_data(data)
-    conn.receive_data(b"")  # the connection closed
-    status, headers, body, complete = 0, {}, bytearray(), False
-    with contextlib.suppress(h11.RemoteProtocolError):
-        while True:
-            event = conn.next_event()
-            if isinstance(event, h11.Response):
-                status = event.status_code
-                headers = {k.decode(): v.decode() for k, v in event.headers}
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                complete = True
-                break
-            elif event in (h11.NEED_DATA, h11.PAUSED) or isinstance(event, h11.ConnectionClosed):
-                break
-    return status, headers, bytes(body), complete
-
-
 # -- nodes that accept and never answer --------------------------------------------------------------------
 
 
@@ -179,7 +62,7 @@ async def hung(fc: FakeCluster, node_id: str, how: str) -> AsyncIterator[dict[st
         yield {node_id: relay.url}
 
 
-def config_with_urls(fc: FakeCluster, urls: dict[str, str], **overrides: object) -> ClusterConfig:
+def config_with_urls(fc: FakeCluster, urls: dict[str, str], **overrides: Any) -> ClusterConfig:
     cfg = fc.config(**overrides)
     nodes = []
     for n in cfg.nodes:

@@ -12,19 +12,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import demo_cluster_config, running, url_of, wait_for
 
 from raftlb.config.model import HoldConfig
 from raftlb.demo.cluster import DemoCluster
 from raftlb.server import Server
 from raftlb.tools.loadgen import BenchOptions, BenchReport, run_bench
+from tests.support.harness import demo_cluster_config, running, url_of, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 @contextlib.asynccontextmanager
 async def replicas(cluster: DemoCluster, count: int) -> AsyncIterator[list[Server]]:
-    cfg = {"response_timeout": 2.0, "hold": HoldConfig(timeout=8.0)}
+    cfg: dict[str, Any] = {"response_timeout": 2.0, "hold": HoldConfig(timeout=8.0)}
     async with contextlib.AsyncExitStack() as stack:
         servers = [await stack.enter_async_context(running(demo_cluster_config(cluster, **cfg)))
                    for _ in range(count)]

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-from conftest import demo_cluster_config, running, url_of, wait_for
-from relay import Relay
 
 from raftlb.config.model import HoldConfig
 from raftlb.demo.cluster import DemoCluster
+from tests.support.harness import demo_cluster_config, running, url_of, wait_for
+from tests.support.relay import Relay
 
 pytestmark = pytest.mark.integration
 
@@ -132,8 +132,8 @@ async def test_session_write_resent_after_its_connection_is_cut_is_applied_once(
             assert int(r3.json()["index"]) == first_index and r3.headers.get("x-raft-duplicate") == "true"
             assert (await c.get("/kv/once")).content == b"v2"  # the repeat did not overwrite v2
     finally:
-        for r in relays.values():
-            await r.stop()
+        for relay in relays.values():
+            await relay.stop()
 
 
 async def test_keyed_write_resent_after_its_connection_is_cut_is_applied_once(
@@ -155,8 +155,8 @@ async def test_keyed_write_resent_after_its_connection_is_cut_is_applied_once(
             # (which would say "created": false).
             assert r.headers.get("x-raft-duplicate") == "true" and r.json()["created"] is True
     finally:
-        for r in relays.values():
-            await r.stop()
+        for relay in relays.values():
+            await relay.stop()
 
 
 @dataclass

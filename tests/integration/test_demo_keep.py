@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from tools import demo_node_ports, free_port
 
 from raftlb.demo.scenario import DEMO_CONFIG
+from tests.support.tools import demo_node_ports, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -18,13 +18,13 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import running, url_of, wait_for
-from etcd_cluster import EtcdCluster, etcd_binary
 
 from raftlb.config.load import load_config
 from raftlb.config.model import ClusterConfig, HoldConfig, NodeConfig
 from raftlb.demo.cluster import free_ports
 from raftlb.server import Server
+from tests.support.etcd_cluster import EtcdCluster, etcd_binary
+from tests.support.harness import running, url_of, wait_for
 
 pytestmark = pytest.mark.integration
 

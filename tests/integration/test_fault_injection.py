@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import re
 import signal
@@ -28,21 +29,21 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import demo_cluster_config, running, url_of, wait_for
-from faults import FaultRelay
 
 from raftlb.config.model import ClusterConfig, HoldConfig, RouteConfig
 from raftlb.core.leader_table import LeaderChange
 from raftlb.demo.cluster import DemoCluster, free_ports
 from raftlb.server import Server
 from raftlb.tools.bench_check import ClientChecker, Violation
+from tests.support.faults import FaultRelay
+from tests.support.harness import demo_cluster_config, running, url_of, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -171,8 +172,8 @@ class Workload:
         async with httpx.AsyncClient(timeout=10) as http:
             for checker in self.checkers:
                 for key in checker.keys:
-                    r = await _retry(lambda k=key: http.get(f"{url or self.url}/kv/{k}",  # type: ignore[misc]
-                                                           headers={"X-Raft-Consistency": "leader"}))
+                    r = await _retry(functools.partial(http.get, f"{url or self.url}/kv/{key}",
+                                                       headers={"X-Raft-Consistency": "leader"}))
                     v = checker.check_final(key, r.status_code, r.content, node=r.headers.get("x-raft-node"))
                     if v is not None:
                         lost.append(v)
@@ -189,7 +190,7 @@ def _error_code(r: httpx.Response) -> str:
     return "?"
 
 
-async def _retry(call: Any, attempts: int = 20) -> httpx.Response:
+async def _retry(call: Callable[[], Awaitable[httpx.Response]], attempts: int = 20) -> httpx.Response:
     """A read-back may land in a leaderless moment just after a fault: try again, briefly."""
     for _ in range(attempts - 1):
         try:

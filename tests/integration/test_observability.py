@@ -1,8 +1,8 @@
 """Observability end to end: the admin listener over real sockets, `promtool check metrics` on a live scrape,
 a real Prometheus following the leader, the status page in headless Chromium, and `raftlb status`.
 
-Chromium and Prometheus come from Debian (`chromium`, `prometheus`); `tests/tools.py` installs them when
-missing (as root) and the test is skipped, with the reason, only when that is impossible.
+Chromium and Prometheus come from Debian (`chromium`, `prometheus`); `tests/support/tools.py` installs
+them when missing (as root) and the test is skipped, with the reason, only when that is impossible.
 """
 
 from __future__ import annotations
@@ -17,19 +17,20 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from cdp import Chromium
-from conftest import demo_cluster_config, make_config, raw_exchange, running, url_of, wait_for
-from fakes import FakeCluster
 from prometheus_client.parser import text_string_to_metric_families
-from tools import free_port, require_debian_package
 
 from raftlb.config.model import LimitsConfig
 from raftlb.proxy.cluster import ClusterProxy
 from raftlb.server import Server
 from raftlb.tools import status as status_cli
+from tests.support.cdp import Chromium
+from tests.support.fakes import FakeCluster
+from tests.support.harness import demo_cluster_config, make_config, raw_exchange, running, url_of, wait_for
+from tests.support.tools import free_port, require_debian_package
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +76,7 @@ async def test_event_stream_announces_leader_changes_and_nodes_going_down() -> N
         fc.elect("n1")
         async with running(fc.config(liveness_timeout=0.4), admin=True) as srv, httpx.AsyncClient() as c:
             await wait_for(lambda: leader_of(srv) == "n1")
-            events: list[dict[str, object]] = []
+            events: list[dict[str, Any]] = []
 
             async def follow() -> None:
                 async with c.stream("GET", admin_url(srv) + "/v1/events",

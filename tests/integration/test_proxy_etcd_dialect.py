@@ -7,11 +7,11 @@ import time
 
 import httpx
 import pytest
-from conftest import running, url_of, wait_for
-from fakes import FakeCluster, FakeRequest, FakeResponse
 
 from raftlb.config.model import RouteConfig
 from raftlb.core.dialects import dialect_for, etcd_revision
+from tests.support.fakes import FakeCluster, FakeRequest, FakeResponse
+from tests.support.harness import running, url_of, wait_for
 
 pytestmark = pytest.mark.integration
 

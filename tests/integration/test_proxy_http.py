@@ -6,14 +6,16 @@ import asyncio
 import hashlib
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import httpx
 import pytest
-from conftest import raw_exchange, running, url_of, wait_for
-from fakes import FakeCluster, echo, fake_bytes
 
 from raftlb.config.model import LimitsConfig, RouteConfig
+from raftlb.server import Server
+from tests.support.fakes import FakeCluster, echo, fake_bytes
+from tests.support.harness import raw_exchange, running, url_of, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -21,8 +23,8 @@ READS = (RouteConfig(methods=frozenset({"GET", "HEAD"}), path=None, kind="read",
                      idempotent=False),)
 
 
-def _leader_ready(srv: object) -> bool:
-    return srv.proxies["c1"].table.leader(time.monotonic()) is not None  # type: ignore[attr-defined,no-any-return]
+def _leader_ready(srv: Server) -> bool:
+    return srv.proxies["c1"].table.leader(time.monotonic()) is not None
 
 
 async def test_5mb_chunked_upload_and_download_are_byte_identical() -> None:
@@ -34,7 +36,7 @@ async def test_5mb_chunked_upload_and_download_are_byte_identical() -> None:
             await wait_for(lambda: _leader_ready(srv))
             payload = bytes(range(256)) * (5 * 1024 * 1024 // 256)
 
-            async def chunks():  # type: ignore[no-untyped-def]
+            async def chunks() -> AsyncIterator[bytes]:
                 for i in range(0, len(payload), 70_001):
                     yield payload[i:i + 70_001]
 

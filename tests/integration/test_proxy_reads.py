@@ -10,10 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import running, url_of, wait_for
-from fakes import FakeCluster, FakeRequest, FakeResponse, delay
 
 from raftlb.config.model import RouteConfig
+from tests.support.fakes import FakeCluster, FakeRequest, FakeResponse, delay
+from tests.support.harness import running, url_of, wait_for
 
 pytestmark = pytest.mark.integration
 

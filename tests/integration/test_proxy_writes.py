@@ -9,10 +9,10 @@ from dataclasses import replace
 
 import httpx
 import pytest
-from conftest import running, url_of, wait_for
-from fakes import FakeCluster, FakeRequest, FakeResponse, close_after_read, hang
 
 from raftlb.config.model import HoldConfig
+from tests.support.fakes import FakeCluster, FakeRequest, FakeResponse, close_after_read, hang
+from tests.support.harness import running, url_of, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -44,8 +44,8 @@ async def test_writes_follow_the_leader_as_it_moves() -> None:
                 await wait_for(lambda: len(sent) > 20)
                 before = len(sent)
                 fc.elect(new)
-                await wait_for(lambda n=new: leader_of(srv) == n)  # type: ignore[misc]
-                await wait_for(lambda b=before: len(sent) > b + 20)  # type: ignore[misc]
+                await wait_for(lambda n=new: leader_of(srv) == n)
+                await wait_for(lambda b=before: len(sent) > b + 20)
             stop.set()
             await task
             # Every acknowledged write was accepted by a node that was leader when it arrived there; a
@@ -95,8 +95,8 @@ async def test_short_leaderless_gap_holds_writes_and_releases_them_in_order() ->
             assert [r.status_code for r in results] == [200] * 20
             assert {r.headers["x-raft-node"] for r in results} == {"n2"}
             assert sorted(r.path for r in fc["n2"].requests) == sorted(f"/kv/h{i}" for i in range(20))
-            # (The release order itself is pinned by tests/test_proxy.py: across 20 fresh connections the
-            # node may read them in any order.)
+            # (The release order itself is pinned by tests/proxy/test_proxy.py: across 20 fresh connections
+            # the node may read them in any order.)
             stats = srv.proxies["c1"].stats
             assert (stats.held, stats.released, stats.expired) == (20, 20, 0)
 

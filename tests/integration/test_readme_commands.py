@@ -31,7 +31,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tools import demo_node_ports, free_port
+
+from tests.support.tools import demo_node_ports, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import raw_exchange, url_of, wait_for
-from fakes import FakeCluster, FakeNode, delay
 
 from raftlb.config.load import load_config
 from raftlb.server import Server
+from tests.support.fakes import FakeCluster, FakeNode, delay
+from tests.support.harness import raw_exchange, url_of, wait_for
 
 pytestmark = pytest.mark.integration
 

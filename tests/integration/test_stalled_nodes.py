@@ -18,16 +18,17 @@ import contextlib
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
-from conftest import running, url_of, wait_for
-from fakes import FakeCluster, FakeNode, FakeRequest, FakeResponse, fake_bytes, hang
-from faults import reset_connection
-from test_broken_nodes import RawNode, parse_response, raw_config, read_until_close, send
 
 from raftlb.config.model import HoldConfig, LimitsConfig, RouteConfig
 from raftlb.server import Server
+from tests.support.fakes import FakeCluster, FakeNode, FakeRequest, FakeResponse, fake_bytes, hang
+from tests.support.faults import reset_connection
+from tests.support.harness import running, url_of, wait_for
+from tests.support.raw_nodes import RawNode, parse_response, raw_config, read_until_close, send
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +74,7 @@ def stalling(sent: int, total: int = BIG, chunked: bool = False) -> FakeResponse
 
 
 @contextlib.asynccontextmanager
-async def one_leader(**cluster: object) -> AsyncIterator[tuple[Server, FakeNode]]:
+async def one_leader(**cluster: Any) -> AsyncIterator[tuple[Server, FakeNode]]:
     async with FakeCluster(1) as fc:
         fc.elect("n1")
         async with running(fc.config(**cluster), drain_timeout=1.0) as srv:

@@ -12,11 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 import trustme
-from conftest import make_config, wait_for
-from fakes import FakeCluster
 
 from raftlb.config.model import TlsConfig
 from raftlb.server import Server
+from tests.support.fakes import FakeCluster
+from tests.support.harness import make_config, wait_for
 
 pytestmark = pytest.mark.integration
 

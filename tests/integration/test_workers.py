@@ -20,10 +20,10 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import running_demo_cluster
-from tools import free_port
 
 from raftlb.demo.cluster import DemoCluster
+from tests.support.harness import running_demo_cluster
+from tests.support.tools import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from faults import FaultRelay as Relay
+from tests.support.faults import FaultRelay as Relay
 
 __all__ = ["Relay"]

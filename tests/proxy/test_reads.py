@@ -6,12 +6,12 @@ import re
 import time
 
 import pytest
-from test_proxy import RecordingPool, send
 
 from raftlb.config.model import ClusterConfig, NodeConfig, RouteConfig
 from raftlb.core.leader_table import Announcement
 from raftlb.proxy.cluster import ClusterProxy
 from raftlb.proxy.reads import place_read
+from tests.support.proxies import RecordingPool, send
 
 FIRST, LAST = (lambda: 0.0), (lambda: 0.999)  # the rng's draw among equally loaded nodes
 

@@ -8,12 +8,12 @@ import logging
 import socket
 
 import pytest
-from conftest import make_config, wait_for
 
 from raftlb import __version__
-from raftlb.config.model import ClusterConfig, NodeConfig
+from raftlb.config.model import ClusterConfig, ClusterKind, NodeConfig
 from raftlb.server import Server
 from raftlb.tools.cli import build_parser
+from tests.support.harness import make_config, wait_for
 
 COMMANDS = ("run", "check", "status", "demo", "demo-node", "announce", "bench")
 
@@ -33,12 +33,12 @@ def dead_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cluster(kind: str) -> ClusterConfig:
+def cluster(kind: ClusterKind) -> ClusterConfig:
     port = dead_port()
     url = f"http://127.0.0.1:{port}"
     node = NodeConfig(id="n1", url=url, announce_url=url, host="127.0.0.1", port=port)
     return ClusterConfig(name="c1", kind=kind, nodes=(node,), routes=(),
-                         liveness_timeout=0.3)  # type: ignore[arg-type]
+                         liveness_timeout=0.3)
 
 
 async def test_run_logs_a_start_up_line_with_version_config_listeners_admin_and_clusters(
@@ -61,7 +61,8 @@ async def test_run_logs_a_start_up_line_with_version_config_listeners_admin_and_
 
 
 @pytest.mark.parametrize("kind", ["native", "etcd"])
-async def test_a_node_down_line_names_the_url_it_tried(kind: str, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_node_down_line_names_the_url_it_tried(kind: ClusterKind,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="raftlb")
     c = cluster(kind)
     server = Server(make_config(c))

@@ -8,28 +8,17 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
-from test_metrics import ann, cluster_config, offline_server
 
 from raftlb.config.model import Config
 from raftlb.core.leader_table import Announcement, LeaderChange
-from raftlb.http.app import EventStream, Request, Response
+from raftlb.http.app import EventStream, Response
 from raftlb.ops.admin import Admin
 from raftlb.ops.events import EventBus
-
-
-def request(path: str, method: str = "GET", headers: dict[str, str] | None = None) -> Request:
-    target = path
-    path, _, qs = target.partition("?")
-    query = dict(p.split("=", 1) for p in qs.split("&") if "=" in p)
-    return Request(method, target, path, query, headers or {}, b"")
-
-
-async def get(admin: Admin, path: str, method: str = "GET", **kw: object) -> Response:
-    resp = await admin.handle(request(path, method, **kw))  # type: ignore[arg-type]
-    assert isinstance(resp, Response)
-    return resp
+from raftlb.server import Server
+from tests.support.offline import ann, cluster_config, get, offline_server, request
 
 
 def body(resp: Response) -> dict[str, object]:
@@ -343,7 +332,7 @@ async def test_a_subscriber_that_falls_behind_is_dropped_and_can_resume_from_his
 # -- browsers on other sites: DNS rebinding and cross-site request forgery ---------------------------------
 
 
-def with_admin(**admin: object) -> object:
+def with_admin(**admin: Any) -> Server:
     server = offline_server()
     server.config = replace(server.config, admin=replace(server.config.admin, **admin))
     return server
@@ -357,7 +346,7 @@ def with_admin(**admin: object) -> object:
 async def test_a_host_not_an_ip_localhost_or_allowed_is_refused_on_every_route(
         host: str, method: str, path: str) -> None:
     # DNS rebinding: the attacker's name resolves to the admin's address, and the browser sends its Host.
-    admin = Admin(with_admin(allowed_hosts=("raftlb", ".svc.example")))  # type: ignore[arg-type]
+    admin = Admin(with_admin(allowed_hosts=("raftlb", ".svc.example")))
     r = await get(admin, path, method, headers={"host": host})
     assert (r.status, body(r)["error"]) == (403, "host_not_allowed")
 
@@ -368,7 +357,7 @@ async def test_a_host_not_an_ip_localhost_or_allowed_is_refused_on_every_route(
 async def test_ip_literals_localhost_and_allowed_names_are_served(host: str) -> None:
     # Prometheus and the kubelet's probes name the pod IP; `raftlb status --admin http://raftlb:9090` a
     # name listed in admin.allowed_hosts (`.svc.example`: that domain and its subdomains).
-    admin = Admin(with_admin(allowed_hosts=("raftlb", ".svc.example")))  # type: ignore[arg-type]
+    admin = Admin(with_admin(allowed_hosts=("raftlb", ".svc.example")))
     for path in ("/metrics", "/healthz", "/readyz", "/v1/clusters"):
         assert (await get(admin, path, headers={"host": host})).status in (200, 503), path
     r = await get(admin, "/v1/reload", "POST", headers={"host": host})
@@ -376,7 +365,7 @@ async def test_ip_literals_localhost_and_allowed_names_are_served(host: str) -> 
 
 
 async def test_any_host_with_a_star_in_allowed_hosts() -> None:
-    admin = Admin(with_admin(allowed_hosts=("*",)))  # type: ignore[arg-type]
+    admin = Admin(with_admin(allowed_hosts=("*",)))
     assert (await get(admin, "/healthz", headers={"host": "anything.example"})).status == 200
 
 
@@ -415,7 +404,7 @@ async def test_state_changes_from_another_origin_or_as_a_simple_form_are_refused
 async def test_the_origin_of_an_https_admin_is_https() -> None:
     from raftlb.config.model import TlsConfig
 
-    admin = Admin(with_admin(tls=TlsConfig(cert="c", key="k")))  # type: ignore[arg-type]
+    admin = Admin(with_admin(tls=TlsConfig(cert="c", key="k")))
     same = {"host": "[::1]:9443", "origin": "https://[::1]:9443"}
     assert body(await get(admin, "/v1/reload", "POST", headers=same))["error"] == "no_config_file"
     other = {"host": "[::1]:9443", "origin": "http://[::1]:9443"}

@@ -9,7 +9,7 @@ from raftlb.config.load import check_main, load_config, parse_config
 from raftlb.config.model import Config
 from raftlb.errors import ConfigError
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 GOOD = """\
 listeners:

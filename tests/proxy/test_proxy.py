@@ -5,34 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from test_http_server import MockTransport
-
 from raftlb.config.model import ClusterConfig, HoldConfig, LimitsConfig, NodeConfig
 from raftlb.core.leader_table import Announcement
 from raftlb.http.server import HttpConnection, HttpServer
 from raftlb.proxy.cluster import ClusterProxy
-from raftlb.proxy.request import ProxyRequest
-
-
-class RecordingPool:
-    """Stands in for a NodePool: records the order requests ask for connections."""
-
-    def __init__(self, node_id: str) -> None:
-        self.node_id = node_id
-        self.outstanding = 0
-        self.acquired: list[ProxyRequest] = []
-
-    def take_idle(self) -> None:
-        return None  # never an idle connection: every request asks (and is recorded)
-
-    def acquire(self, req: Any) -> None:
-        self.acquired.append(req)
-
-    def sweep(self, now: float) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+from tests.support.proxies import RecordingPool, send
+from tests.support.transport import MockTransport
 
 
 def make_proxy(**cluster_kw: Any) -> tuple[ClusterProxy, dict[str, RecordingPool]]:
@@ -42,14 +20,6 @@ def make_proxy(**cluster_kw: Any) -> tuple[ClusterProxy, dict[str, RecordingPool
     pools = {n.id: RecordingPool(n.id) for n in nodes}
     proxy.pools = pools  # type: ignore[assignment]
     return proxy, pools
-
-
-def send(proxy: ClusterProxy, raw: bytes) -> MockTransport:
-    conn = HttpConnection(HttpServer(proxy, LimitsConfig()))
-    t = MockTransport()
-    conn.connection_made(t)
-    conn.data_received(raw)
-    return t
 
 
 def announce(proxy: ClusterProxy, node: str, term: int, role: str, leader: str | None) -> None:

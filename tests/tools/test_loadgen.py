@@ -648,7 +648,7 @@ def test_documented_bench_commands_target_what_the_demo_serves() -> None:
 
     from raftlb.config.load import load_config
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     with resources.as_file(resources.files("raftlb.demo").joinpath("demo.yaml")) as demo_yaml:
         listener = load_config(str(demo_yaml)).listeners[0]
     served = f"http://{listener.host}:{listener.port}"

@@ -42,7 +42,7 @@ _REQUEST_LINE = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|PATCH|OPTIONS) (\S{1,200
 _SNIFF_TAIL = 2048  # bytes kept between chunks so a request line split across reads is still seen
 
 
-def reset_connection(transport: asyncio.BaseTransport) -> None:
+def reset_connection(transport: asyncio.WriteTransport) -> None:
     """Abort with a TCP RST. A plain `abort()` sends a FIN when nothing is left unread, which the other side
     cannot tell from a clean close; SO_LINGER with a zero timeout makes the kernel reset instead."""
     sock = transport.get_extra_info("socket")
@@ -109,7 +109,7 @@ class FaultRelay:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    # -- compatibility with the first Relay (tests/relay.py)
+    # -- compatibility with the first Relay (tests/support/relay.py)
 
     @property
     def refuse(self) -> bool:

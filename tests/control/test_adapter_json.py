@@ -23,7 +23,7 @@ from raftlb.control.poll import StatusError
 from raftlb.core.leader_table import Announcement
 from raftlb.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
 
 

@@ -13,8 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import wait_for
-from test_adapter_etcd import FakeMember, Recorder, lead
 
 from raftlb.config.model import ClusterConfig, NodeConfig
 from raftlb.control.kinds import make_adapter
@@ -23,6 +21,8 @@ from raftlb.control.stream import ClusterSubscriptions, SSEParser
 from raftlb.http.app import serve
 from raftlb.tasks import TaskSet
 from raftlb.tools.announce import Announcer, parse_args
+from tests.support.etcd_members import FakeMember, Recorder, lead
+from tests.support.harness import wait_for
 
 
 def etcd_cluster(members: list[FakeMember], **kw: Any) -> ClusterConfig:

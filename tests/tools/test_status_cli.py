@@ -32,7 +32,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch, answers: list[str]) -> None:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(status_cli, "fetch", fetch)
-    monkeypatch.setattr(status_cli.time, "sleep", sleep)
+    monkeypatch.setattr("raftlb.tools.status.time.sleep", sleep)
 
 
 def test_watch_shows_one_line_while_raftlb_is_unreachable_and_recovers(
@@ -67,9 +67,8 @@ def _rows(text: str) -> dict[str, list[str]]:
 
 def test_a_dead_ex_leader_reads_down_with_its_role_in_the_past_and_a_live_deposed_one_old_term() -> None:
     # The table once showed a dead ex-leader as ROLE leader, STATE deposed, while the log said it was down.
-    from test_metrics import ann, offline_server
-
     from raftlb.ops.admin import Admin
+    from tests.support.offline import ann, offline_server
 
     server = offline_server()
     proxy = server.proxies["c1"]

@@ -3,7 +3,7 @@
 Two layers:
 
 - **mock transport** (thousands of cases, no sockets): bytes are fed to an `HttpConnection` in random cuts,
-  as tests/test_http_server.py does. Properties: nothing raises; the output is a sequence of whole, valid
+  as tests/http/test_http_server.py does. Properties: nothing raises; the output is a sequence of whole, valid
   HTTP/1.1 responses; a refusal is the last thing said and closes the connection; the handler only ever sees
   well-formed requests; where h11 (an independent, strict parser) reads the same bytes as requests, raftlb
   reads the same requests with the same bodies (no desync); a client that never reads costs a bounded queue.
@@ -36,7 +36,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import h11
@@ -44,10 +44,10 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from test_http_server import MockTransport
 
 from raftlb.config.model import ClusterConfig, LimitsConfig
 from raftlb.http.server import Exchange, HttpConnection, HttpServer
+from tests.support.transport import MockTransport
 
 MOCK_BUDGET = float(os.environ.get("FUZZ_BUDGET_S", "15"))
 SOCKET_BUDGET = float(os.environ.get("FUZZ_SOCKET_BUDGET_S", "15"))
@@ -434,12 +434,12 @@ def check_case(data: bytes, data_pieces: list[bytes], finish: int, *, compare_h1
                                                                             strict=True) if ex.body_done]
         if responses and responses[-1].status >= 400:
             ours = ours[:len(ok)]
-        for mine, (method, target, body) in zip(ours, theirs, strict=False):
+        for mine, (method, target, their_body) in zip(ours, theirs, strict=False):
             # raftlb turns an absolute-form target into origin-form (RFC 9112 §3.2.2); h11 keeps it as sent.
             origin = re.sub(rb"^https?://[^/?#]*", b"", target, flags=re.IGNORECASE)
             if origin != target and not origin.startswith(b"/"):
                 origin = b"/" + origin
-            assert mine == (method, origin, body), (mine, (method, target, body))
+            assert mine == (method, origin, their_body), (mine, (method, target, their_body))
 
 
 BATCH = 8  # cases per Hypothesis example: its own overhead (~1 ms an example) is then paid once per batch
@@ -532,15 +532,14 @@ class LiveProxy:
     loop: asyncio.AbstractEventLoop | None = None
     errors: list[str] = field(default_factory=list)
 
-    def call(self, fn: object) -> object:
+    def call(self, fn: Callable[[], object]) -> object:
         """Run `fn()` on the proxy's loop and return its result."""
         assert self.loop is not None
-        fut: asyncio.Future[object] = asyncio.run_coroutine_threadsafe(_call(fn), self.loop)  # type: ignore[arg-type]
-        return fut.result(5)
+        return asyncio.run_coroutine_threadsafe(_call(fn), self.loop).result(5)
 
 
-async def _call(fn: object) -> object:
-    return fn()  # type: ignore[operator]
+async def _call(fn: Callable[[], object]) -> object:
+    return fn()
 
 
 class _ErrorLog(logging.Handler):
@@ -556,8 +555,9 @@ class _ErrorLog(logging.Handler):
 @pytest.fixture(scope="module")
 def live() -> Iterator[LiveProxy]:
     import uvloop
-    from conftest import running
-    from fakes import FakeNode
+
+    from tests.support.fakes import FakeNode
+    from tests.support.harness import running
 
     proxy = LiveProxy()
     ready = threading.Event()
@@ -616,7 +616,7 @@ def exchange(port: int, data_pieces: list[bytes], half_close: bool,
                 s.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # raftlb closed first: what it said is still readable
-        chunks = []
+        chunks: list[bytes] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:

@@ -574,7 +574,7 @@ def reference(table: LeaderTable, now: float) -> tuple[str | None, int]:
     if len(named) != 1:
         return None, floor
     hinted = named.pop()
-    if hinted not in nodes:
+    if hinted is None or hinted not in nodes:
         return None, floor
     target = nodes[hinted]
     deposed_or_claiming = target.role == "leader"
