@@ -13,6 +13,9 @@
 from __future__ import annotations
 
 import ast
+import hashlib
+import hmac
+import json
 import re
 from functools import cache
 from pathlib import Path
@@ -123,7 +126,7 @@ def resolve(dotted: str, attr: str | None = None) -> str | None:
 
 def _slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"[`*_]|\[([^\]]*)\]\([^)]*\)", lambda m: m[1] or "", heading.strip().lower())
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip().lower())  # a link: its text
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
@@ -219,3 +222,17 @@ def test_link_check_catches_missing_files_anchors_and_escapes() -> None:
     assert link_problem(doc, "../../shared/DESIGN.md") is not None
     assert PATH.findall("see `raftlb/proxy/requests.py` and raftlb/core/") == ["raftlb/proxy/requests.py",
                                                                              "raftlb/core/"]
+
+
+def test_the_signing_test_vector_of_protocol_md_verifies() -> None:
+    """docs/protocol.md §6: the canonical form of the §2 example, and its HMAC-SHA256 under the key."""
+    doc = (ROOT / "docs" / "protocol.md").read_text()
+    block = re.search(r"```json\n(.*?)```", doc, re.S)
+    assert block is not None
+    example = json.loads(block[1])
+    canonical = re.search(r"serializes to\n\n```text\n(.*?)\n```", doc, re.S)
+    key = re.search(r"with the key `([^`]+)`", doc)
+    sig = re.search(r"its `sig` is `([0-9a-f]{64})`", doc)
+    assert example and canonical and key and sig
+    assert json.dumps(example, sort_keys=True, separators=(",", ":")) == canonical[1]
+    assert hmac.new(key[1].encode(), canonical[1].encode(), hashlib.sha256).hexdigest() == sig[1]
