@@ -30,6 +30,8 @@ PATH = re.compile(r"(?<![\w./-])(raftlb/(?:[A-Za-z_]\w*/)*(?:[A-Za-z_]\w*\.py|))
 DOTTED = re.compile(r"(?<![\w./-])(raftlb(?:\.[A-Za-z_]\w*)+)(?::([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*))?")
 # `raftlb.yaml`, `raftlb.json`, `raftlb.yaml.tmpl`: file names, not Python names.
 FILE_SUFFIXES = frozenset({"yaml", "yml", "json", "toml", "tmpl", "md", "txt", "log", "conf", "cfg"})
+# A path, then names of it in parentheses: `raftlb/core/router.py` (`Router.classify`).
+PATH_WITH_NAMES = re.compile(r"`(raftlb/[\w/]+\.py)` \(((?:`[\w.]+`(?:, | and | or )?)+)")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 UP_PATH = re.compile(r"(?:\.\./)+[\w./-]*")
 
@@ -79,8 +81,10 @@ def _class_names(cls: ast.ClassDef) -> set[str]:
     for node in ast.walk(cls):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
             names.add(node.attr)
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
-            names.add(node.value)  # __slots__ = ("a", "b"): a loose but sufficient reading
+    slots = _names(cls.body).get("__slots__")
+    if isinstance(slots, ast.Assign):
+        names.update(c.value for c in ast.walk(slots.value)
+                     if isinstance(c, ast.Constant) and isinstance(c.value, str))
     return names
 
 
@@ -177,6 +181,16 @@ def test_every_cited_raftlb_name_exists() -> None:
     assert problems == [], f"docs cite raftlb names that do not exist: {problems}"
 
 
+def test_names_cited_beside_a_path_exist_in_that_module() -> None:
+    """`raftlb/core/leader_table.py` (`LeaderTable.apply`, `NodeView.is_live`): each name is in that file."""
+    cited = {(doc, m[1], name) for doc, m in _cited(PATH_WITH_NAMES)
+             for name in re.findall(r"`([\w.]+)`", m[2])}
+    assert len(cited) > 10
+    problems = sorted(f"{doc}: {path} ({name}): {why}" for doc, path, name in cited
+                      if (why := resolve(path.removesuffix(".py").replace("/", "."), name)))
+    assert problems == [], f"docs cite names that are not in the module they name: {problems}"
+
+
 def test_every_relative_link_and_parent_path_stays_in_the_repository() -> None:
     problems: list[str] = []
     for doc in DOCS:
@@ -207,6 +221,7 @@ def test_nothing_cites_a_file_outside_the_repository() -> None:
     ("raftlb.core.leader_table.LeaderTabel", None, False),
     ("raftlb.core.leader_table.LeaderTable.aply", None, False),
     ("raftlb.core.leader_table", "nothing_here", False),
+    ("raftlb.core.leader_table", "LeaderTable.misdirect", False),  # only a string in that class
     ("raftlb.nowhere", None, False),
 ])
 def test_resolve_tells_real_names_from_wrong_ones(name: str, attr: str | None, ok: bool) -> None:
