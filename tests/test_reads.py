@@ -10,8 +10,8 @@ from test_proxy import RecordingPool, send
 
 from raftlb.config.model import ClusterConfig, NodeConfig, RouteConfig
 from raftlb.core.leader_table import Announcement
+from raftlb.core.readplace import place_read
 from raftlb.proxy.cluster import ClusterProxy
-from raftlb.proxy.reads import place_read
 
 FIRST, LAST = (lambda: 0.0), (lambda: 0.999)  # the rng's draw among equally loaded nodes
 
