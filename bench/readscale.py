@@ -22,8 +22,8 @@ every key is read back from the leader (lost writes). Paths, one run each, --dur
                            index has reached the client's token, the least loaded (no bias for or against
                            the leader)
   raftlb-fenced-default    raftlb, route policy fenced, no placement setting: prefer_followers: true with
-                           leader_read_margin 8: followers first, the leader when every follower at the
-                           token has 8 more requests outstanding than it
+                           leader_read_margin 16: followers first, the leader when every follower at the
+                           token has 16 more requests outstanding than it
   raftlb-fenced-followers  raftlb, route policy fenced with leader_read_margin: never (the default before
                            issue 17): the leader only when no follower has reached the token (within 50 ms)
 
@@ -66,7 +66,7 @@ MODES = {
     "haproxy-leader": "HAProxy, leader only (httpchk role leader)",
     "raftlb-leader": "raftlb, policy leader",
     "raftlb-fenced": "raftlb, fenced, prefer_followers: false",
-    "raftlb-fenced-default": "raftlb, fenced, default (prefer_followers: true, leader_read_margin: 8)",
+    "raftlb-fenced-default": "raftlb, fenced, default (prefer_followers: true, leader_read_margin: 16)",
     "raftlb-fenced-followers": "raftlb, fenced, leader_read_margin: never (followers only)",
 }
 

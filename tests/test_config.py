@@ -441,7 +441,7 @@ def test_read_routes_default_to_fenced_and_take_consistency_settings() -> None:
 
 
 @pytest.mark.parametrize(("setting", "margin"), [
-    ("", 8),  # the default
+    ("", 16),  # the default
     ("    leader_read_margin: 3\n", 3),
     ("    leader_read_margin: never\n", None),  # followers only while one is at the index
     ("    leader_read_margin: Never\n", None),

@@ -103,7 +103,7 @@ class ClusterConfig:
     follower_wait: float = 0.05  # ... and this long for a follower when only the leader has it (0: never)
     # Reads preferring followers: the leader takes one only when every follower at the index has at least this
     # many more requests outstanding than it (None: never, while a follower is at the index).
-    leader_read_margin: int | None = 8
+    leader_read_margin: int | None = 16
     index_cookie: bool = False  # every route sets and honours the raftlb-index cookie (routes may override)
     read_index_path: str = "/raft/read_index"  # where the leader hands out read indexes (linearizable)
     session_gap_wait: float = 1.0  # a session write waits this long for the seq before it to arrive

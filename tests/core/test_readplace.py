@@ -14,7 +14,7 @@ import pytest
 from raftlb.core.readplace import NEVER, leader_bias, place_read
 
 FIRST, LAST = (lambda: 0.0), (lambda: 0.999)  # the rng's draw among equally weighted nodes
-MARGIN = 8.0  # the default leader_read_margin
+MARGIN = 16.0  # the default leader_read_margin
 
 
 @pytest.mark.parametrize(("load", "bias", "rng", "expected"), [
@@ -22,15 +22,17 @@ MARGIN = 8.0  # the default leader_read_margin
     ({"L": 0, "a": 0, "b": 0}, MARGIN, FIRST, "a"),
     ({"L": 0, "a": 0, "b": 0}, MARGIN, LAST, "b"),
     ({"L": 0, "a": 3, "b": 5}, MARGIN, FIRST, "a"),
-    ({"L": 0, "a": 7, "b": 9}, MARGIN, FIRST, "a"),  # one follower short of the margin: still a follower
+    ({"L": 0, "a": 15, "b": 19}, MARGIN, FIRST, "a"),  # one follower short of the margin: still a follower
     # Followers busier than the leader by the margin: the leader's spare capacity serves too ...
-    ({"L": 0, "a": 9, "b": 12}, MARGIN, FIRST, "L"),
-    ({"L": 2, "a": 11, "b": 11}, MARGIN, FIRST, "L"),
+    ({"L": 0, "a": 17, "b": 20}, MARGIN, FIRST, "L"),
+    ({"L": 2, "a": 19, "b": 19}, MARGIN, FIRST, "L"),
     # ... at exactly the margin the leader is one of the equals drawn from.
-    ({"L": 0, "a": 8, "b": 8}, MARGIN, FIRST, "L"),
-    ({"L": 0, "a": 8, "b": 8}, MARGIN, LAST, "b"),
+    ({"L": 0, "a": 16, "b": 16}, MARGIN, FIRST, "L"),
+    ({"L": 0, "a": 16, "b": 16}, MARGIN, LAST, "b"),
     # The leader's writes count against it: a leader busy with writes leaves reads to followers.
-    ({"L": 6, "a": 12, "b": 12}, MARGIN, FIRST, "a"),
+    ({"L": 6, "a": 20, "b": 20}, MARGIN, FIRST, "a"),
+    # A smaller margin hands reads to the leader sooner.
+    ({"L": 0, "a": 9, "b": 12}, 8.0, FIRST, "L"),
     # Among followers: the least loaded.
     ({"L": 0, "a": 4, "b": 1}, MARGIN, FIRST, "b"),
     # No bias (prefer_followers: false): the least loaded node, the leader alike; ties drawn at random.
@@ -51,9 +53,9 @@ def test_placement(load: dict[str, int], bias: float, rng: object, expected: str
 
 
 @pytest.mark.parametrize(("prefer_followers", "margin", "bias"), [
-    (False, 8, 0.0),  # no preference: every node alike, whatever the margin
+    (False, 16, 0.0),  # no preference: every node alike, whatever the margin
     (False, None, 0.0),
-    (True, 8, 8.0),
+    (True, 16, 16.0),
     (True, 1, 1.0),
     (True, None, NEVER),  # leader_read_margin: never
 ])
@@ -71,7 +73,7 @@ def test_an_idle_leader_waits_for_an_idle_follower_about_to_reach_the_index() ->
 
 @pytest.mark.parametrize(("follower_load", "leader_share"), [
     # Every draw of the rng, over the same loads: the leader's share of the reads.
-    (0, 0.0), (7, 0.0), (8, 1 / 3), (9, 1.0),
+    (0, 0.0), (15, 0.0), (16, 1 / 3), (17, 1.0),
 ])
 def test_leader_share_over_every_draw(follower_load: int, leader_share: float) -> None:
     load = {"L": 0, "a": follower_load, "b": follower_load}

@@ -16,9 +16,11 @@ import pytest
 from conftest import running, url_of, wait_for
 from fakes import FakeCluster, FakeRequest, FakeResponse, delay
 
-from raftlb.config.model import RouteConfig
+from raftlb.config.model import ClusterConfig, RouteConfig
 
 pytestmark = pytest.mark.integration
+
+MARGIN = ClusterConfig.leader_read_margin  # the default
 
 FENCED = (RouteConfig(methods=frozenset({"GET"}), path=re.compile("^/kv"), kind="read", policy="fenced",
                       idempotent=False),)
@@ -63,7 +65,7 @@ async def test_with_idle_followers_the_leader_serves_under_5_percent_of_reads() 
     assert served.get("n2", 0) > 0 and served.get("n3", 0) > 0
 
 
-async def held_reads(margin: int | None, reads: int = 40) -> tuple[dict[str, int], dict[str, int]]:
+async def held_reads(margin: int | None, reads: int = 60) -> tuple[dict[str, int], dict[str, int]]:
     """Followers hold every read until released; the leader answers at once. `reads` reads at once:
     (reads the leader served while the followers held theirs, reads each follower held)."""
     async with FakeCluster(3) as fc:
@@ -75,7 +77,7 @@ async def held_reads(margin: int | None, reads: int = 40) -> tuple[dict[str, int
             return None
 
         fc["n2"].handler = fc["n3"].handler = held
-        kw: dict[str, Any] = {} if margin == 8 else {"leader_read_margin": margin}
+        kw: dict[str, Any] = {} if margin == MARGIN else {"leader_read_margin": margin}
         async with running(fc.config(routes=FENCED, **kw)) as srv, \
                 httpx.AsyncClient(base_url=url_of(srv), limits=httpx.Limits(max_connections=reads)) as c:
             await wait_for(lambda: leader_of(srv) == "n1" and at_index(srv, 50))
@@ -97,16 +99,17 @@ async def held_reads(margin: int | None, reads: int = 40) -> tuple[dict[str, int
 
 
 async def test_an_idle_leader_takes_the_reads_saturated_followers_would_queue() -> None:
-    """Followers that hold their reads (saturated): each takes about the margin (8) more than the leader
-    holds, then the leader's spare capacity serves the rest."""
-    leader, followers = await held_reads(8)
-    assert all(8 <= n <= 12 for n in followers.values()), followers  # followers first, up to the margin
-    assert leader["n1"] == 40 - sum(followers.values()) >= 16, (leader, followers)
+    """Followers that hold their reads (saturated): each takes about the margin more than the leader holds,
+    then the leader's spare capacity serves the rest."""
+    assert MARGIN is not None
+    leader, followers = await held_reads(MARGIN)
+    assert all(MARGIN <= n <= MARGIN + 4 for n in followers.values()), followers  # followers first
+    assert leader["n1"] == 60 - sum(followers.values()) >= 60 - 2 * (MARGIN + 4), (leader, followers)
 
 
 async def test_leader_read_margin_never_keeps_every_read_on_followers() -> None:
     leader, followers = await held_reads(None)
-    assert leader == {"n1": 0} and sum(followers.values()) == 40, (leader, followers)
+    assert leader == {"n1": 0} and sum(followers.values()) == 60, (leader, followers)
 
 
 async def test_prefer_followers_false_spreads_reads_over_every_node() -> None:
