@@ -1,6 +1,6 @@
 """Read placement: which of the nodes at a read's index serves it (pure: loads in, a node out).
 
-The rule (docs/how-it-works.md, "Reads"):
+The rule (docs/how-it-works.md, "Reads that never go back in time"):
 
 - Every node at the index is a candidate, the leader included. Each counts its outstanding requests (sent
   and not finished); the leader counts `leader_bias` more. The lowest count serves the read; ties are drawn
