@@ -19,15 +19,20 @@ every key is read back from the leader (lost writes). Paths, one run each, --dur
                            consistent
   raftlb-leader            raftlb, reads with `X-Raft-Consistency: leader` (policy leader)
   raftlb-fenced            raftlb, route policy fenced with prefer_followers: false: any node whose applied
-                           index has reached the client's token, the least loaded of two picked at random
-  raftlb-fenced-followers  raftlb, route policy fenced with the default prefer_followers: true: followers
-                           first, the leader only when no follower has reached the token (within 50 ms)
+                           index has reached the client's token, the least loaded (no bias for or against
+                           the leader)
+  raftlb-fenced-default    raftlb, route policy fenced, no placement setting: prefer_followers: true with
+                           leader_read_margin 16: followers first, the leader when every follower at the
+                           token has 16 more requests outstanding than it
+  raftlb-fenced-followers  raftlb, route policy fenced with leader_read_margin: never (the default before
+                           issue 17): the leader only when no follower has reached the token (within 50 ms)
 
 Everything runs twice (--announce-applied): first with nodes that announce every 50 ms tick and also as
 soon as their applied index moves (at most every 5 ms), then with tick-only announcements like the demo node.
 
-Target (issue 7): fenced reads through raftlb (raftlb-fenced) >= 2.5x the consistent-read throughput of
-leader-only reads (the better of haproxy-leader and raftlb-leader), with 0 consistency violations. The
+Targets: fenced reads through raftlb >= 2.5x the consistent-read throughput of leader-only reads (the
+better of haproxy-leader and raftlb-leader) with prefer_followers: false (issue 7), >= 2.8x with the default
+placement (issue 17); 0 consistency violations. The
 verdict is printed for every phase; the exit status is 1 when the first phase misses the target or any run
 of any phase has a consistency violation.
 """
@@ -61,28 +66,30 @@ MODES = {
     "haproxy-leader": "HAProxy, leader only (httpchk role leader)",
     "raftlb-leader": "raftlb, policy leader",
     "raftlb-fenced": "raftlb, fenced, prefer_followers: false",
-    "raftlb-fenced-followers": "raftlb, fenced, prefer_followers: true (default)",
+    "raftlb-fenced-default": "raftlb, fenced, default (prefer_followers: true, leader_read_margin: 16)",
+    "raftlb-fenced-followers": "raftlb, fenced, leader_read_margin: never (followers only)",
 }
 
 
-def raftlb_config(node_ports: dict[str, int], spread_port: int, followers_port: int,
-                  admin_port: int) -> dict[str, Any]:
-    def cluster(name: str, prefer_followers: bool) -> dict[str, Any]:
+def raftlb_config(node_ports: dict[str, int], ports: dict[str, int], admin_port: int) -> dict[str, Any]:
+    """One cluster (and listener) per placement: `spread` (prefer_followers: false), `default` (no placement
+    setting at all), `followers` (leader_read_margin: never)."""
+    def cluster(name: str, route_extra: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         return {
             "name": name, "kind": "native", "liveness_timeout": "600ms",
             "nodes": [{"id": n, "url": f"http://127.0.0.1:{p}"} for n, p in node_ports.items()],
             "routes": [{"methods": ["GET", "HEAD"], "path": "^/kv/", "kind": "read", "policy": "fenced",
-                        "prefer_followers": prefer_followers}],
+                        **route_extra}],
+            **extra,
         }
 
     return {
-        "listeners": [
-            {"name": "spread", "address": f"127.0.0.1:{spread_port}", "cluster": "spread"},
-            {"name": "followers", "address": f"127.0.0.1:{followers_port}", "cluster": "followers"},
-        ],
+        "listeners": [{"name": name, "address": f"127.0.0.1:{port}", "cluster": name}
+                      for name, port in ports.items()],
         "admin": {"address": f"127.0.0.1:{admin_port}"},
         "logging": {"level": "warning"},
-        "clusters": [cluster("spread", False), cluster("followers", True)],
+        "clusters": [cluster("spread", {"prefer_followers": False}, {}), cluster("default", {}, {}),
+                     cluster("followers", {}, {"leader_read_margin": "never"})],
     }
 
 
@@ -182,15 +189,17 @@ def phase(args: argparse.Namespace, modes: list[str], announce: str, workdir: Pa
                          f"http://127.0.0.1:{node_ports['n1']}"]
             proc = procs.start(f"capnode-{n}", argv)
             wait_port(port, proc)
-        spread, followers, admin, ha = free_port(), free_port(), free_port(), free_port()
+        ports = {"spread": free_port(), "default": free_port(), "followers": free_port()}
+        spread, admin, ha = ports["spread"], free_port(), free_port()
         cfg = workdir / "raftlb.yaml"
-        cfg.write_text(yaml.safe_dump(raftlb_config(node_ports, spread, followers, admin), sort_keys=False))
+        cfg.write_text(yaml.safe_dump(raftlb_config(node_ports, ports, admin), sort_keys=False))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         raftlb = procs.start("raftlb", [sys.executable, "-m", "raftlb", "run", "-c", str(cfg)], env=env)
         wait_port(spread, raftlb)
         wait_until(lambda: http_get(admin, "/readyz?leader=1")[0] == 200, "raftlb to see the leader")
         urls = {"raftlb-leader": f"http://127.0.0.1:{spread}", "raftlb-fenced": f"http://127.0.0.1:{spread}",
-                "raftlb-fenced-followers": f"http://127.0.0.1:{followers}"}
+                "raftlb-fenced-default": f"http://127.0.0.1:{ports['default']}",
+                "raftlb-fenced-followers": f"http://127.0.0.1:{ports['followers']}"}
         if "haproxy-leader" in modes:
             hcfg = workdir / "haproxy.cfg"
             hcfg.write_text(haproxy_config(node_ports, ha))
@@ -232,6 +241,14 @@ def verdict(rows: list[dict[str, Any]], label: str) -> tuple[float, list[tuple[b
                            f"{f['reads_per_s']:,.0f}/s = {ratio:.2f}x leader-only {base:,.0f}/s "
                            f"(target >= 2.5x); "
                            f"consistency violations {f['violations']} (target 0)", "target"))
+    if "raftlb-fenced-default" in by_mode and leader_only:
+        d = by_mode["raftlb-fenced-default"]
+        ratio = d["reads_per_s"] / base
+        ok = ratio >= 2.8 and d["violations"] == 0
+        checks.append((ok, f"  [{'PASS' if ok else 'FAIL'}] {label}: fenced reads, default placement "
+                           f"{d['reads_per_s']:,.0f}/s = {ratio:.2f}x leader-only {base:,.0f}/s "
+                           f"(target >= 2.8x, issue 17); "
+                           f"consistency violations {d['violations']} (target 0)", "target"))
     for r in rows:
         if r["violations"]:
             checks.append((False, f"  [FAIL] {label}: {r['mode']}: {r['violations']} consistency violations",
@@ -275,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         gate += [ok for ok, _, kind in found if i == 0 or kind == "violations"]
         print(f"\n{label[0].upper()}{label[1:]}:\n")
         print(table(rows, base))
-    print("\ntargets (issue 7):")
+    print("\ntargets (issues 7 and 17):")
     for _, line in checks:
         print(line)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -171,6 +171,7 @@ _CLUSTER: dict[str, Conv] = {
     "hold": make_conv(HoldConfig, _HOLD), "pool": make_conv(PoolConfig, _POOL),
     "fence_wait": lambda c: c.duration(allow_zero=True), "index_cookie": Cursor.boolean,
     "follower_wait": lambda c: c.duration(allow_zero=True),
+    "leader_read_margin": lambda c: _margin(c),
     "read_index_path": lambda c: _abs_path(c), "session_gap_wait": lambda c: c.duration(allow_zero=True),
     "max_sessions": at_least_one,
 }
@@ -204,6 +205,15 @@ def _config(root: Cursor) -> Config:
     if problem := shared_port_problem(cfg, cfg.workers):
         raise m.require("workers").error(problem)
     return cfg
+
+
+def _margin(cur: Cursor) -> int | None:
+    """A whole number of outstanding requests (at least 1), or `never` (None)."""
+    if isinstance(value := cur.scalar(), str) and value.lower() == "never":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise cur.bad("a whole number or never")
+    return cur.integer(minimum=1)
 
 
 def _workers(cur: Cursor) -> int:

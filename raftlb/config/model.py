@@ -41,7 +41,7 @@ class RouteConfig:
     idempotent: bool  # a write on this route may be re-sent after an ambiguous failure
     max_lag_entries: int | None = None  # bounded reads: a node at most this many entries behind the leader
     max_lag_ms: int | None = None  # bounded reads: a node caught up with the leader at most this long ago
-    prefer_followers: bool = True  # reads: the leader serves only when no follower is eligible
+    prefer_followers: bool = True  # reads: followers first (the cluster's leader_read_margin); False: no bias
     cookie: bool | None = None  # set/honour the raftlb-index cookie; None: the cluster's index_cookie
     fence_wait: float | None = None  # fenced reads: how long to wait for a node to reach the index
     stream: bool = False  # answers are long-lived streams (watches): no response_timeout between their reads
@@ -103,6 +103,9 @@ class ClusterConfig:
     retry_after: int = 1  # seconds, on 503s the proxy produces
     fence_wait: float = 1.0  # fenced reads wait this long for some node to reach the client's index
     follower_wait: float = 0.05  # ... and this long for a follower when only the leader has it (0: never)
+    # Reads preferring followers: the leader takes one only when every follower at the index has at least this
+    # many more requests outstanding than it (None: never, while a follower is at the index).
+    leader_read_margin: int | None = 16
     index_cookie: bool = False  # every route sets and honours the raftlb-index cookie (routes may override)
     read_index_path: str = "/raft/read_index"  # where the leader hands out read indexes (linearizable)
     session_gap_wait: float = 1.0  # a session write waits this long for the seq before it to arrive

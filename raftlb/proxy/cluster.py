@@ -20,12 +20,13 @@ from raftlb.burstlog import BurstLog
 from raftlb.config.model import ClusterConfig, TlsConfig
 from raftlb.core.dialects import dialect_for
 from raftlb.core.leader_table import Announcement, LeaderChange, LeaderTable
+from raftlb.core.readplace import leader_bias, place_read
 from raftlb.core.router import IDEMPOTENT_METHODS, RouteDecision, Router
 from raftlb.core.sessions import SessionOrder
 from raftlb.errors import BadConsistency, BadMinIndex, BadRequest, HoldQueueFull, NoLeader, SessionGap
 from raftlb.http.server import Exchange
 from raftlb.proxy.pool import NodePool
-from raftlb.proxy.reads import ReadIndexBroker, eligible_nodes, place_read
+from raftlb.proxy.reads import ReadIndexBroker, eligible_nodes
 from raftlb.proxy.request import ProxyRequest
 from raftlb.tls import client_context
 
@@ -301,13 +302,8 @@ class ClusterProxy:
             return None
         route = req.route
         at_index = cands
-        if len(cands) > 1:
-            if route.prefer_followers:
-                leader = self.table.leader(now)
-                if leader in cands:
-                    cands = [n for n in cands if n != leader]
-            if req.avoid is not None and len(cands) > 1 and req.avoid in cands:
-                cands = [n for n in cands if n != req.avoid]
+        if len(cands) > 1 and req.avoid is not None and req.avoid in cands:
+            cands = [n for n in cands if n != req.avoid]
         pools = self.pools
         coming: list[str] = []
         patience = min(self.follower_wait, route.fence_wait / 4)
@@ -320,7 +316,9 @@ class ClusterProxy:
             coming = [n for n in self.table.live_nodes(now)
                       if n not in at_index and n != leader and n != req.avoid
                       and self.caught_up_at.get(n, recent - 1) >= recent]
-        return place_read(cands, coming, lambda n: pools[n].outstanding, now - req.ex.started_at, patience)
+        return place_read(cands, coming, lambda n: pools[n].outstanding, now - req.ex.started_at, patience,
+                          leader=self.table.leader(now), bias=leader_bias(route.prefer_followers,
+                                                                          self.cluster.leader_read_margin))
 
     def dispatch(self, req: ProxyRequest) -> None:
         """Route a request now: to its node, the hold queue, the fence wait list or the read-index broker."""

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -437,6 +438,27 @@ def test_read_routes_default_to_fenced_and_take_consistency_settings() -> None:
     assert (bounded.max_lag_entries, bounded.max_lag_ms, bounded.prefer_followers) == (100, 500, False)
     assert (bounded.cookie, bounded.fence_wait) == (False, 2.0)
     assert write.policy == "leader"
+
+
+@pytest.mark.parametrize(("setting", "margin"), [
+    ("", 16),  # the default
+    ("    leader_read_margin: 3\n", 3),
+    ("    leader_read_margin: never\n", None),  # followers only while one is at the index
+    ("    leader_read_margin: Never\n", None),
+])
+def test_leader_read_margin(setting: str, margin: int | None) -> None:
+    assert parse_config(GOOD + setting).clusters[0].leader_read_margin == margin
+
+
+@pytest.mark.parametrize(("value", "error"), [
+    ("0", "leader_read_margin: must be at least 1, got 0"),
+    ("soon", "leader_read_margin: must be a whole number or never"),
+    ("true", "leader_read_margin: must be a whole number or never"),
+    ("1.5", "leader_read_margin: must be a whole number or never"),
+])
+def test_leader_read_margin_errors(value: str, error: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        parse_config(GOOD + f"    leader_read_margin: {value}\n")
 
 
 def test_announce_auth_takes_one_or_two_keys_and_a_skew() -> None:

@@ -9,8 +9,8 @@ import pytest
 
 from raftlb.config.model import ClusterConfig, NodeConfig, RouteConfig
 from raftlb.core.leader_table import Announcement
+from raftlb.core.readplace import place_read
 from raftlb.proxy.cluster import ClusterProxy
-from raftlb.proxy.reads import place_read
 from tests.support.proxies import RecordingPool, send
 
 FIRST, LAST = (lambda: 0.0), (lambda: 0.999)  # the rng's draw among equally loaded nodes
@@ -132,3 +132,18 @@ async def test_no_wait_with_follower_wait_zero() -> None:
     announce(proxy, "n2", 11)
     read(proxy, 11)
     assert targets(pools) == {"n2": 1}
+
+
+async def test_a_resent_read_avoids_the_follower_that_failed_even_when_only_the_leader_remains() -> None:
+    """A read re-sent away from a follower (`avoid`: it failed) goes to the leader when that follower was
+    the only one at the index. (Before read placement by load it went back to the follower that failed: the
+    leader was set aside for preferring followers before the failed node was.)"""
+    proxy, pools = fenced_proxy()
+    announce(proxy, "n3", 10)  # behind the token, and never caught up: not waited for
+    announce(proxy, "n1", 20)
+    announce(proxy, "n2", 20)
+    read(proxy, 20)
+    assert targets(pools) == {"n2": 1}  # followers first
+    req = pools["n2"].acquired[0]
+    req.avoid = "n2"  # what a failed attempt on n2 sets before the re-send
+    assert proxy.pick(req, time.monotonic()) == "n1"
