@@ -1,7 +1,8 @@
 """Reads that need more than "any live node": the eligible-node rules, and the ReadIndex broker.
 
-- `eligible_nodes`: which nodes may serve a read under its policy, from the leader table alone (pure).
-- `place_read`: which of the nodes at a read's index serves it, or a short wait for a better one (pure).
+The rules of where a read goes are in `raftlb.core.placement` (`eligible_nodes`, `place_read`, re-exported
+here for the callers that know them by this module); this module does the I/O of reads:
+
 - `ReadIndexBroker`: `linearizable` reads without loading the leader with reads (Raft dissertation §6.4):
   one round trip to the leader's read-index endpoint is shared by every read that arrived before the round
   started; each read is then served, fenced at that index, by any node that has applied it.
@@ -11,13 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
-from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from raftlb.core.leader_table import LeaderTable
-from raftlb.core.router import RouteDecision
+from raftlb.core.placement import eligible_nodes, place_read
 from raftlb.errors import NoLeader
 from raftlb.proxy.pool import UpstreamConn
 
@@ -27,59 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("raftlb.proxy.reads")
 
-
-def eligible_nodes(table: LeaderTable, route: RouteDecision, floor: int, now: float,
-                   caught_up_at: dict[str, float]) -> list[str]:
-    """Live nodes allowed to serve a read right now (the leader included; the caller prefers followers).
-
-    fenced / linearizable: applied index ≥ `floor` (the client's token, or the read index).
-    bounded: within `max_lag_entries` of the leader's commit index and/or caught up with the leader no
-             longer than `max_lag_ms` ago; and ≥ `floor`.
-    any: every live node.
-    """
-    if route.policy == "any":
-        return table.live_nodes(now)
-    nodes = table.applied_at_least(floor, now) if floor > 0 else table.live_nodes(now)
-    if route.policy != "bounded" or not nodes:
-        return nodes
-    leader = table.leader(now)
-    if leader is None:
-        return []
-    commit = table.nodes[leader].commit_index or 0
-    out = []
-    for nid in nodes:
-        view = table.nodes[nid]
-        if route.max_lag_entries is not None and commit - (view.applied_index or 0) > route.max_lag_entries:
-            continue
-        if route.max_lag_ms is not None and nid != leader:
-            if (now - caught_up_at.get(nid, float("-inf"))) * 1000 > route.max_lag_ms:
-                continue
-        out.append(nid)
-    return out
-
-
-def place_read(at_index: Sequence[str], coming: Sequence[str], load: Callable[[str], int], waited: float,
-               patience: float, rng: Callable[[], float] = random.random) -> str | None:
-    """The node that serves a read now, among the nodes at its index; None: wait a little for a better one.
-
-    at_index: the nodes allowed to serve it now (non-empty; the leader already left out when followers are
-              preferred and one of them is at the index).
-    coming:   live nodes not at the index yet that very likely reach it within moments (healthy followers
-              of a committed index).
-    load:     outstanding requests per node; `waited`: seconds since the read arrived.
-
-    - The least loaded node at the index serves the read (ties: drawn at random).
-    - Except: while the read has waited less than `patience`, it is not given to a busy node when a node
-      `coming` is idle. Which follower announces an index first says which applied it first, not which
-      answers sooner: a slow node always has requests in flight, and a fast one is idle between them.
-    """
-    least = min(load(n) for n in at_index)
-    if least > 0 and waited < patience and any(load(n) == 0 for n in coming):
-        return None
-    if len(at_index) == 1:
-        return at_index[0]
-    best = [n for n in at_index if load(n) == least]
-    return best[int(rng() * len(best))]
+__all__ = ["ReadIndexBroker", "eligible_nodes", "place_read"]
 
 
 class _ReadIndexCall:

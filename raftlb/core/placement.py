@@ -1,0 +1,219 @@
+"""Where a request goes now: the leader, a node its read policy allows, or one of the ways to wait.
+
+Pure: the leader table, the per-node load and `now` come in, a node id or a `Wait` comes out. The data
+path (raftlb.proxy.cluster) acts on the answer: it sends, holds, parks the read on the fence wait list, or
+hands it to the read-index broker. The rules (docs/how-it-works.md, "What happens to a write" and the read
+policies), each in one function:
+
+- `place`: the node for a request now, or how it waits (the whole placement rule, deadlines included).
+- `eligible_nodes`: which live nodes a read's policy allows (fenced, bounded, linearizable, any).
+- `place_read`: which of them serves it (least loaded), or a short wait for an idle one coming.
+- `is_caught_up`: whether a node counts as caught up with the leader (bounded staleness in time).
+- `fence_floor` / `keeps_token` / `below_fence`: index fencing (the token, and answers below it).
+- `leader_moved`: a leader-bound request whose connection was being opened when the leader changed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from enum import Enum
+from typing import Protocol
+
+from raftlb.core.leader_table import LeaderTable
+from raftlb.core.router import RouteDecision
+
+
+class Target(Enum):
+    """Which nodes a request may go to: the request's routing state (one value, not a set of flags)."""
+
+    LEADER = "leader"  # writes, `leader` reads, and reads that fell back to the leader
+    READ = "read"  # a read, among the nodes its policy allows (followers preferred)
+
+
+class Wait(Enum):
+    """What a request does when `place` names no node."""
+
+    HOLD = "hold"  # the hold queue: no leader (no live node for `any`), or a re-send's backoff
+    READ_INDEX = "read_index"  # a linearizable read without its read index: the read-index broker
+    FOLLOWER = "follower"  # only the leader has the index: wait (follower_wait) for a follower
+    FENCE = "fence"  # no node at the index yet (or only busy ones): the fence wait list
+    FALL_BACK = "fall_back"  # no node qualifies and waiting is over (or pointless): the leader serves it
+
+
+class Placeable(Protocol):
+    """What `place` reads of a request."""
+
+    @property
+    def target(self) -> Target: ...
+    @property
+    def route(self) -> RouteDecision: ...
+    @property
+    def floor(self) -> int: ...
+    @property
+    def read_index(self) -> int | None: ...
+    @property
+    def avoid(self) -> str | None: ...
+    @property
+    def retry_at(self) -> float: ...
+    @property
+    def wait_until(self) -> float: ...
+    @property
+    def arrived_at(self) -> float: ...
+
+
+def wait_budget(wait: Wait, route: RouteDecision, follower_wait: float) -> float:
+    """How long a read may wait for a follower (`follower_wait`) or for its fence (the route's
+    `fence_wait`), counted from the first time it waits; then the leader serves it."""
+    return follower_wait if wait is Wait.FOLLOWER else route.fence_wait
+
+
+def place(req: Placeable, table: LeaderTable, now: float, *, follower_wait: float,
+          caught_up_at: Mapping[str, float], load: Callable[[str], int],
+          rng: Callable[[], float] = random.random) -> str | Wait:
+    """The node `req` goes to now, or how it waits.
+
+    LEADER: the leader; none, or a re-send still in its backoff (`retry_at`): HOLD.
+    READ:
+      - linearizable without a read index: READ_INDEX.
+      - no node the policy allows: `any` holds; `bounded` falls back to the leader at once; fenced and
+        linearizable wait for the fence (FENCE) until `wait_until`, then FALL_BACK.
+      - only the leader allows it, followers are preferred and there are live followers: FOLLOWER, until
+        `wait_until` (the leader serves it after that, as one of the nodes at the index).
+      - else `place_read` among them (followers preferred, the node the last attempt failed on avoided);
+        its short wait for an idle node is a FENCE wait.
+    `wait_until` is 0.0 until the request first waits; the caller sets it to `now + wait_budget(...)`.
+    """
+    if req.target is Target.LEADER:
+        if req.retry_at > now:
+            return Wait.HOLD
+        leader = table.leader(now)
+        return Wait.HOLD if leader is None else leader
+    route = req.route
+    policy = route.policy
+    if policy == "linearizable" and req.read_index is None:
+        return Wait.READ_INDEX
+    floor = req.floor
+    cands = eligible_nodes(table, route, floor, now, caught_up_at)
+    if not cands:
+        if policy == "any":
+            return Wait.HOLD
+        if policy == "bounded":
+            return Wait.FALL_BACK
+        return Wait.FALL_BACK if 0.0 < req.wait_until <= now else Wait.FENCE
+    wait_over = 0.0 < req.wait_until <= now
+    leader = table.leader(now)
+    if len(cands) == 1:
+        if (route.prefer_followers and follower_wait > 0 and not wait_over and cands[0] == leader
+                and len(table.live_nodes(now)) > 1):
+            # Only the leader has the index yet; followers usually apply it within a heartbeat. Wait a
+            # little for one rather than load the leader with every read that follows a write.
+            return Wait.FOLLOWER
+        at_index = cands
+    else:
+        at_index = cands
+        if route.prefer_followers and leader in cands:
+            cands = [n for n in cands if n != leader]
+        avoid = req.avoid
+        if avoid is not None and len(cands) > 1 and avoid in cands:
+            cands = [n for n in cands if n != avoid]
+    coming: list[str] = []
+    patience = min(follower_wait, route.fence_wait / 4)
+    if (patience > 0 and floor > 0 and policy in ("fenced", "linearizable")
+            and len(at_index) < len(table.nodes)):
+        # Live nodes that will very likely reach the index within moments: caught up with the leader's
+        # commit recently (not a node still replaying its log), and not one the read is steered from.
+        steer = leader if route.prefer_followers else None
+        recent = now - table.liveness_timeout
+        coming = [n for n in table.live_nodes(now)
+                  if n not in at_index and n != steer and n != req.avoid
+                  and caught_up_at.get(n, recent - 1) >= recent]
+    node = place_read(cands, coming, load, now - req.arrived_at, patience, rng)
+    if node is not None:
+        return node
+    return Wait.FALL_BACK if wait_over else Wait.FENCE
+
+
+def eligible_nodes(table: LeaderTable, route: RouteDecision, floor: int, now: float,
+                   caught_up_at: Mapping[str, float]) -> list[str]:
+    """Live nodes allowed to serve a read right now (the leader included; the caller prefers followers).
+
+    fenced / linearizable: applied index ≥ `floor` (the client's token, or the read index).
+    bounded: within `max_lag_entries` of the leader's commit index and/or caught up with the leader no
+             longer than `max_lag_ms` ago; and ≥ `floor`.
+    any: every live node.
+    """
+    if route.policy == "any":
+        return table.live_nodes(now)
+    nodes = table.applied_at_least(floor, now) if floor > 0 else table.live_nodes(now)
+    if route.policy != "bounded" or not nodes:
+        return nodes
+    leader = table.leader(now)
+    if leader is None:
+        return []
+    commit = table.nodes[leader].commit_index or 0
+    out = []
+    for nid in nodes:
+        view = table.nodes[nid]
+        if route.max_lag_entries is not None and commit - (view.applied_index or 0) > route.max_lag_entries:
+            continue
+        if route.max_lag_ms is not None and nid != leader:
+            if (now - caught_up_at.get(nid, float("-inf"))) * 1000 > route.max_lag_ms:
+                continue
+        out.append(nid)
+    return out
+
+
+def place_read(at_index: Sequence[str], coming: Sequence[str], load: Callable[[str], int], waited: float,
+               patience: float, rng: Callable[[], float] = random.random) -> str | None:
+    """The node that serves a read now, among the nodes at its index; None: wait a little for a better one.
+
+    at_index: the nodes allowed to serve it now (non-empty; the leader already left out when followers are
+              preferred and one of them is at the index).
+    coming:   live nodes not at the index yet that very likely reach it within moments (healthy followers
+              of a committed index).
+    load:     outstanding requests per node; `waited`: seconds since the read arrived.
+
+    - The least loaded node at the index serves the read (ties: drawn at random).
+    - Except: while the read has waited less than `patience`, it is not given to a busy node when a node
+      `coming` is idle. Which follower announces an index first says which applied it first, not which
+      answers sooner: a slow node always has requests in flight, and a fast one is idle between them.
+    """
+    if len(at_index) == 1:
+        node = at_index[0]
+        if not coming or load(node) == 0 or waited >= patience:
+            return node
+        return None if any(load(n) == 0 for n in coming) else node
+    least = min(load(n) for n in at_index)
+    if least > 0 and waited < patience and any(load(n) == 0 for n in coming):
+        return None
+    best = [n for n in at_index if load(n) == least]
+    return best[int(rng() * len(best))]
+
+
+def is_caught_up(node: str, leader: str, applied: int | None, leader_commit: int | None) -> bool:
+    """A node is caught up with the leader when it is the leader or has applied the leader's commit index
+    (the clock of `bounded` reads' `max_lag_ms`, and of the nodes `place` expects at an index soon)."""
+    return node == leader or (leader_commit is not None and (applied or 0) >= leader_commit)
+
+
+def keeps_token(route: RouteDecision) -> bool:
+    """Whether the client's index token (X-Raft-Min-Index, the raftlb-index cookie) fences the request:
+    `any` promises nothing, so it ignores the token (and never waits or retries for it)."""
+    return route.policy != "any" or route.kind == "write"
+
+
+def fence_floor(min_index: int, read_index: int | None) -> int:
+    """The lowest index an answer may reflect: the client's token, or the read index when higher."""
+    return min_index if read_index is None or read_index < min_index else read_index
+
+
+def below_fence(route: RouteDecision, status: int, index: int, floor: int) -> bool:
+    """A read answered (not 5xx) from an index below its floor: never returned to the client."""
+    return 0 <= index < floor and route.kind == "read" and status < 500
+
+
+def leader_moved(target: Target, node: str, leader: str | None) -> bool:
+    """A leader-bound request got its connection to `node` after another leader was announced: it is
+    placed again rather than sent to the old one."""
+    return target is Target.LEADER and leader is not None and leader != node
