@@ -13,25 +13,36 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from raftlb.config.model import ClusterConfig
+from raftlb.core.leader_table import LeaderTable
 from raftlb.core.placement import eligible_nodes, place_read
+from raftlb.core.resend import MAX_ROUNDS_PER_READ, give_up_read_index
 from raftlb.errors import NoLeader
-from raftlb.proxy.pool import UpstreamConn
-
-if TYPE_CHECKING:
-    from raftlb.proxy.cluster import ClusterProxy
-    from raftlb.proxy.request import ProxyRequest
+from raftlb.proxy.pool import NodePool, UpstreamConn
+from raftlb.proxy.request import ProxyRequest
 
 log = logging.getLogger("raftlb.proxy.reads")
 
 __all__ = ["ReadIndexBroker", "eligible_nodes", "place_read"]
 
 
+class BrokerOwner(Protocol):
+    """What the broker needs of the proxy it serves (raftlb.proxy.cluster.ClusterProxy)."""
+
+    cluster: ClusterConfig
+    table: LeaderTable
+    pools: dict[str, NodePool]
+
+    def dispatch(self, req: ProxyRequest, now: float) -> None:
+        """Place a read that has its read index now."""
+
+
 class _ReadIndexCall:
     """One round trip to the leader's read-index endpoint, as an upstream listener."""
 
-    __slots__ = ("broker", "node", "members", "status", "body", "conn", "finished", "started")
+    __slots__ = ("broker", "node", "members", "status", "body", "conn", "finished")
 
     def __init__(self, broker: ReadIndexBroker, node: str, members: list[ProxyRequest]) -> None:
         self.broker = broker
@@ -41,7 +52,6 @@ class _ReadIndexCall:
         self.body = bytearray()
         self.conn: UpstreamConn | None = None
         self.finished = False
-        self.started = time.monotonic()
 
     def on_upstream_ready(self, conn: UpstreamConn) -> None:
         self.conn = conn
@@ -63,10 +73,10 @@ class _ReadIndexCall:
                 index = int(doc["read_index"])
             except (ValueError, KeyError, TypeError):
                 index = None
-        self._end(index, f"status {self.status}" if index is None else "")
+        self.end(index, f"status {self.status}" if index is None else "")
 
     def on_upstream_error(self, reason: str, written: bool, timeout: bool = False) -> None:
-        self._end(None, reason)
+        self.end(None, reason)
 
     def on_upstream_pause(self) -> None:
         pass
@@ -74,25 +84,27 @@ class _ReadIndexCall:
     def on_upstream_resume(self) -> None:
         pass
 
-    def _end(self, index: int | None, reason: str) -> None:
+    def end(self, index: int | None, reason: str) -> None:
+        """The round is over: with the read index, or None and why not."""
         if self.finished:
             return
         self.finished = True
-        self.broker._round_done(self, index, reason)
+        self.broker.round_done(self, index, reason, time.monotonic())
 
 
 class ReadIndexBroker:
     """Batches `linearizable` reads into shared read-index rounds at the leader.
 
-    A read whose round fails joins the next one, up to MAX_ROUNDS_PER_READ times; then 503 `no_leader`.
-    These rounds have their own budget (`ProxyRequest.failed_rounds`), not the request's re-sends
+    A read whose round fails joins the next one, up to MAX_ROUNDS_PER_READ times
+    (`raftlb.core.resend.give_up_read_index`); then 503 `no_leader`.
+    These rounds have their own budget (`RequestState.failed_rounds`), not the request's re-sends
     (`attempts`, bounded by `max_resends`): a round fails before the read is sent anywhere, and a read that
     got its index after a failed round still has every re-send for the node that serves it.
     """
 
-    MAX_ROUNDS_PER_READ = 3
+    MAX_ROUNDS_PER_READ = MAX_ROUNDS_PER_READ
 
-    def __init__(self, proxy: ClusterProxy, path: str) -> None:
+    def __init__(self, proxy: BrokerOwner, path: str) -> None:
         self.proxy = proxy
         self.path = path.encode("latin-1")
         self.pending: list[ProxyRequest] = []
@@ -103,18 +115,18 @@ class ReadIndexBroker:
     def __repr__(self) -> str:
         return f"<ReadIndexBroker rounds={self.rounds} reads={self.reads} pending={len(self.pending)}>"
 
-    def submit(self, req: ProxyRequest) -> None:
+    def submit(self, req: ProxyRequest, now: float) -> None:
         """A read that needs a read index. It joins the next round: one that starts after it arrived."""
         self.pending.append(req)
         if self.round is None:
-            self._start()
+            self._start(now)
 
-    def _start(self) -> None:
+    def _start(self, now: float) -> None:
         proxy = self.proxy
         self.pending = [r for r in self.pending if not r.finished]
         if not self.pending:
             return
-        leader = proxy.table.leader(time.monotonic())
+        leader = proxy.table.leader(now)
         if leader is None:
             return  # retried on the next leader change or sweep
         members, self.pending = self.pending, []
@@ -122,30 +134,31 @@ class ReadIndexBroker:
         self.rounds += 1
         proxy.pools[leader].acquire(call)
 
-    def _round_done(self, call: _ReadIndexCall, index: int | None, reason: str) -> None:
+    def round_done(self, call: _ReadIndexCall, index: int | None, reason: str, now: float) -> None:
+        """A round ended: its reads go on with the read index, or join the next round (their own budget)."""
         self.round = None
         proxy = self.proxy
         if index is not None:
             self.reads += len(call.members)
             for req in call.members:
                 if not req.finished:
-                    req.read_index = index
-                    proxy.dispatch(req)
+                    req.set_read_index(index)
+                    proxy.dispatch(req, now)
         else:
             log.debug("read-index round at %s failed: %s", call.node, reason)
             for req in call.members:
                 if req.finished:
                     continue
                 req.failed_rounds += 1
-                if req.failed_rounds > self.MAX_ROUNDS_PER_READ:
-                    req._fail(NoLeader(f"could not obtain a read index from the leader: {reason}",
+                if give_up_read_index(req.failed_rounds):
+                    req.fail(NoLeader(f"could not obtain a read index from the leader: {reason}",
                                        retry_after=proxy.cluster.retry_after))
                 else:
                     self.pending.append(req)
         if self.pending:
-            self._start()
+            self._start(now)
 
-    def kick(self) -> None:
+    def kick(self, now: float) -> None:
         """A leader appeared (or the periodic sweep): start a round if reads wait for one."""
         if self.round is None and self.pending:
-            self._start()
+            self._start(now)

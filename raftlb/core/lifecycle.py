@@ -1,0 +1,92 @@
+"""One request's life through the proxy, whatever the wire protocol: what the rules read and write.
+
+`RequestState` holds where the request may go (`target`), where it is (`node`), what it has been through
+(attempts, holds, waits, the node a write may have reached) and what it must see (the client's index, the
+read index, its session). It knows nothing of HTTP framing: the HTTP/1 relay (raftlb.proxy.request) is one
+adapter built on it, and another protocol's stream can be a second one without touching the rules in
+raftlb.core.placement, raftlb.core.resend and raftlb.core.hold.
+
+Fields most requests never change are class-level defaults: a write to a live leader stores only what it
+uses.
+"""
+
+from __future__ import annotations
+
+from raftlb.core.placement import Target, fence_floor
+from raftlb.core.resend import Verdict, backoff
+from raftlb.core.router import RouteDecision
+
+_LEADER, _READ = Target.LEADER, Target.READ
+
+
+class RequestState:
+    """The protocol-independent state of one proxied request (see the module doc)."""
+
+    # Set for every request (in __init__):
+    route: RouteDecision
+    target: Target  # LEADER: writes, leader reads, reads that fell back to it; READ: the policy's nodes
+    safe_to_repeat: bool  # may be re-sent after an ambiguous failure (raftlb.core.resend.safe_to_resend)
+    arrived_at: float
+    node: str | None = None  # the node it is bound to now
+    finished = False
+    # Routing history (class defaults until a rule sets them):
+    sent_term = 0  # the table's term when the request was bound to its node
+    attempts = 0  # re-sends so far, bounded by `max_resends`
+    avoid: str | None = None  # the node the last attempt failed on (a read prefers another)
+    retry_at = 0.0  # a re-send backs off until then
+    wait_until = 0.0  # a read waiting for a follower or its fence: until then (0.0: has not waited)
+    held_at = 0.0  # when the current hold began (0.0: not held now)
+    held_for = 0.0  # time spent in earlier holds: the hold timeout bounds the sum
+    released = False  # has left the hold queue once (a re-send held again is not another held request)
+    maybe_applied: str | None = None  # a node this write reached, then failed, before a re-send
+    # What an answer must reflect:
+    min_index = 0  # the client's token (X-Raft-Min-Index / raftlb-index cookie)
+    read_index: int | None = None  # linearizable reads: the index the leader handed out
+    floor = 0  # the lowest index an answer may reflect: the higher of the two (placement.fence_floor)
+    failed_rounds = 0  # ... and the read-index rounds that failed before it did (their own budget)
+    session: tuple[str, int] | None = None  # (X-Raft-Session, X-Raft-Seq) of a session write
+
+    def __init__(self, route: RouteDecision, safe_to_repeat: bool, arrived_at: float) -> None:
+        self.route = route
+        self.target = _LEADER if route.needs_leader else _READ
+        self.safe_to_repeat = safe_to_repeat
+        self.arrived_at = arrived_at
+
+    def set_min_index(self, index: int) -> None:
+        """The client's token: answers below it are never returned."""
+        self.min_index = index
+        self.floor = fence_floor(index, self.read_index)
+
+    def set_read_index(self, index: int) -> None:
+        """The read index the leader handed out for this linearizable read."""
+        self.read_index = index
+        self.floor = fence_floor(self.min_index, index)
+
+    @property
+    def on_leader(self) -> bool:
+        """Bound for the leader (a write, a leader read, or a read that fell back to it)."""
+        return self.target is _LEADER
+
+    def fall_back_to_leader(self) -> None:
+        """No node the read's policy allows served it in time: from now on the leader serves it."""
+        self.target = _LEADER
+
+    def will_resend(self, verdict: Verdict, now: float) -> None:
+        """Record a re-send the core decided (`verdict.resend`): one more attempt, no node, and the backoff
+        before the next one unless it goes at once."""
+        self.attempts += 1
+        self.node = None
+        if verdict.to_leader:
+            self.target = _LEADER
+        if not verdict.immediate:
+            self.retry_at = now + backoff(self.attempts)
+
+    def hold_started(self, now: float) -> None:
+        """The request joins the hold queue now."""
+        self.held_at = now
+
+    def hold_ended(self, now: float) -> None:
+        """The request leaves the hold queue for a node: its hold time counts against the hold timeout."""
+        self.released = True
+        self.held_for += now - self.held_at
+        self.held_at = 0.0
