@@ -12,7 +12,7 @@ uses.
 
 from __future__ import annotations
 
-from raftlb.core.placement import Target, fence_floor
+from raftlb.core.placement import Target
 from raftlb.core.resend import Verdict, backoff
 from raftlb.core.router import RouteDecision
 
@@ -25,7 +25,6 @@ class RequestState:
     # Set for every request (in __init__):
     route: RouteDecision
     target: Target  # LEADER: writes, leader reads, reads that fell back to it; READ: the policy's nodes
-    safe_to_repeat: bool  # may be re-sent after an ambiguous failure (raftlb.core.resend.safe_to_resend)
     arrived_at: float
     node: str | None = None  # the node it is bound to now
     finished = False
@@ -42,25 +41,27 @@ class RequestState:
     # What an answer must reflect:
     min_index = 0  # the client's token (X-Raft-Min-Index / raftlb-index cookie)
     read_index: int | None = None  # linearizable reads: the index the leader handed out
-    floor = 0  # the lowest index an answer may reflect: the higher of the two (placement.fence_floor)
+    floor = 0  # the lowest index an answer may reflect (see `fence`)
     failed_rounds = 0  # ... and the read-index rounds that failed before it did (their own budget)
     session: tuple[str, int] | None = None  # (X-Raft-Session, X-Raft-Seq) of a session write
 
-    def __init__(self, route: RouteDecision, safe_to_repeat: bool, arrived_at: float) -> None:
+    def __init__(self, route: RouteDecision, arrived_at: float) -> None:
         self.route = route
         self.target = _LEADER if route.needs_leader else _READ
-        self.safe_to_repeat = safe_to_repeat
         self.arrived_at = arrived_at
 
-    def set_min_index(self, index: int) -> None:
-        """The client's token: answers below it are never returned."""
-        self.min_index = index
-        self.floor = fence_floor(index, self.read_index)
+    @property
+    def safe_to_repeat(self) -> bool:
+        """May be re-sent after an ambiguous failure (raftlb.core.resend.safe_to_resend, from the method
+        and headers the protocol adapter knows). Asked only after a failure, never per request."""
+        raise NotImplementedError
 
-    def set_read_index(self, index: int) -> None:
-        """The read index the leader handed out for this linearizable read."""
-        self.read_index = index
-        self.floor = fence_floor(self.min_index, index)
+    def fence(self, min_index: int, read_index: int | None) -> None:
+        """What an answer must reflect: the client's token and, for a linearizable read, the read index the
+        leader handed out. Its floor is the higher of the two: answers below it are never returned."""
+        self.min_index = min_index
+        self.read_index = read_index
+        self.floor = min_index if read_index is None or read_index < min_index else read_index
 
     @property
     def on_leader(self) -> bool:

@@ -9,7 +9,8 @@ policies), each in one function:
 - `eligible_nodes`: which live nodes a read's policy allows (fenced, bounded, linearizable, any).
 - `place_read`: which of them serves it (least loaded), or a short wait for an idle one coming.
 - `is_caught_up`: whether a node counts as caught up with the leader (bounded staleness in time).
-- `fence_floor` / `keeps_token` / `below_fence`: index fencing (the token, and answers below it).
+- `below_fence`: index fencing of answers (the floor itself: `RequestState.fence`; which requests keep
+  the client's token: `raftlb.core.router.keeps_token`, precomputed per route).
 - `leader_moved`: a leader-bound request whose connection was being opened when the leader changed.
 """
 
@@ -184,10 +185,11 @@ def place_read(at_index: Sequence[str], coming: Sequence[str], load: Callable[[s
         if not coming or load(node) == 0 or waited >= patience:
             return node
         return None if any(load(n) == 0 for n in coming) else node
-    least = min(load(n) for n in at_index)
-    if least > 0 and waited < patience and any(load(n) == 0 for n in coming):
+    loads = [load(n) for n in at_index]
+    least = min(loads)
+    if least > 0 and coming and waited < patience and any(load(n) == 0 for n in coming):
         return None
-    best = [n for n in at_index if load(n) == least]
+    best = [n for n, n_load in zip(at_index, loads, strict=True) if n_load == least]
     return best[int(rng() * len(best))]
 
 
@@ -195,17 +197,6 @@ def is_caught_up(node: str, leader: str, applied: int | None, leader_commit: int
     """A node is caught up with the leader when it is the leader or has applied the leader's commit index
     (the clock of `bounded` reads' `max_lag_ms`, and of the nodes `place` expects at an index soon)."""
     return node == leader or (leader_commit is not None and (applied or 0) >= leader_commit)
-
-
-def keeps_token(route: RouteDecision) -> bool:
-    """Whether the client's index token (X-Raft-Min-Index, the raftlb-index cookie) fences the request:
-    `any` promises nothing, so it ignores the token (and never waits or retries for it)."""
-    return route.policy != "any" or route.kind == "write"
-
-
-def fence_floor(min_index: int, read_index: int | None) -> int:
-    """The lowest index an answer may reflect: the client's token, or the read index when higher."""
-    return min_index if read_index is None or read_index < min_index else read_index
 
 
 def below_fence(route: RouteDecision, status: int, index: int, floor: int) -> bool:

@@ -22,8 +22,8 @@ from raftlb.config.model import ClusterConfig, TlsConfig
 from raftlb.core.dialects import dialect_for
 from raftlb.core.hold import hold_admits, hold_expired, hold_over_bytes
 from raftlb.core.leader_table import Announcement, LeaderChange, LeaderTable
-from raftlb.core.placement import Target, Wait, is_caught_up, keeps_token, place, wait_budget
-from raftlb.core.resend import deposed_by, preempted_by_node_down, safe_to_resend
+from raftlb.core.placement import Target, Wait, is_caught_up, place, wait_budget
+from raftlb.core.resend import deposed_by, preempted_by_node_down
 from raftlb.core.router import Router
 from raftlb.core.sessions import SessionOrder
 from raftlb.errors import BadConsistency, BadMinIndex, BadRequest, HoldQueueFull, NoLeader, SessionGap
@@ -218,9 +218,7 @@ class ClusterProxy:
             parts.append(b"content-length: %d\r\n\r\n" % ex.content_length)
         else:
             parts.append(b"\r\n")
-        safe = safe_to_resend(ex.method, route.idempotent, b"idempotency-key" in picked,
-                              sid is not None and seq is not None)
-        req = ProxyRequest(self, ex, route, b"".join(parts), safe)
+        req = ProxyRequest(self, ex, route, b"".join(parts))
         ex.on_abort = req.on_client_abort
         if refused is not None:
             ex.close_after = True
@@ -237,21 +235,25 @@ class ClusterProxy:
         if req.finished:
             return
         now = time.monotonic()
-        if (token is not None or route.cookie) and keeps_token(route):
+        if (token is not None or route.cookie) and route.keeps_token:
             index = int(token) if token is not None and token.isdigit() else 0
             if route.cookie:
                 index = max(index, cookie_index(cookie))
-            req.set_min_index(index)
+            req.fence(index, None)
         if route.kind == "write" and sid is not None and seq is not None:
             req.session = (sid.decode("latin-1"), int(seq))
             if not self.sessions.admit(req, req.session[0], req.session[1], now):
                 self.stats.session_parked += 1
                 return
         if req.target is _LEADER:
-            # The common case, without the general dispatch: a leader (placement's first rule, inlined).
+            # The common case, without the general dispatch: a leader (placement's first rule, and
+            # `_send`, inlined).
             leader = self.table.leader(now)
             if leader is not None:
-                self._send(req, leader, now)
+                req.node = leader
+                conn = self.pools[leader].assign(req)
+                if conn is not None:
+                    req.start(conn, now)
                 return
         self.dispatch(req, now)
 
@@ -524,7 +526,8 @@ class ClusterProxy:
             req.fail(SessionGap("an earlier X-Raft-Seq of this session did not arrive in time"))
         if self.broker.pending:
             timeout = self.cluster.hold.timeout
-            for req in [r for r in self.broker.pending if r.ex.started_at + timeout <= now]:
+            # (reads waiting for a read index: the hold timeout bounds that wait too, from their arrival)
+            for req in [r for r in self.broker.pending if hold_expired(r.arrived_at, 0.0, timeout, now)]:
                 self.broker.pending.remove(req)
                 req.fail(NoLeader("no leader to obtain a read index from",
                                   retry_after=self.cluster.retry_after))

@@ -142,7 +142,7 @@ class ReadIndexBroker:
             self.reads += len(call.members)
             for req in call.members:
                 if not req.finished:
-                    req.set_read_index(index)
+                    req.fence(req.min_index, index)
                     proxy.dispatch(req, now)
         else:
             log.debug("read-index round at %s failed: %s", call.node, reason)

@@ -21,7 +21,7 @@ from raftlb.core.hold import held_outcome_unknown
 from raftlb.core.leader_table import LeaderTable
 from raftlb.core.lifecycle import RequestState
 from raftlb.core.placement import Target, below_fence, leader_moved
-from raftlb.core.resend import Failure, Verdict, resend_verdict
+from raftlb.core.resend import Failure, Verdict, resend_verdict, safe_to_resend
 from raftlb.core.router import RouteDecision
 from raftlb.errors import (
     IndexNotReached,
@@ -118,12 +118,10 @@ class ProxyRequest(RequestState):
     answer: tuple[int, list[bytes], bool, int]  # ... (status, head parts, has X-Raft-Term, index)
     body: list[bytes]  # ... and its body so far
 
-    def __init__(self, proxy: RequestOwner, ex: Exchange, route: RouteDecision, head: bytes,
-                 safe_to_repeat: bool) -> None:
+    def __init__(self, proxy: RequestOwner, ex: Exchange, route: RouteDecision, head: bytes) -> None:
         # (RequestState.__init__, inlined: this runs once per request)
         self.route = route
         self.target = _LEADER if route.needs_leader else Target.READ
-        self.safe_to_repeat = safe_to_repeat
         self.arrived_at = ex.started_at
         self.proxy = proxy
         self.ex = ex
@@ -138,6 +136,15 @@ class ProxyRequest(RequestState):
 
     def __repr__(self) -> str:
         return f"<ProxyRequest {self.ex.method} {self.ex.target!r} node={self.node} attempts={self.attempts}>"
+
+    @property
+    def safe_to_repeat(self) -> bool:
+        """May be re-sent after an ambiguous failure: an idempotent method or route, `Idempotency-Key`, or a
+        session write (`X-Raft-Session` + `X-Raft-Seq`); see raftlb.core.resend.safe_to_resend."""
+        ex = self.ex
+        session = ex.header(b"x-raft-session") is not None and ex.header(b"x-raft-seq") is not None
+        return safe_to_resend(ex.method, self.route.idempotent, ex.header(b"idempotency-key") is not None,
+                              session)
 
     @property
     def hold_size(self) -> int:
@@ -279,24 +286,23 @@ class ProxyRequest(RequestState):
             if (index < 0 and proxy.dialect.index_from_body is not None and status == 200
                     and length <= BODY_INDEX_LIMIT):
                 # The index is in the body (etcd): hold the small answer back until it is read.
-                self._defer(Deferral.INDEX_IN_BODY, status, parts, has_term, index)
+                self.deferred = Deferral.INDEX_IN_BODY
+                self.answer = (status, parts, has_term, index)
+                self.body = []
                 return
-            if index < self.floor and self._stale(conn, status, index):
+            if self.floor > index >= 0 and self._stale(conn, status, index):
                 return
             if 0 < length <= SMALL_ANSWER and status not in (204, 304):
                 # A small answer leaves in one write, head and body together, once its body is in.
-                self._defer(Deferral.SMALL, status, parts, has_term, index)
+                self.deferred = Deferral.SMALL
+                self.answer = (status, parts, has_term, index)
+                self.body = []
                 return
-        elif index < self.floor and self._stale(conn, status, index):
+        elif self.floor > index >= 0 and self._stale(conn, status, index):
             return
         self._answer_head(conn, status, parts, has_term, index)
         if self.ex.conn.writing_paused:
             conn.pause_reading()
-
-    def _defer(self, why: Deferral, status: int, parts: list[bytes], has_term: bool, index: int) -> None:
-        self.deferred = why
-        self.answer = (status, parts, has_term, index)
-        self.body = []
 
     def _misdirected(self, conn: UpstreamConn, headers: list[tuple[bytes, bytes]]) -> bool:
         """A 421: the node did not apply the request. True: re-sent (the table learnt the hint); False: the

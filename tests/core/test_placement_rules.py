@@ -11,18 +11,18 @@ from dataclasses import dataclass, replace
 import pytest
 
 from raftlb.core.leader_table import Announcement, LeaderTable
+from raftlb.core.lifecycle import RequestState
 from raftlb.core.placement import (
     Target,
     Wait,
     below_fence,
     eligible_nodes,
-    fence_floor,
     is_caught_up,
-    keeps_token,
     leader_moved,
     place,
 )
-from raftlb.core.router import RouteDecision
+from raftlb.core.resend import Verdict
+from raftlb.core.router import RouteDecision, keeps_token
 
 NOW = 100.0
 FOLLOWER_WAIT = 0.05
@@ -179,7 +179,7 @@ def test_caught_up(rule: str, node: str, applied: int | None, commit: int | None
     ("any promises nothing: it ignores the token", ANY, False),
 ])
 def test_token(rule: str, route: RouteDecision, expected: bool) -> None:
-    assert keeps_token(route) == expected, rule
+    assert keeps_token(route.kind, route.policy) == route.keeps_token == expected, rule
 
 
 @pytest.mark.parametrize(("rule", "route", "status", "index", "floor", "stale"), [
@@ -199,7 +199,9 @@ def test_fence(rule: str, route: RouteDecision, status: int, index: int, floor: 
 ])
 def test_the_floor_is_the_higher_of_the_token_and_the_read_index(min_index: int, read_index: int | None,
                                                                    floor: int) -> None:
-    assert fence_floor(min_index, read_index) == floor
+    state = RequestState(FENCED, NOW)
+    state.fence(min_index, read_index)
+    assert state.floor == floor
 
 
 @pytest.mark.parametrize(("rule", "target", "leader", "moved"), [
@@ -215,3 +217,25 @@ def test_leader_moved(rule: str, target: Target, leader: str | None, moved: bool
 def test_req_fixture_is_a_placeable() -> None:
     # (`place` takes any object with these attributes: the proxy's request is one)
     assert go(replace(Req(WRITE, Target.LEADER)), cluster(ALL_AT_10)) == "n1"
+
+
+@pytest.mark.parametrize(("rule", "verdict", "target", "attempts", "retry_at"), [
+    ("a re-send at once: one more attempt, no backoff", Verdict.RESEND_NOW, Target.READ, 1, 0.0),
+    ("a re-send after a backoff waits 50 ms first", Verdict.RESEND_AFTER_BACKOFF, Target.READ, 1, NOW + 0.05),
+    ("a stale read goes to the leader", Verdict.RESEND_TO_LEADER_NOW, Target.LEADER, 1, 0.0),
+])
+def test_a_resend_updates_the_request_state(rule: str, verdict: Verdict, target: Target, attempts: int,
+                                            retry_at: float) -> None:
+    state = RequestState(FENCED, NOW)
+    state.will_resend(verdict, NOW)
+    assert (state.target, state.attempts, state.retry_at) == (target, attempts, retry_at), rule
+    assert state.node is None
+
+
+def test_the_hold_time_adds_up_over_holds() -> None:
+    state = RequestState(WRITE, NOW)
+    state.hold_started(NOW)
+    state.hold_ended(NOW + 1)
+    state.hold_started(NOW + 5)
+    state.hold_ended(NOW + 7)
+    assert (state.held_for, state.held_at, state.released) == (3.0, 0.0, True)
