@@ -6,8 +6,9 @@ read index, its session). It knows nothing of HTTP framing: the HTTP/1 relay (ra
 adapter built on it, and another protocol's stream can be a second one without touching the rules in
 raftlb.core.placement, raftlb.core.resend and raftlb.core.hold.
 
-Fields most requests never change are class-level defaults: a write to a live leader stores only what it
-uses.
+What every request reads and writes is in slots; what only some requests change (re-sends, holds, waits,
+sessions, read indexes) are class-level defaults, stored in the instance's dict, created only then: a write
+to a live leader allocates no dict and stores only what it uses.
 """
 
 from __future__ import annotations
@@ -22,33 +23,39 @@ _LEADER, _READ = Target.LEADER, Target.READ
 class RequestState:
     """The protocol-independent state of one proxied request (see the module doc)."""
 
-    # Set for every request (in __init__):
+    __slots__ = ("route", "target", "arrived_at", "node", "finished", "sent_term", "min_index", "floor",
+                 "read_index", "avoid", "wait_until", "session", "__dict__")
+
+    # Slots, set for every request (in __init__; `sent_term` when it is sent), read on the common paths:
     route: RouteDecision
     target: Target  # LEADER: writes, leader reads, reads that fell back to it; READ: the policy's nodes
     arrived_at: float
-    node: str | None = None  # the node it is bound to now
-    finished = False
+    node: str | None  # the node it is bound to now
+    finished: bool
+    sent_term: int  # the table's term when the request was bound to its node
+    min_index: int  # the client's token (X-Raft-Min-Index / raftlb-index cookie)
+    floor: int  # the lowest index an answer may reflect (see `fence`)
+    read_index: int | None  # linearizable reads: the index the leader handed out
+    avoid: str | None  # the node the last attempt failed on (a read prefers another)
+    wait_until: float  # a read waiting for a follower or its fence: until then (0.0: has not waited)
+    session: tuple[str, int] | None  # (X-Raft-Session, X-Raft-Seq) of a session write
     # Routing history (class defaults until a rule sets them):
-    sent_term = 0  # the table's term when the request was bound to its node
     attempts = 0  # re-sends so far, bounded by `max_resends`
-    avoid: str | None = None  # the node the last attempt failed on (a read prefers another)
     retry_at = 0.0  # a re-send backs off until then
-    wait_until = 0.0  # a read waiting for a follower or its fence: until then (0.0: has not waited)
     held_at = 0.0  # when the current hold began (0.0: not held now)
     held_for = 0.0  # time spent in earlier holds: the hold timeout bounds the sum
     released = False  # has left the hold queue once (a re-send held again is not another held request)
     maybe_applied: str | None = None  # a node this write reached, then failed, before a re-send
-    # What an answer must reflect:
-    min_index = 0  # the client's token (X-Raft-Min-Index / raftlb-index cookie)
-    read_index: int | None = None  # linearizable reads: the index the leader handed out
-    floor = 0  # the lowest index an answer may reflect (see `fence`)
-    failed_rounds = 0  # ... and the read-index rounds that failed before it did (their own budget)
-    session: tuple[str, int] | None = None  # (X-Raft-Session, X-Raft-Seq) of a session write
+    failed_rounds = 0  # read-index rounds that failed before one gave the read its index (own budget)
 
     def __init__(self, route: RouteDecision, arrived_at: float) -> None:
         self.route = route
         self.target = _LEADER if route.needs_leader else _READ
         self.arrived_at = arrived_at
+        self.node = self.read_index = self.avoid = self.session = None
+        self.finished = False
+        self.min_index = self.floor = 0
+        self.wait_until = 0.0
 
     @property
     def safe_to_repeat(self) -> bool:
@@ -60,8 +67,11 @@ class RequestState:
         """What an answer must reflect: the client's token and, for a linearizable read, the read index the
         leader handed out. Its floor is the higher of the two: answers below it are never returned."""
         self.min_index = min_index
-        self.read_index = read_index
-        self.floor = min_index if read_index is None or read_index < min_index else read_index
+        if read_index is None:
+            self.floor = min_index
+        else:
+            self.read_index = read_index
+            self.floor = min_index if read_index < min_index else read_index
 
     @property
     def on_leader(self) -> bool:

@@ -42,6 +42,10 @@ class Wait(Enum):
     FALL_BACK = "fall_back"  # no node qualifies and waiting is over (or pointless): the leader serves it
 
 
+# (module-level names for the members the hot path compares: a global is cheaper than an enum attribute)
+_LEADER = Target.LEADER
+
+
 class Placeable(Protocol):
     """What `place` reads of a request."""
 
@@ -69,7 +73,7 @@ def wait_budget(wait: Wait, route: RouteDecision, follower_wait: float) -> float
     return follower_wait if wait is Wait.FOLLOWER else route.fence_wait
 
 
-def place(req: Placeable, table: LeaderTable, now: float, *, follower_wait: float,
+def place(req: Placeable, table: LeaderTable, now: float, follower_wait: float,
           caught_up_at: Mapping[str, float], load: Callable[[str], int],
           rng: Callable[[], float] = random.random) -> str | Wait:
     """The node `req` goes to now, or how it waits.
@@ -84,8 +88,9 @@ def place(req: Placeable, table: LeaderTable, now: float, *, follower_wait: floa
       - else `place_read` among them (followers preferred, the node the last attempt failed on avoided);
         its short wait for an idle node is a FENCE wait.
     `wait_until` is 0.0 until the request first waits; the caller sets it to `now + wait_budget(...)`.
+    (Arguments by position: this runs per read.)
     """
-    if req.target is Target.LEADER:
+    if req.target is _LEADER:
         if req.retry_at > now:
             return Wait.HOLD
         leader = table.leader(now)
@@ -189,7 +194,7 @@ def place_read(at_index: Sequence[str], coming: Sequence[str], load: Callable[[s
     least = min(loads)
     if least > 0 and coming and waited < patience and any(load(n) == 0 for n in coming):
         return None
-    best = [n for n, n_load in zip(at_index, loads, strict=True) if n_load == least]
+    best = [at_index[i] for i, n_load in enumerate(loads) if n_load == least]
     return best[int(rng() * len(best))]
 
 
@@ -207,4 +212,4 @@ def below_fence(route: RouteDecision, status: int, index: int, floor: int) -> bo
 def leader_moved(target: Target, node: str, leader: str | None) -> bool:
     """A leader-bound request got its connection to `node` after another leader was announced: it is
     placed again rather than sent to the old one."""
-    return target is Target.LEADER and leader is not None and leader != node
+    return target is _LEADER and leader is not None and leader != node

@@ -260,8 +260,7 @@ class ClusterProxy:
     def dispatch(self, req: ProxyRequest, now: float) -> None:
         """Route a request now, as `raftlb.core.placement.place` says: to its node, the hold queue, the fence
         wait list or the read-index broker."""
-        where = place(req, self.table, now, follower_wait=self.follower_wait, caught_up_at=self.caught_up_at,
-                      load=self.load)
+        where = place(req, self.table, now, self.follower_wait, self.caught_up_at, self.load)
         if isinstance(where, str):
             self._send(req, where, now)
         else:
@@ -322,8 +321,7 @@ class ClusterProxy:
         for req in waiting:
             if req.finished:
                 continue
-            where = place(req, self.table, now, follower_wait=self.follower_wait,
-                          caught_up_at=self.caught_up_at, load=self.load)
+            where = place(req, self.table, now, self.follower_wait, self.caught_up_at, self.load)
             if isinstance(where, str):
                 self._send(req, where, now)
             else:
@@ -351,7 +349,7 @@ class ClusterProxy:
             self.held.remove(req)
             self.held_bytes -= req.hold_size
             req.fail(HoldQueueFull("held writes exceed the hold byte budget",
-                                    retry_after=self.cluster.retry_after))
+                                   retry_after=self.cluster.retry_after))
 
     def _release(self, now: float) -> None:
         """Dispatch held requests that can go now, in arrival order."""
@@ -364,8 +362,7 @@ class ClusterProxy:
             req = held.popleft()
             if req.finished:
                 continue
-            where = place(req, self.table, now, follower_wait=self.follower_wait,
-                          caught_up_at=self.caught_up_at, load=self.load)
+            where = place(req, self.table, now, self.follower_wait, self.caught_up_at, self.load)
             if not isinstance(where, str):
                 waiting.append(req)
                 self.held_bytes += req.hold_size
@@ -512,8 +509,7 @@ class ClusterProxy:
                 if req.finished:
                     continue
                 # Placement depends on time too (a short wait for an idle node, waits that are over).
-                where = place(req, self.table, now, follower_wait=self.follower_wait,
-                              caught_up_at=self.caught_up_at, load=self.load)
+                where = place(req, self.table, now, self.follower_wait, self.caught_up_at, self.load)
                 if isinstance(where, str):
                     self._send(req, where, now)
                 elif where in _WAITING:

@@ -60,6 +60,9 @@ class Deferral(Enum):
     INDEX_IN_BODY = "index_in_body"  # its index is in the body (etcd): read it, then judge the fence
 
 
+_SMALL, _INDEX_IN_BODY = Deferral.SMALL, Deferral.INDEX_IN_BODY
+
+
 class RequestOwner(Protocol):
     """What a request needs of the proxy that routes it (raftlb.proxy.cluster.ClusterProxy)."""
 
@@ -109,20 +112,23 @@ class ProxyRequest(RequestState):
 
     __slots__ = (
         "proxy", "ex", "head", "chunks", "body_len", "retain", "body_done", "conn", "upstream_chunked",
-        "sent_body",
+        "sent_body", "deferred", "answer", "body", "add_host",
     )
 
-    # Rare state, class-level defaults until set:
-    add_host = False  # the client sent no Host (HTTP/1.0): `start` adds the node's
-    deferred: Deferral | None = None  # the answer's head is held back until its body is in (why)
+    deferred: Deferral | None  # the answer's head is held back until its body is in (why)
     answer: tuple[int, list[bytes], bool, int]  # ... (status, head parts, has X-Raft-Term, index)
     body: list[bytes]  # ... and its body so far
+    add_host: bool  # the client sent no Host (HTTP/1.0): `start` adds the node's
 
     def __init__(self, proxy: RequestOwner, ex: Exchange, route: RouteDecision, head: bytes) -> None:
         # (RequestState.__init__, inlined: this runs once per request)
         self.route = route
         self.target = _LEADER if route.needs_leader else Target.READ
         self.arrived_at = ex.started_at
+        self.node = self.read_index = self.avoid = self.session = None
+        self.finished = False
+        self.min_index = self.floor = 0
+        self.wait_until = 0.0
         self.proxy = proxy
         self.ex = ex
         self.head = head
@@ -133,6 +139,8 @@ class ProxyRequest(RequestState):
         self.conn: UpstreamConn | None = None
         self.upstream_chunked = ex.chunked
         self.sent_body = 0  # how many of `chunks` the current connection has been sent
+        self.deferred = None
+        self.add_host = False
 
     def __repr__(self) -> str:
         return f"<ProxyRequest {self.ex.method} {self.ex.target!r} node={self.node} attempts={self.attempts}>"
@@ -286,7 +294,7 @@ class ProxyRequest(RequestState):
             if (index < 0 and proxy.dialect.index_from_body is not None and status == 200
                     and length <= BODY_INDEX_LIMIT):
                 # The index is in the body (etcd): hold the small answer back until it is read.
-                self.deferred = Deferral.INDEX_IN_BODY
+                self.deferred = _INDEX_IN_BODY
                 self.answer = (status, parts, has_term, index)
                 self.body = []
                 return
@@ -294,7 +302,7 @@ class ProxyRequest(RequestState):
                 return
             if 0 < length <= SMALL_ANSWER and status not in (204, 304):
                 # A small answer leaves in one write, head and body together, once its body is in.
-                self.deferred = Deferral.SMALL
+                self.deferred = _SMALL
                 self.answer = (status, parts, has_term, index)
                 self.body = []
                 return
@@ -395,7 +403,7 @@ class ProxyRequest(RequestState):
             status, parts, has_term, index = self.answer
             body = b"".join(self.body)
             self.body = []
-            if deferred is Deferral.INDEX_IN_BODY:
+            if deferred is _INDEX_IN_BODY:
                 dialect = self.proxy.dialect
                 found = dialect.index_from_body(body) if dialect.index_from_body is not None else None
                 if found is not None:
