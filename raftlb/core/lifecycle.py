@@ -92,6 +92,11 @@ class RequestState:
         if not verdict.immediate:
             self.retry_at = now + backoff(self.attempts)
 
+    def leader_appeared(self) -> None:
+        """A new leader (or term): a re-send backing off (after a connect failure or on a leader that
+        failed) goes to it at once; the backoff was for the old one."""
+        self.retry_at = 0.0
+
     def hold_started(self, now: float) -> None:
         """The request joins the hold queue now."""
         self.held_at = now

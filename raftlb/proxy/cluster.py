@@ -474,7 +474,7 @@ class ClusterProxy:
                             if deposed_by(r.route.needs_leader, r.node, r.sent_term, new, term)]:
                     req.preempt(f"node {req.node} deposed by term {change.new_term}")
             for req in self.held:
-                req.retry_at = 0.0
+                req.leader_appeared()
             self._release(now)
             self.broker.kick(now)
         if self.on_change is not None:

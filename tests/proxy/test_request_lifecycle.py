@@ -190,3 +190,20 @@ async def test_a_read_whose_token_no_node_reaches_waits_then_falls_back_to_the_l
     proxy.sweep(time.monotonic() + 1.0)
     assert not proxy.fence_waiting and proxy.stats.fence_fallback == 1
     assert leader.out.startswith(b"GET /kv/a ")
+
+
+async def test_the_common_paths_store_nothing_outside_the_request_slots() -> None:
+    # The hot path's promise (docs/benchmarks.md): a write to the live leader and a fenced read at its index
+    # touch only the slotted state; re-send, hold, wait and session state is made only when a rule sets it.
+    proxy = proxy_of_three()
+    conn, _ = node_conn(proxy, "n1")
+    client(proxy, b"PUT /kv/a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nv")
+    (write,) = proxy.inflight
+    conn.data_received(answer(200, index=11))
+    followers = {n: node_conn(proxy, n)[0] for n in ("n2", "n3")}
+    client(proxy, b"GET /kv/a HTTP/1.1\r\nHost: x\r\nX-Raft-Min-Index: 10\r\n\r\n")
+    (read,) = proxy.inflight
+    assert read.node is not None
+    followers[read.node].data_received(answer(200, index=10))
+    assert write.finished and read.finished
+    assert write.__dict__ == {} and read.__dict__ == {}
