@@ -26,73 +26,20 @@ from raftlb.core.placement import Target, Wait, is_caught_up, place, wait_budget
 from raftlb.core.resend import deposed_by, preempted_by_node_down
 from raftlb.core.router import Router
 from raftlb.core.sessions import SessionOrder
-from raftlb.errors import BadConsistency, BadMinIndex, BadRequest, HoldQueueFull, NoLeader, SessionGap
+from raftlb.errors import HoldQueueFull, NoLeader, SessionGap
 from raftlb.http.server import Exchange
 from raftlb.proxy.pool import NodePool
 from raftlb.proxy.reads import ReadIndexBroker
-from raftlb.proxy.request import ProxyRequest
+from raftlb.proxy.request import ProxyRequest, accept
 from raftlb.proxy.stats import ProxyStats, RequestObserver
 from raftlb.tls import client_context
 
 log = logging.getLogger("raftlb.proxy.cluster")
 
-# Request headers not forwarded: hop-by-hop (RFC 9110 §7.6.1), framing we redo, and what we set ourselves.
-REQUEST_DROP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-    b"proxy-authorization", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
-})
-
-# Request headers the single pass over a request's headers stops at: the dropped ones and those raftlb reads.
-REQUEST_WATCH = REQUEST_DROP | frozenset({
-    b"x-raft-consistency", b"x-raft-min-index", b"cookie", b"x-raft-session", b"x-raft-seq",
-    b"idempotency-key",
-})
-
-
-# Headers a client may not name in `Connection`: those raftlb acts on or that frame and address the request.
-# RFC 9110 §7.6.1 has a proxy drop the headers a `Connection` header names, and forbids a sender to name one
-# meant for every recipient. Honouring such a name would let the node see a different request from the one
-# raftlb routed, framed and deduplicated (a session write re-sent without its session headers and applied
-# twice; a request with no Host), and ignoring it would forward what the client declared hop-by-hop: such a
-# request is refused, 400 bad_request.
-CONNECTION_PROTECTED = frozenset({
-    b"host", b"content-length", b"transfer-encoding", b"x-raft-consistency", b"x-raft-min-index", b"cookie",
-    b"x-raft-session", b"x-raft-seq", b"idempotency-key",
-})
-
-
-def _drop_connection_tokens(parts: list[bytes], headers: list[tuple[bytes, bytes]]) -> list[bytes] | None:
-    """The upstream head again without the headers that a `Connection` header names (RFC 9110 §7.6.1), or
-    None when it names one of CONNECTION_PROTECTED."""
-    named: set[bytes] = set()
-    for k, v in headers:
-        if k == b"connection":
-            named.update(t.strip().lower() for t in v.split(b","))
-    if not named.isdisjoint(CONNECTION_PROTECTED):
-        return None
-    drop = REQUEST_DROP | named
-    out = parts[:4]
-    for k, v in headers:
-        if k not in drop:
-            out += (k, b": ", v, b"\r\n")
-    return out
-
-
-def cookie_index(header: bytes | None) -> int:
-    """The raftlb-index token from a Cookie header (0 when absent or malformed)."""
-    if not header or b"raftlb-index=" not in header:
-        return 0
-    for part in header.split(b";"):
-        name, _, value = part.strip().partition(b"=")
-        if name == b"raftlb-index" and value.isdigit():
-            return int(value)
-    return 0
-
-
 _LEADER = Target.LEADER
 _WAITING = (Wait.FOLLOWER, Wait.FENCE)
 
-__all__ = ["ClusterProxy", "ProxyStats", "RequestObserver", "cookie_index"]
+__all__ = ["ClusterProxy", "ProxyStats", "RequestObserver"]
 
 
 class ClusterProxy:
@@ -161,90 +108,17 @@ class ClusterProxy:
     # -- the request path ---------------------------------------------------------------------------------
 
     def on_request(self, ex: Exchange) -> None:
+        """An HTTP/1.1 request from a client (the RequestHandler of raftlb.http.server): its adapter reads it
+        (raftlb.proxy.request.accept), then it is admitted and placed."""
         self.stats.requests += 1
-        # One pass over the request headers: the upstream head is built and the headers raftlb acts on are
-        # picked out on the way.
-        parts = [ex.method_bytes, b" ", ex.target, b" HTTP/1.1\r\n"]
-        picked: dict[bytes, bytes] = {}  # the first value of each header raftlb reads
-        xff: bytes | None = None
-        hop_tokens = False
-        for k, v in ex.headers:
-            if k in REQUEST_WATCH:
-                if k in REQUEST_DROP:
-                    if k == b"x-forwarded-for":
-                        xff = v if xff is None else xff + b", " + v
-                    elif k == b"connection" and v.lower() not in (b"close", b"keep-alive"):
-                        hop_tokens = True
-                    continue
-                picked.setdefault(k, v)
-            parts += (k, b": ", v, b"\r\n")
-        consistency = token = cookie = sid = seq = None
-        if picked:
-            consistency, token = picked.get(b"x-raft-consistency"), picked.get(b"x-raft-min-index")
-            cookie, sid, seq = picked.get(b"cookie"), picked.get(b"x-raft-session"), picked.get(b"x-raft-seq")
-        refused: BadRequest | None = None
-        if hop_tokens:
-            # Headers named in Connection are hop-by-hop too (rare: a second pass drops them).
-            dropped = _drop_connection_tokens(parts, ex.headers)
-            if dropped is None:
-                refused = BadRequest("Connection names a header raftlb needs (Host, framing, X-Raft-*, "
-                                     "Cookie, Idempotency-Key)")
-            else:
-                parts = dropped
-        target = ex.target
-        q = target.find(b"?")
-        path = (target[:q] if q >= 0 else target).decode("latin-1")
-        try:
-            route = self.router.classify(ex.method, path,
-                                         consistency.decode("latin-1") if consistency is not None else None)
-        except ValueError as exc:  # a read policy raftlb cannot give: say so (errors.BadConsistency)
-            route = self.router.classify(ex.method, path)
-            refused = refused or BadConsistency(str(exc))
-        if token is not None and not (token.isdigit() and len(token) <= 20) and refused is None:
-            refused = BadMinIndex(f"X-Raft-Min-Index must be a non-negative decimal integer, got "
-                                  f"{token[:32].decode('latin-1')!r}")
-        if sid is not None and seq is not None and not (seq.isdigit() and len(seq) <= 20) and refused is None:
-            # Not a plain write in disguise: the client asked for at-most-once and would not get it.
-            refused = BadRequest(f"X-Raft-Seq must be a non-negative decimal integer, got "
-                                 f"{seq[:32].decode('latin-1')!r}")
-        client = ex.conn.peer_bytes
-        parts += (b"x-forwarded-for: ", xff + b", " + client if xff else client,
-                  b"\r\nx-forwarded-proto: ", ex.conn.server.scheme, b"\r\n")
-        if route.kind == "write" and self.dialect.write_headers:
-            parts.append(self.dialect.write_headers)
-        if ex.chunked:
-            parts.append(b"transfer-encoding: chunked\r\n\r\n")
-        elif ex.content_length is not None:
-            parts.append(b"content-length: %d\r\n\r\n" % ex.content_length)
-        else:
-            parts.append(b"\r\n")
-        req = ProxyRequest(self, ex, route, b"".join(parts))
-        ex.on_abort = req.on_client_abort
-        if refused is not None:
-            ex.close_after = True
-            req.fail(refused)
-            return
-        if not ex.http11 and ex.header(b"host") is None:
-            # HTTP/1.0 without Host, forwarded as HTTP/1.1, which must have one (RFC 9112 §3.2): the node's
-            # own authority, as if the client had addressed it directly (added per node: see request.start).
-            req.add_host = True
-        if ex.has_body or ex.expect_continue:
-            ex.set_body_sink(req.on_client_body, req.on_client_body_end)
-        else:
-            req.body_done = True  # nothing to relay: the end of the (empty) body needs no callback
+        req = accept(self, ex)
         if req.finished:
             return
         now = time.monotonic()
-        if (token is not None or route.cookie) and route.keeps_token:
-            index = int(token) if token is not None and token.isdigit() else 0
-            if route.cookie:
-                index = max(index, cookie_index(cookie))
-            req.fence(index, None)
-        if route.kind == "write" and sid is not None and seq is not None:
-            req.session = (sid.decode("latin-1"), int(seq))
-            if not self.sessions.admit(req, req.session[0], req.session[1], now):
-                self.stats.session_parked += 1
-                return
+        session = req.session
+        if session is not None and not self.sessions.admit(req, session[0], session[1], now):
+            self.stats.session_parked += 1
+            return
         if req.target is _LEADER:
             # The common case, without the general dispatch: a leader (placement's first rule, and
             # `_send`, inlined).
