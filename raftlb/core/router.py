@@ -29,11 +29,19 @@ class RouteDecision:
     max_lag_entries: int | None = None
     max_lag_ms: int | None = None
     stream: bool = False  # answers are long-lived streams: quiet gaps in them are not a stalled node
-    # Writes and leader reads: derived from kind and policy (a field, not a property: read per request).
-    needs_leader: bool = field(init=False, repr=False, compare=False)
+    # Derived from kind and policy once per route (fields, not properties: read per request).
+    needs_leader: bool = field(init=False, repr=False, compare=False)  # writes and leader reads
+    keeps_token: bool = field(init=False, repr=False, compare=False)  # see `keeps_token`
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "needs_leader", self.kind == "write" or self.policy == "leader")
+        object.__setattr__(self, "keeps_token", keeps_token(self.kind, self.policy))
+
+
+def keeps_token(kind: str, policy: str) -> bool:
+    """Whether the client's index token (X-Raft-Min-Index, the raftlb-index cookie) fences a request:
+    `any` promises nothing, so it ignores the token (and never waits or retries for it)."""
+    return policy != "any" or kind == "write"
 
 
 WRITE = RouteDecision("write", "leader")

@@ -3,8 +3,10 @@
 It owns the cluster's leader table, a keep-alive pool per node, and the places a request can wait: the
 hold queue (no leader yet), the fence wait list (no node at the client's index yet), the read-index broker
 (linearizable reads) and the session order (writes of one session, in seq order). Everything is callbacks:
-held requests wait in a deque, not in tasks. The per-request relay and the re-send rule live in
-`raftlb.proxy.request`.
+held requests wait in a deque, not in tasks. It decides nothing itself: where a request goes is
+`raftlb.core.placement.place`, the hold queue's budgets `raftlb.core.hold`, preemption and re-sends
+`raftlb.core.resend`; this module feeds them the table, the load and `now`, and acts on the answer. The
+per-request HTTP/1 relay is `raftlb.proxy.request`.
 """
 
 from __future__ import annotations
@@ -14,113 +16,30 @@ import time
 from collections import deque
 from collections.abc import Callable
 from ssl import SSLContext
-from typing import Protocol
 
 from raftlb.burstlog import BurstLog
 from raftlb.config.model import ClusterConfig, TlsConfig
 from raftlb.core.dialects import dialect_for
+from raftlb.core.hold import hold_admits, hold_expired, hold_over_bytes
 from raftlb.core.leader_table import Announcement, LeaderChange, LeaderTable
-from raftlb.core.readplace import leader_bias, place_read
-from raftlb.core.router import IDEMPOTENT_METHODS, RouteDecision, Router
+from raftlb.core.placement import Target, Wait, is_caught_up, place, wait_budget
+from raftlb.core.resend import deposed_by, preempted_by_node_down
+from raftlb.core.router import Router
 from raftlb.core.sessions import SessionOrder
-from raftlb.errors import BadConsistency, BadMinIndex, BadRequest, HoldQueueFull, NoLeader, SessionGap
+from raftlb.errors import HoldQueueFull, NoLeader, SessionGap
 from raftlb.http.server import Exchange
 from raftlb.proxy.pool import NodePool
-from raftlb.proxy.reads import ReadIndexBroker, eligible_nodes
-from raftlb.proxy.request import ProxyRequest
+from raftlb.proxy.reads import ReadIndexBroker
+from raftlb.proxy.request import ProxyRequest, accept
+from raftlb.proxy.stats import ProxyStats, RequestObserver
 from raftlb.tls import client_context
 
 log = logging.getLogger("raftlb.proxy.cluster")
 
-# Request headers not forwarded: hop-by-hop (RFC 9110 §7.6.1), framing we redo, and what we set ourselves.
-REQUEST_DROP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-    b"proxy-authorization", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
-})
+_LEADER = Target.LEADER
+_WAITING = (Wait.FOLLOWER, Wait.FENCE)
 
-# Request headers the single pass over a request's headers stops at: the dropped ones and those raftlb reads.
-REQUEST_WATCH = REQUEST_DROP | frozenset({
-    b"x-raft-consistency", b"x-raft-min-index", b"cookie", b"x-raft-session", b"x-raft-seq",
-    b"idempotency-key",
-})
-
-
-# Headers a client may not name in `Connection`: those raftlb acts on or that frame and address the request.
-# RFC 9110 §7.6.1 has a proxy drop the headers a `Connection` header names, and forbids a sender to name one
-# meant for every recipient. Honouring such a name would let the node see a different request from the one
-# raftlb routed, framed and deduplicated (a session write re-sent without its session headers and applied
-# twice; a request with no Host), and ignoring it would forward what the client declared hop-by-hop: such a
-# request is refused, 400 bad_request.
-CONNECTION_PROTECTED = frozenset({
-    b"host", b"content-length", b"transfer-encoding", b"x-raft-consistency", b"x-raft-min-index", b"cookie",
-    b"x-raft-session", b"x-raft-seq", b"idempotency-key",
-})
-
-
-def _drop_connection_tokens(parts: list[bytes], headers: list[tuple[bytes, bytes]]) -> list[bytes] | None:
-    """The upstream head again without the headers that a `Connection` header names (RFC 9110 §7.6.1), or
-    None when it names one of CONNECTION_PROTECTED."""
-    named: set[bytes] = set()
-    for k, v in headers:
-        if k == b"connection":
-            named.update(t.strip().lower() for t in v.split(b","))
-    if not named.isdisjoint(CONNECTION_PROTECTED):
-        return None
-    drop = REQUEST_DROP | named
-    out = parts[:4]
-    for k, v in headers:
-        if k not in drop:
-            out += (k, b": ", v, b"\r\n")
-    return out
-
-
-def cookie_index(header: bytes | None) -> int:
-    """The raftlb-index token from a Cookie header (0 when absent or malformed)."""
-    if not header or b"raftlb-index=" not in header:
-        return 0
-    for part in header.split(b";"):
-        name, _, value = part.strip().partition(b"=")
-        if name == b"raftlb-index" and value.isdigit():
-            return int(value)
-    return 0
-
-
-class ProxyStats:
-    """Counters the metrics module reads; plain ints so the hot path pays nothing."""
-
-    __slots__ = ("requests", "held", "released", "expired", "resends", "outcome_unknown", "misdirected",
-                 "preempted", "responses_by_class", "rejected_announcements", "leader_changes",
-                 "reads_leader", "reads_follower", "fence_waited", "fence_fallback", "fence_stale",
-                 "follower_waited",
-                 "session_parked",
-                 "session_gaps")
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.held = 0
-        self.released = 0
-        self.expired = 0
-        self.resends: dict[str, int] = {}
-        self.outcome_unknown = 0
-        self.misdirected = 0
-        self.preempted = 0
-        self.responses_by_class = [0] * 6
-        self.rejected_announcements = 0
-        self.leader_changes = 0
-        self.reads_leader = 0
-        self.reads_follower = 0
-        self.fence_waited = 0  # fenced reads that found no node at their index and waited
-        self.fence_fallback = 0  # reads sent to the leader because no follower qualified in time
-        self.fence_stale = 0  # answers discarded because they reflected an index below the client's token
-        self.follower_waited = 0  # reads that waited for a follower to catch up rather than load the leader
-        self.session_parked = 0
-        self.session_gaps = 0
-
-
-class RequestObserver(Protocol):
-    """Told about every finished request (metrics, access log); off the hot path when None."""
-
-    def request_done(self, cluster: str, route: RouteDecision, node: str | None, ex: Exchange) -> None: ...
+__all__ = ["ClusterProxy", "ProxyStats", "RequestObserver"]
 
 
 class ClusterProxy:
@@ -148,6 +67,8 @@ class ClusterProxy:
         self.sessions: SessionOrder[ProxyRequest] = SessionOrder(cluster.session_gap_wait,
                                                                  cluster.max_sessions)
         self.broker = ReadIndexBroker(self, cluster.read_index_path)
+        # Each node's load for placement: the pools' outstanding requests (one closure, made once).
+        self.load: Callable[[str], int] = lambda node: self.pools[node].outstanding
         self.stats = ProxyStats()
         self.on_change = on_change
         self._rejections = BurstLog(log)
@@ -187,195 +108,72 @@ class ClusterProxy:
     # -- the request path ---------------------------------------------------------------------------------
 
     def on_request(self, ex: Exchange) -> None:
+        """An HTTP/1.1 request from a client (the RequestHandler of raftlb.http.server): its adapter reads it
+        (raftlb.proxy.request.accept), then it is admitted and placed."""
         self.stats.requests += 1
-        # One pass over the request headers: the upstream head is built and the headers raftlb acts on are
-        # picked out on the way.
-        parts = [ex.method_bytes, b" ", ex.target, b" HTTP/1.1\r\n"]
-        picked: dict[bytes, bytes] = {}  # the first value of each header raftlb reads
-        xff: bytes | None = None
-        hop_tokens = False
-        for k, v in ex.headers:
-            if k in REQUEST_WATCH:
-                if k in REQUEST_DROP:
-                    if k == b"x-forwarded-for":
-                        xff = v if xff is None else xff + b", " + v
-                    elif k == b"connection" and v.lower() not in (b"close", b"keep-alive"):
-                        hop_tokens = True
-                    continue
-                picked.setdefault(k, v)
-            parts += (k, b": ", v, b"\r\n")
-        consistency = token = cookie = sid = seq = None
-        if picked:
-            consistency, token = picked.get(b"x-raft-consistency"), picked.get(b"x-raft-min-index")
-            cookie, sid, seq = picked.get(b"cookie"), picked.get(b"x-raft-session"), picked.get(b"x-raft-seq")
-        refused: BadRequest | None = None
-        if hop_tokens:
-            # Headers named in Connection are hop-by-hop too (rare: a second pass drops them).
-            dropped = _drop_connection_tokens(parts, ex.headers)
-            if dropped is None:
-                refused = BadRequest("Connection names a header raftlb needs (Host, framing, X-Raft-*, "
-                                     "Cookie, Idempotency-Key)")
-            else:
-                parts = dropped
-        target = ex.target
-        q = target.find(b"?")
-        path = (target[:q] if q >= 0 else target).decode("latin-1")
-        try:
-            route = self.router.classify(ex.method, path,
-                                         consistency.decode("latin-1") if consistency is not None else None)
-        except ValueError as exc:  # a read policy raftlb cannot give: say so (errors.BadConsistency)
-            route = self.router.classify(ex.method, path)
-            refused = refused or BadConsistency(str(exc))
-        if token is not None and not (token.isdigit() and len(token) <= 20) and refused is None:
-            refused = BadMinIndex(f"X-Raft-Min-Index must be a non-negative decimal integer, got "
-                                  f"{token[:32].decode('latin-1')!r}")
-        if sid is not None and seq is not None and not (seq.isdigit() and len(seq) <= 20) and refused is None:
-            # Not a plain write in disguise: the client asked for at-most-once and would not get it.
-            refused = BadRequest(f"X-Raft-Seq must be a non-negative decimal integer, got "
-                                 f"{seq[:32].decode('latin-1')!r}")
-        client = ex.conn.peer_bytes
-        parts += (b"x-forwarded-for: ", xff + b", " + client if xff else client,
-                  b"\r\nx-forwarded-proto: ", ex.conn.server.scheme, b"\r\n")
-        if route.kind == "write" and self.dialect.write_headers:
-            parts.append(self.dialect.write_headers)
-        if ex.chunked:
-            parts.append(b"transfer-encoding: chunked\r\n\r\n")
-        elif ex.content_length is not None:
-            parts.append(b"content-length: %d\r\n\r\n" % ex.content_length)
-        else:
-            parts.append(b"\r\n")
-        # Safe to re-send after an ambiguous failure: idempotent by method or by route, marked by the client,
-        # or a session write (X-Raft-Session + X-Raft-Seq) that a node with sessions applies at most once.
-        safe = (ex.method in IDEMPOTENT_METHODS or route.idempotent or b"idempotency-key" in picked
-                or (sid is not None and seq is not None))
-        req = ProxyRequest(self, ex, route, b"".join(parts), safe)
-        ex.on_abort = req.on_client_abort
-        if refused is not None:
-            ex.close_after = True
-            req._fail(refused)
-            return
-        if not ex.http11 and ex.header(b"host") is None:
-            # HTTP/1.0 without Host, forwarded as HTTP/1.1, which must have one (RFC 9112 §3.2): the node's
-            # own authority, as if the client had addressed it directly (added per node: see request.start).
-            req.add_host = True
-        if ex.has_body or ex.expect_continue:
-            ex.set_body_sink(req.on_client_body, req.on_client_body_end)
-        else:
-            req.body_done = True  # nothing to relay: the end of the (empty) body needs no callback
+        req = accept(self, ex)
         if req.finished:
             return
-        if (token is not None or route.cookie) and (route.policy != "any" or route.kind == "write"):
-            # `any` promises nothing, so it ignores the token (and never waits or retries for it).
-            if token is not None and token.isdigit():
-                req.min_index = int(token)
-            if route.cookie:
-                req.min_index = max(req.min_index, cookie_index(cookie))
-        if route.kind == "write" and sid is not None and seq is not None:
-            req.session = (sid.decode("latin-1"), int(seq))
-            if not self.sessions.admit(req, req.session[0], req.session[1], time.monotonic()):
-                self.stats.session_parked += 1
-                return
-        if req.to_leader:
-            # The common case, without the general dispatch: a leader and an idle connection to it.
-            now = time.monotonic()
+        now = time.monotonic()
+        session = req.session
+        if session is not None and not self.sessions.admit(req, session[0], session[1], now):
+            self.stats.session_parked += 1
+            return
+        if req.target is _LEADER:
+            # The common case, without the general dispatch: a leader (placement's first rule, and
+            # `_send`, inlined).
             leader = self.table.leader(now)
             if leader is not None:
-                self._send(req, leader, now)
+                req.node = leader
+                conn = self.pools[leader].assign(req)
+                if conn is not None:
+                    req.start(conn, now)
                 return
-        self.dispatch(req)
+        self.dispatch(req, now)
 
-    def pick(self, req: ProxyRequest, now: float) -> str | None:
-        """The node for this request now, or None (no leader, or no node eligible for the read)."""
-        if req.to_leader:
-            if req.retry_at > now:
-                return None
-            return self.table.leader(now)
-        cands = eligible_nodes(self.table, req.route, req.floor, now, self.caught_up_at)
-        if not cands:
-            return None
-        req.leader_only = False
-        if len(cands) == 1 and req.route.prefer_followers and not req.leader_ok and self.follower_wait > 0 \
-                and cands[0] == self.table.leader(now) and len(self.table.live_nodes(now)) > 1:
-            # Only the leader has the index yet; followers usually apply it within a heartbeat. Wait a
-            # little for one rather than load the leader with every read that follows a write.
-            req.leader_only = True
-            return None
-        route = req.route
-        at_index = cands
-        if len(cands) > 1 and req.avoid is not None and req.avoid in cands:
-            cands = [n for n in cands if n != req.avoid]
-        pools = self.pools
-        coming: list[str] = []
-        patience = min(self.follower_wait, route.fence_wait / 4)
-        if patience > 0 and req.floor > 0 and route.policy in ("fenced", "linearizable") \
-                and len(at_index) < len(self.table.nodes):
-            # Live nodes that will very likely reach the index within moments: caught up with the leader's
-            # commit recently (not a node still replaying its log), and not one the read is steered from.
-            leader = self.table.leader(now) if route.prefer_followers else None
-            recent = now - self.table.liveness_timeout
-            coming = [n for n in self.table.live_nodes(now)
-                      if n not in at_index and n != leader and n != req.avoid
-                      and self.caught_up_at.get(n, recent - 1) >= recent]
-        return place_read(cands, coming, lambda n: pools[n].outstanding, now - req.ex.started_at, patience,
-                          leader=self.table.leader(now), bias=leader_bias(route.prefer_followers,
-                                                                          self.cluster.leader_read_margin))
-
-    def dispatch(self, req: ProxyRequest) -> None:
-        """Route a request now: to its node, the hold queue, the fence wait list or the read-index broker."""
-        now = time.monotonic()
-        if not req.to_leader and req.route.policy == "linearizable" and req.read_index is None:
-            self.broker.submit(req)
-            return
-        node = self.pick(req, now)
-        if node is not None:
-            self._send(req, node)
-            return
-        policy = req.route.policy
-        if req.to_leader or policy == "any":
-            self.hold(req)
-            return
-        if req.leader_only:
-            if not req.fence_deadline:
-                req.fence_deadline = now + self.follower_wait
-                self.stats.follower_waited += 1
-            if now >= req.fence_deadline:
-                req.leader_ok = True
-                self.dispatch(req)
-            else:
-                self.fence_waiting.append(req)
-            return
-        if policy == "bounded":
-            self._fall_back_to_leader(req)
-            return
-        # fenced / linearizable: wait for an announcement showing a node at the index, then the leader.
-        if not req.fence_deadline:
-            req.fence_deadline = now + req.route.fence_wait
-            self.stats.fence_waited += 1
-        if now >= req.fence_deadline:
-            self._fall_back_to_leader(req)
-            return
-        self.fence_waiting.append(req)
-
-    def _fall_back_to_leader(self, req: ProxyRequest) -> None:
-        req.to_leader = True
-        self.stats.fence_fallback += 1
-        self.dispatch(req)
-
-    def _send(self, req: ProxyRequest, node: str, now: float | None = None) -> None:
-        req.node = node
-        pool = self.pools[node]
-        pool.outstanding += 1
-        conn = pool.take_idle()
-        if conn is not None:
-            req.start(conn, time.monotonic() if now is None else now)
+    def dispatch(self, req: ProxyRequest, now: float) -> None:
+        """Route a request now, as `raftlb.core.placement.place` says: to its node, the hold queue, the fence
+        wait list or the read-index broker."""
+        where = place(req, self.table, now, self.follower_wait, self.caught_up_at, self.load,
+                      self.cluster.leader_read_margin)
+        if isinstance(where, str):
+            self._send(req, where, now)
         else:
-            pool.acquire(req)
+            self._wait(req, where, now)
+
+    def _wait(self, req: ProxyRequest, wait: Wait, now: float) -> None:
+        """No node for `req` now: where it waits."""
+        if wait is Wait.HOLD:
+            self.hold(req, now)
+        elif wait is Wait.READ_INDEX:
+            self.broker.submit(req, now)
+        elif wait is Wait.FALL_BACK:
+            req.fall_back_to_leader()
+            self.stats.fence_fallback += 1
+            self.dispatch(req, now)
+        else:  # FOLLOWER, FENCE: on the fence wait list, until a node qualifies or its wait is over
+            if not req.wait_until:
+                req.wait_until = now + wait_budget(wait, req.route, self.follower_wait)
+                if wait is Wait.FOLLOWER:
+                    self.stats.follower_waited += 1
+                else:
+                    self.stats.fence_waited += 1
+                if req.wait_until <= now:  # no wait at all (fence_wait 0): placed again at once
+                    self.dispatch(req, now)
+                    return
+            self.fence_waiting.append(req)
+
+    def _send(self, req: ProxyRequest, node: str, now: float) -> None:
+        req.node = node
+        conn = self.pools[node].assign(req)
+        if conn is not None:
+            req.start(conn, now)
 
     def learned_index(self, node: str, index: int) -> None:
         """A node answered from `index`: between announcements (which may come only once a heartbeat), reads
         waiting for that index may go to it now, and later ones are not kept from it."""
         if self.table.note_applied(node, index) and self.fence_waiting:
-            self._recheck_fenced(time.monotonic())
+            self._recheck_fenced(time.monotonic())  # (an event: the clock is read once, here)
 
     def term_header(self) -> bytes:
         """`x-raft-term: <the table's term>` as a header line, made once per term."""
@@ -386,7 +184,8 @@ class ClusterProxy:
         return cached[1]
 
     def count_read(self, req: ProxyRequest, node: str) -> None:
-        if req.to_leader or node == self.table.leader(time.monotonic()):
+        """Count a read answered by `node`: by the leader, or by a follower."""
+        if req.target is _LEADER or node == self.table.leader(time.monotonic()):
             self.stats.reads_leader += 1
         else:
             self.stats.reads_follower += 1
@@ -397,21 +196,21 @@ class ClusterProxy:
         for req in waiting:
             if req.finished:
                 continue
-            node = self.pick(req, now)
-            if node is None:
-                self.fence_waiting.append(req)
+            where = place(req, self.table, now, self.follower_wait, self.caught_up_at, self.load,
+                          self.cluster.leader_read_margin)
+            if isinstance(where, str):
+                self._send(req, where, now)
             else:
-                self._send(req, node)
+                self.fence_waiting.append(req)  # (the sweep ends waits that are over)
 
-    def hold(self, req: ProxyRequest) -> None:
+    def hold(self, req: ProxyRequest, now: float) -> None:
         """Park a request until a leader (for reads: any live node) is there; bounded in count and bytes."""
-        hold = self.cluster.hold
         if not req.held_at:
-            if len(self.held) >= hold.max_requests or self.held_bytes + req.hold_size > hold.max_bytes:
+            if not hold_admits(len(self.held), self.held_bytes, req.hold_size, self.cluster.hold):
                 req.fail_held(HoldQueueFull("too many requests are waiting for a leader",
                                             retry_after=self.cluster.retry_after))
                 return
-            req.held_at = time.monotonic()
+            req.hold_started(now)
             if not req.released:  # (a re-send held again is not another held request)
                 self.stats.held += 1
         self.held.append(req)
@@ -422,11 +221,11 @@ class ClusterProxy:
         if req not in self.held:
             return
         self.held_bytes += n
-        if self.held_bytes > self.cluster.hold.max_bytes:
+        if hold_over_bytes(self.held_bytes, self.cluster.hold):
             self.held.remove(req)
             self.held_bytes -= req.hold_size
-            req._fail(HoldQueueFull("held writes exceed the hold byte budget",
-                                    retry_after=self.cluster.retry_after))
+            req.fail(HoldQueueFull("held writes exceed the hold byte budget",
+                                   retry_after=self.cluster.retry_after))
 
     def _release(self, now: float) -> None:
         """Dispatch held requests that can go now, in arrival order."""
@@ -439,38 +238,37 @@ class ClusterProxy:
             req = held.popleft()
             if req.finished:
                 continue
-            node = self.pick(req, now)
-            if node is None:
+            where = place(req, self.table, now, self.follower_wait, self.caught_up_at, self.load,
+                          self.cluster.leader_read_margin)
+            if not isinstance(where, str):
                 waiting.append(req)
                 self.held_bytes += req.hold_size
                 continue
             if not req.released:
-                req.released = True
                 self.stats.released += 1
-            # The hold timeout bounds the time spent holding, not the time spent waiting on nodes between
-            # holds (the response timeout bounds that).
-            req.held_for += now - req.held_at
-            req.held_at = 0.0
-            self._send(req, node)
+            req.hold_ended(now)
+            self._send(req, where, now)
 
-    def node_released(self, node: str) -> None:
+    def release_node(self, node: str) -> None:
         """A request no longer counts against `node`'s load (which a reload may have removed meanwhile)."""
         pool = self.pools.get(node)
         if pool is not None:
-            pool.outstanding -= 1
+            pool.unassign()
 
-    def _forget(self, req: ProxyRequest) -> None:
+    def forget(self, req: ProxyRequest) -> None:
+        """`req` is over (answered, failed, abandoned): its node's load, and the next write of its session."""
         self.inflight.discard(req)
-        if req.node is not None:
-            pool = self.pools.get(req.node)  # (node_released, inlined: this is per request)
+        node = req.node
+        if node is not None:
+            pool = self.pools.get(node)
             if pool is not None:
-                pool.outstanding -= 1
+                pool.unassign()
             req.node = None
         if req.session is not None:
             nxt = self.sessions.done(req, req.session[0])
             req.session = None
             if nxt is not None and not nxt.finished:
-                self.dispatch(nxt)
+                self.dispatch(nxt, time.monotonic())  # (an event: the clock is read once, here)
 
     # -- the control plane --------------------------------------------------------------------------------
 
@@ -489,11 +287,9 @@ class ClusterProxy:
         elif self.held:
             self._release(now)
         leader = self.table.leader(now)
-        if leader is not None:
-            view = self.table.nodes[node_id]
-            commit = self.table.nodes[leader].commit_index
-            if node_id == leader or (commit is not None and (view.applied_index or 0) >= commit):
-                self.caught_up_at[node_id] = now
+        if leader is not None and is_caught_up(node_id, leader, self.table.nodes[node_id].applied_index,
+                                               self.table.nodes[leader].commit_index):
+            self.caught_up_at[node_id] = now
         if self.fence_waiting:
             self._recheck_fenced(now)
 
@@ -504,7 +300,8 @@ class ClusterProxy:
             self._leader_changed(change, now)
         # Requests that are safe to repeat do not wait out the response timeout on a node gone silent
         # (a paused process, a partition): they go elsewhere now. The others keep waiting for their answer.
-        for req in [r for r in self.inflight if r.node == node_id and r.safe_to_repeat]:
+        for req in [r for r in self.inflight
+                    if r.node == node_id and preempted_by_node_down(r.safe_to_repeat)]:
             req.preempt(f"node {node_id} down ({reason})")
         # Answers it was sending that have stopped (a frozen node) are cut now, not at the response timeout.
         pool = self.pools.get(node_id)
@@ -551,12 +348,12 @@ class ClusterProxy:
                 # hanging until its own timeout.
                 term = change.new_term
                 for req in [r for r in self.inflight
-                            if r.route.needs_leader and r.node != new and r.sent_term < term]:
+                            if deposed_by(r.route.needs_leader, r.node, r.sent_term, new, term)]:
                     req.preempt(f"node {req.node} deposed by term {change.new_term}")
             for req in self.held:
-                req.retry_at = 0.0
+                req.leader_appeared()
             self._release(now)
-            self.broker.kick()
+            self.broker.kick(now)
         if self.on_change is not None:
             self.on_change(change)
 
@@ -567,12 +364,12 @@ class ClusterProxy:
             self._leader_changed(change, now)
         if self.held:
             timeout = self.cluster.hold.timeout
-            if any(r.finished or r.held_at + timeout <= now + r.held_for for r in self.held):
+            if any(r.finished or hold_expired(r.held_at, r.held_for, timeout, now) for r in self.held):
                 keep: deque[ProxyRequest] = deque()
                 for req in self.held:
                     if req.finished:
                         continue
-                    if req.held_at + timeout <= now + req.held_for:
+                    if hold_expired(req.held_at, req.held_for, timeout, now):
                         self.stats.expired += 1
                         req.fail_held(NoLeader(f"no leader for {self.cluster.name} within {timeout:g}s",
                                                retry_after=self.cluster.retry_after,
@@ -588,28 +385,27 @@ class ClusterProxy:
             for req in waiting:
                 if req.finished:
                     continue
-                # Placement depends on time too (a short wait for an idle node): look again first.
-                node = self.pick(req, now)
-                if node is not None:
-                    self._send(req, node)
-                elif req.fence_deadline > now:
+                # Placement depends on time too (a short wait for an idle node, waits that are over).
+                where = place(req, self.table, now, self.follower_wait, self.caught_up_at, self.load,
+                              self.cluster.leader_read_margin)
+                if isinstance(where, str):
+                    self._send(req, where, now)
+                elif where in _WAITING:
                     self.fence_waiting.append(req)
-                elif req.leader_only:
-                    req.leader_ok = True  # no follower caught up in time: the leader serves it
-                    self.dispatch(req)
                 else:
-                    self._fall_back_to_leader(req)
+                    self._wait(req, where, now)
         for req in self.sessions.expired(now):
             self.stats.session_gaps += 1
             req.session = None
-            req._fail(SessionGap("an earlier X-Raft-Seq of this session did not arrive in time"))
+            req.fail(SessionGap("an earlier X-Raft-Seq of this session did not arrive in time"))
         if self.broker.pending:
             timeout = self.cluster.hold.timeout
-            for req in [r for r in self.broker.pending if r.ex.started_at + timeout <= now]:
+            # (reads waiting for a read index: the hold timeout bounds that wait too, from their arrival)
+            for req in [r for r in self.broker.pending if hold_expired(r.arrived_at, 0.0, timeout, now)]:
                 self.broker.pending.remove(req)
-                req._fail(NoLeader("no leader to obtain a read index from",
-                                   retry_after=self.cluster.retry_after))
-            self.broker.kick()
+                req.fail(NoLeader("no leader to obtain a read index from",
+                                  retry_after=self.cluster.retry_after))
+            self.broker.kick(now)
         for pool in self.pools.values():
             pool.sweep(now)
 

@@ -313,7 +313,9 @@ class NodePool:
         # Requests waiting for a connection, served first come first served whichever connection opens
         # or frees up first: held writes released together reach the node in the order they arrived.
         self.waiters: deque[UpstreamListener] = deque()
-        self.outstanding = 0  # requests assigned to this node and not finished (the balancer's load)
+        # Requests assigned to this node and not finished (the balancer's load): written by `assign` and
+        # `unassign` only.
+        self.outstanding = 0
         self.connecting = 0
         self.connect_failures = 0
         self.closed = False
@@ -332,6 +334,23 @@ class NodePool:
                 self.busy.add(conn)
                 return conn
         return None
+
+    def assign(self, listener: UpstreamListener) -> UpstreamConn | None:
+        """Count a request against this node's load (`outstanding`, until `unassign`) and give it an idle
+        connection now, marked busy; or None: one is acquired for it (`listener.on_upstream_ready` later)."""
+        self.outstanding += 1
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                self.busy.add(conn)
+                return conn
+        self.acquire(listener)
+        return None
+
+    def unassign(self) -> None:
+        """A request assigned to this node is over, or goes elsewhere: no longer part of its load."""
+        self.outstanding -= 1
 
     def acquire(self, listener: UpstreamListener) -> None:
         """Give `listener` a connection: now if one is idle, else when one opens or frees up (or an error)."""

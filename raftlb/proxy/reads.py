@@ -1,7 +1,9 @@
 """Reads that need more than "any live node": the eligible-node rules, and the ReadIndex broker.
 
-- `eligible_nodes`: which nodes may serve a read under its policy, from the leader table alone (pure).
-- (`raftlb.core.readplace.place_read`, in the decision core: which node at a read's index serves it.)
+The rules of where a read goes are in `raftlb.core.placement` (`eligible_nodes`, re-exported here for the
+callers that know it by this module) and `raftlb.core.readplace` (`place_read`);
+this module does the I/O of reads:
+
 - `ReadIndexBroker`: `linearizable` reads without loading the leader with reads (Raft dissertation §6.4):
   one round trip to the leader's read-index endpoint is shared by every read that arrived before the round
   started; each read is then served, fenced at that index, by any node that has applied it.
@@ -12,54 +14,36 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from raftlb.config.model import ClusterConfig
 from raftlb.core.leader_table import LeaderTable
-from raftlb.core.router import RouteDecision
+from raftlb.core.placement import eligible_nodes
+from raftlb.core.resend import MAX_ROUNDS_PER_READ, give_up_read_index
 from raftlb.errors import NoLeader
-from raftlb.proxy.pool import UpstreamConn
-
-if TYPE_CHECKING:
-    from raftlb.proxy.cluster import ClusterProxy
-    from raftlb.proxy.request import ProxyRequest
+from raftlb.proxy.pool import NodePool, UpstreamConn
+from raftlb.proxy.request import ProxyRequest
 
 log = logging.getLogger("raftlb.proxy.reads")
 
+__all__ = ["ReadIndexBroker", "eligible_nodes"]
 
-def eligible_nodes(table: LeaderTable, route: RouteDecision, floor: int, now: float,
-                   caught_up_at: dict[str, float]) -> list[str]:
-    """Live nodes allowed to serve a read right now (the leader included; the caller prefers followers).
 
-    fenced / linearizable: applied index ≥ `floor` (the client's token, or the read index).
-    bounded: within `max_lag_entries` of the leader's commit index and/or caught up with the leader no
-             longer than `max_lag_ms` ago; and ≥ `floor`.
-    any: every live node.
-    """
-    if route.policy == "any":
-        return table.live_nodes(now)
-    nodes = table.applied_at_least(floor, now) if floor > 0 else table.live_nodes(now)
-    if route.policy != "bounded" or not nodes:
-        return nodes
-    leader = table.leader(now)
-    if leader is None:
-        return []
-    commit = table.nodes[leader].commit_index or 0
-    out = []
-    for nid in nodes:
-        view = table.nodes[nid]
-        if route.max_lag_entries is not None and commit - (view.applied_index or 0) > route.max_lag_entries:
-            continue
-        if route.max_lag_ms is not None and nid != leader:
-            if (now - caught_up_at.get(nid, float("-inf"))) * 1000 > route.max_lag_ms:
-                continue
-        out.append(nid)
-    return out
+class BrokerOwner(Protocol):
+    """What the broker needs of the proxy it serves (raftlb.proxy.cluster.ClusterProxy)."""
+
+    cluster: ClusterConfig
+    table: LeaderTable
+    pools: dict[str, NodePool]
+
+    def dispatch(self, req: ProxyRequest, now: float) -> None:
+        """Place a read that has its read index now."""
 
 
 class _ReadIndexCall:
     """One round trip to the leader's read-index endpoint, as an upstream listener."""
 
-    __slots__ = ("broker", "node", "members", "status", "body", "conn", "finished", "started")
+    __slots__ = ("broker", "node", "members", "status", "body", "conn", "finished")
 
     def __init__(self, broker: ReadIndexBroker, node: str, members: list[ProxyRequest]) -> None:
         self.broker = broker
@@ -69,7 +53,6 @@ class _ReadIndexCall:
         self.body = bytearray()
         self.conn: UpstreamConn | None = None
         self.finished = False
-        self.started = time.monotonic()
 
     def on_upstream_ready(self, conn: UpstreamConn) -> None:
         self.conn = conn
@@ -91,10 +74,10 @@ class _ReadIndexCall:
                 index = int(doc["read_index"])
             except (ValueError, KeyError, TypeError):
                 index = None
-        self._end(index, f"status {self.status}" if index is None else "")
+        self.end(index, f"status {self.status}" if index is None else "")
 
     def on_upstream_error(self, reason: str, written: bool, timeout: bool = False) -> None:
-        self._end(None, reason)
+        self.end(None, reason)
 
     def on_upstream_pause(self) -> None:
         pass
@@ -102,25 +85,27 @@ class _ReadIndexCall:
     def on_upstream_resume(self) -> None:
         pass
 
-    def _end(self, index: int | None, reason: str) -> None:
+    def end(self, index: int | None, reason: str) -> None:
+        """The round is over: with the read index, or None and why not."""
         if self.finished:
             return
         self.finished = True
-        self.broker._round_done(self, index, reason)
+        self.broker.round_done(self, index, reason, time.monotonic())
 
 
 class ReadIndexBroker:
     """Batches `linearizable` reads into shared read-index rounds at the leader.
 
-    A read whose round fails joins the next one, up to MAX_ROUNDS_PER_READ times; then 503 `no_leader`.
-    These rounds have their own budget (`ProxyRequest.failed_rounds`), not the request's re-sends
+    A read whose round fails joins the next one, up to MAX_ROUNDS_PER_READ times
+    (`raftlb.core.resend.give_up_read_index`); then 503 `no_leader`.
+    These rounds have their own budget (`RequestState.failed_rounds`), not the request's re-sends
     (`attempts`, bounded by `max_resends`): a round fails before the read is sent anywhere, and a read that
     got its index after a failed round still has every re-send for the node that serves it.
     """
 
-    MAX_ROUNDS_PER_READ = 3
+    MAX_ROUNDS_PER_READ = MAX_ROUNDS_PER_READ
 
-    def __init__(self, proxy: ClusterProxy, path: str) -> None:
+    def __init__(self, proxy: BrokerOwner, path: str) -> None:
         self.proxy = proxy
         self.path = path.encode("latin-1")
         self.pending: list[ProxyRequest] = []
@@ -131,18 +116,18 @@ class ReadIndexBroker:
     def __repr__(self) -> str:
         return f"<ReadIndexBroker rounds={self.rounds} reads={self.reads} pending={len(self.pending)}>"
 
-    def submit(self, req: ProxyRequest) -> None:
+    def submit(self, req: ProxyRequest, now: float) -> None:
         """A read that needs a read index. It joins the next round: one that starts after it arrived."""
         self.pending.append(req)
         if self.round is None:
-            self._start()
+            self._start(now)
 
-    def _start(self) -> None:
+    def _start(self, now: float) -> None:
         proxy = self.proxy
         self.pending = [r for r in self.pending if not r.finished]
         if not self.pending:
             return
-        leader = proxy.table.leader(time.monotonic())
+        leader = proxy.table.leader(now)
         if leader is None:
             return  # retried on the next leader change or sweep
         members, self.pending = self.pending, []
@@ -150,30 +135,31 @@ class ReadIndexBroker:
         self.rounds += 1
         proxy.pools[leader].acquire(call)
 
-    def _round_done(self, call: _ReadIndexCall, index: int | None, reason: str) -> None:
+    def round_done(self, call: _ReadIndexCall, index: int | None, reason: str, now: float) -> None:
+        """A round ended: its reads go on with the read index, or join the next round (their own budget)."""
         self.round = None
         proxy = self.proxy
         if index is not None:
             self.reads += len(call.members)
             for req in call.members:
                 if not req.finished:
-                    req.read_index = index
-                    proxy.dispatch(req)
+                    req.fence(req.min_index, index)
+                    proxy.dispatch(req, now)
         else:
             log.debug("read-index round at %s failed: %s", call.node, reason)
             for req in call.members:
                 if req.finished:
                     continue
                 req.failed_rounds += 1
-                if req.failed_rounds > self.MAX_ROUNDS_PER_READ:
-                    req._fail(NoLeader(f"could not obtain a read index from the leader: {reason}",
+                if give_up_read_index(req.failed_rounds):
+                    req.fail(NoLeader(f"could not obtain a read index from the leader: {reason}",
                                        retry_after=proxy.cluster.retry_after))
                 else:
                     self.pending.append(req)
         if self.pending:
-            self._start()
+            self._start(now)
 
-    def kick(self) -> None:
+    def kick(self, now: float) -> None:
         """A leader appeared (or the periodic sweep): start a round if reads wait for one."""
         if self.round is None and self.pending:
-            self._start()
+            self._start(now)

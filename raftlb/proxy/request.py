@@ -1,30 +1,35 @@
-"""One proxied request: the glue between a downstream `Exchange` and an upstream connection.
+"""One proxied request over HTTP/1.1: the adapter between a downstream `Exchange`, an upstream connection
+and the protocol-independent request state (raftlb.core.lifecycle.RequestState).
 
-A `ProxyRequest` keeps what a re-send needs (the upstream head, the body up to `resend_body_limit`),
-relays the answer with flow control both ways, and applies the re-send rule in one place
-(`on_upstream_error`):
+`accept` reads a client's request (its upstream head, route, fence and session) into a `ProxyRequest`;
+the cluster proxy admits and places it (raftlb.proxy.cluster), which knows no HTTP framing itself.
 
-- nothing was written to the node (connect failed)         → re-send to the current leader (after a backoff)
-- written, but the node answered 421 Misdirected Request   → not applied: update the table and re-send
-- written, then the connection died or timed out, or a higher term deposed the node meanwhile
-      → re-send only if the method is idempotent, the request has `Idempotency-Key` or a Raft session
-        (`X-Raft-Session` + `X-Raft-Seq`, deduplicated by the node), or the route says so;
-        otherwise `502 outcome_unknown`
-- the response has started towards the client              → the client connection is cut, never a truncated
-                                                              answer presented as complete
-- a read answered from an index below the client's token   → discarded, retried on the leader
+A `ProxyRequest` keeps what a re-send needs (the upstream head, the body up to `resend_body_limit`) and
+relays the answer with flow control both ways. It decides nothing itself: after a failed attempt it asks
+`raftlb.core.resend.resend_verdict` (421, connect failure, failure after the request was written,
+preemption, timeouts, an answer below the client's index) and does what the verdict says; where the
+request goes is the owner's (`RequestOwner`, the cluster proxy) and `raftlb.core.placement`'s.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from enum import Enum
+from typing import Protocol
 
-from raftlb.config.model import READ_POLICIES
-from raftlb.core.dialects import BODY_INDEX_LIMIT
-from raftlb.core.router import RouteDecision
+from raftlb.config.model import READ_POLICIES, ClusterConfig
+from raftlb.core.dialects import BODY_INDEX_LIMIT, Dialect
+from raftlb.core.hold import held_outcome_unknown
+from raftlb.core.leader_table import LeaderTable
+from raftlb.core.lifecycle import RequestState
+from raftlb.core.placement import Target, below_fence, leader_moved
+from raftlb.core.resend import Failure, Verdict, resend_verdict, safe_to_resend
+from raftlb.core.router import RouteDecision, Router
 from raftlb.errors import (
+    BadConsistency,
+    BadMinIndex,
+    BadRequest,
     IndexNotReached,
     OutcomeUnknown,
     ProxyError,
@@ -34,9 +39,7 @@ from raftlb.errors import (
 from raftlb.http.exchange import STATUS_LINES
 from raftlb.http.server import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE, Exchange, status_line
 from raftlb.proxy.pool import UpstreamConn
-
-if TYPE_CHECKING:
-    from raftlb.proxy.cluster import ClusterProxy
+from raftlb.proxy.stats import ProxyStats, RequestObserver
 
 log = logging.getLogger("raftlb.proxy.cluster")
 
@@ -53,64 +56,163 @@ MAX_INDEX = 1 << 64  # Raft indexes are uint64: an X-Raft-Index at or above this
 # Answers with a Content-Length body up to this size are sent on in one write, head and body together.
 SMALL_ANSWER = 16 * 1024
 
+_LEADER = Target.LEADER
 
-class ProxyRequest:
-    """One proxied request: routing state, retained body, and the upstream callbacks."""
+
+# Request headers not forwarded: hop-by-hop (RFC 9110 §7.6.1), framing we redo, and what we set ourselves.
+REQUEST_DROP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"proxy-authorization", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
+})
+
+# Request headers the single pass over a request's headers stops at: the dropped ones and those raftlb reads.
+REQUEST_WATCH = REQUEST_DROP | frozenset({
+    b"x-raft-consistency", b"x-raft-min-index", b"cookie", b"x-raft-session", b"x-raft-seq",
+    b"idempotency-key",
+})
+
+
+# Headers a client may not name in `Connection`: those raftlb acts on or that frame and address the request.
+# RFC 9110 §7.6.1 has a proxy drop the headers a `Connection` header names, and forbids a sender to name one
+# meant for every recipient. Honouring such a name would let the node see a different request from the one
+# raftlb routed, framed and deduplicated (a session write re-sent without its session headers and applied
+# twice; a request with no Host), and ignoring it would forward what the client declared hop-by-hop: such a
+# request is refused, 400 bad_request.
+CONNECTION_PROTECTED = frozenset({
+    b"host", b"content-length", b"transfer-encoding", b"x-raft-consistency", b"x-raft-min-index", b"cookie",
+    b"x-raft-session", b"x-raft-seq", b"idempotency-key",
+})
+
+
+def _drop_connection_tokens(parts: list[bytes], headers: list[tuple[bytes, bytes]]) -> list[bytes] | None:
+    """The upstream head again without the headers that a `Connection` header names (RFC 9110 §7.6.1), or
+    None when it names one of CONNECTION_PROTECTED."""
+    named: set[bytes] = set()
+    for k, v in headers:
+        if k == b"connection":
+            named.update(t.strip().lower() for t in v.split(b","))
+    if not named.isdisjoint(CONNECTION_PROTECTED):
+        return None
+    drop = REQUEST_DROP | named
+    out = parts[:4]
+    for k, v in headers:
+        if k not in drop:
+            out += (k, b": ", v, b"\r\n")
+    return out
+
+
+def cookie_index(header: bytes | None) -> int:
+    """The raftlb-index token from a Cookie header (0 when absent or malformed)."""
+    if not header or b"raftlb-index=" not in header:
+        return 0
+    for part in header.split(b";"):
+        name, _, value = part.strip().partition(b"=")
+        if name == b"raftlb-index" and value.isdigit():
+            return int(value)
+    return 0
+
+
+class Deferral(Enum):
+    """Why an answer's head is held back until its body is in."""
+
+    SMALL = "small"  # a small answer: head and body leave in one write
+    INDEX_IN_BODY = "index_in_body"  # its index is in the body (etcd): read it, then judge the fence
+
+
+_SMALL, _INDEX_IN_BODY = Deferral.SMALL, Deferral.INDEX_IN_BODY
+
+
+class RequestOwner(Protocol):
+    """What a request needs of the proxy that routes it (raftlb.proxy.cluster.ClusterProxy)."""
+
+    cluster: ClusterConfig
+    router: Router
+    write_buffer_high: int
+    table: LeaderTable
+    dialect: Dialect
+    stats: ProxyStats
+    inflight: set[ProxyRequest]
+    node_hosts: dict[str, bytes]
+    node_headers: dict[str, bytes]
+    observer: RequestObserver | None
+
+    def dispatch(self, req: ProxyRequest, now: float) -> None:
+        """Place the request now: send, hold or park it (raftlb.core.placement)."""
+
+    def hold(self, req: ProxyRequest, now: float) -> None:
+        """Park the request in the hold queue (a re-send's backoff)."""
+
+    def forget(self, req: ProxyRequest) -> None:
+        """The request is over (answered, failed, abandoned): release its node and its session turn."""
+
+    def release_node(self, node: str) -> None:
+        """The request no longer counts against `node`'s load."""
+
+    def held_body_grew(self, req: ProxyRequest, n: int) -> None:
+        """A held request's body grew by `n` bytes."""
+
+    def learned_index(self, node: str, index: int) -> None:
+        """`node` answered from `index`."""
+
+    def term_header(self) -> bytes:
+        """The `x-raft-term` header line for the table's term."""
+
+    def count_read(self, req: ProxyRequest, node: str) -> None:
+        """Count a read answered by `node`."""
+
+    def on_misdirected(self, node_id: str, hint: str | None, term: int | None) -> None:
+        """A node answered 421, with its leader hint and term."""
+
+    def on_node_unreachable(self, node_id: str, reason: str) -> None:
+        """The data path could not connect to a node."""
+
+
+class ProxyRequest(RequestState):
+    """One proxied HTTP/1.1 request: the retained body, the relay of the answer, the upstream callbacks."""
 
     __slots__ = (
-        "proxy", "ex", "route", "head", "chunks", "body_len", "retain", "body_done", "node", "conn",
-        "attempts", "held_at", "retry_at", "safe_to_repeat", "upstream_chunked", "sent_body", "finished",
-        "avoid", "sent_term", "released", "to_leader", "min_index", "read_index", "fence_deadline", "session",
-        "deferred", "body", "leader_only", "leader_ok", "held_for", "maybe_applied", "add_host",
-        "failed_rounds",
+        "proxy", "ex", "head", "chunks", "body_len", "retain", "body_done", "conn", "upstream_chunked",
+        "sent_body", "deferred", "answer", "body", "add_host",
     )
 
-    def __init__(self, proxy: ClusterProxy, ex: Exchange, route: RouteDecision, head: bytes,
-                 safe_to_repeat: bool) -> None:
+    deferred: Deferral | None  # the answer's head is held back until its body is in (why)
+    answer: tuple[int, list[bytes], bool, int]  # ... (status, head parts, has X-Raft-Term, index)
+    body: list[bytes]  # ... and its body so far
+    add_host: bool  # the client sent no Host (HTTP/1.0): `start` adds the node's
+
+    def __init__(self, proxy: RequestOwner, ex: Exchange, route: RouteDecision, head: bytes) -> None:
+        # (RequestState.__init__, inlined: this runs once per request)
+        self.route = route
+        self.target = _LEADER if route.needs_leader else Target.READ
+        self.arrived_at = ex.started_at
+        self.node = self.read_index = self.avoid = self.session = None
+        self.finished = False
+        self.min_index = self.floor = 0
+        self.wait_until = 0.0
         self.proxy = proxy
         self.ex = ex
-        self.route = route
         self.head = head
         self.chunks: list[bytes] = []
         self.body_len = 0
         self.retain = True
         self.body_done = False
-        self.node: str | None = None
         self.conn: UpstreamConn | None = None
-        self.attempts = 0  # re-sends so far, bounded by `max_resends` (read-index rounds have their own)
-        self.held_at = 0.0  # when the current hold began (0.0: not held now)
-        self.held_for = 0.0  # time spent in earlier holds: the hold timeout bounds the sum
-        self.maybe_applied: str | None = None  # a node this write reached, then failed, before a re-send
-        self.retry_at = 0.0
-        self.safe_to_repeat = safe_to_repeat  # may be re-sent after an ambiguous failure (see the module doc)
         self.upstream_chunked = ex.chunked
         self.sent_body = 0  # how many of `chunks` the current connection has been sent
-        self.finished = False
-        self.avoid: str | None = None
-        self.sent_term = 0  # the table's term when the request was bound to its node
-        self.released = False
-        self.to_leader = route.needs_leader  # writes, leader reads, and reads that fell back to the leader
-        self.min_index = 0  # the client's token (X-Raft-Min-Index / raftlb-index cookie)
-        self.read_index: int | None = None  # linearizable reads: the index the leader handed out
-        self.failed_rounds = 0  # ... and read-index rounds that failed before it did (ReadIndexBroker)
-        self.fence_deadline = 0.0  # fenced reads waiting for a node to reach their index
-        self.session: tuple[str, int] | None = None  # (X-Raft-Session, X-Raft-Seq) of a session write
-        self.leader_only = False  # only the leader had the client's index when last picked
-        self.leader_ok = False  # ... and waiting for a follower is over: the leader may serve it
-        # An answer held back until its body is in: (status, head parts, has X-Raft-Term, index; -2 when
-        # the index is to be read from the body), and the body so far.
-        self.deferred: tuple[int, list[bytes], bool, int] | None = None
-        self.body: list[bytes] = []
-        self.add_host = False  # the client sent no Host (HTTP/1.0): `start` adds the node's
-
-    @property
-    def floor(self) -> int:
-        """The lowest index an answer may reflect."""
-        ri = self.read_index
-        return self.min_index if ri is None or ri < self.min_index else ri
+        self.deferred = None
+        self.add_host = False
 
     def __repr__(self) -> str:
         return f"<ProxyRequest {self.ex.method} {self.ex.target!r} node={self.node} attempts={self.attempts}>"
+
+    @property
+    def safe_to_repeat(self) -> bool:
+        """May be re-sent after an ambiguous failure: an idempotent method or route, `Idempotency-Key`, or a
+        session write (`X-Raft-Session` + `X-Raft-Seq`); see raftlb.core.resend.safe_to_resend."""
+        ex = self.ex
+        session = ex.header(b"x-raft-session") is not None and ex.header(b"x-raft-seq") is not None
+        return safe_to_resend(ex.method, self.route.idempotent, ex.header(b"idempotency-key") is not None,
+                              session)
 
     @property
     def hold_size(self) -> int:
@@ -154,7 +256,7 @@ class ProxyRequest:
         if conn is not None:
             self.conn = None
             conn.abandon()
-        self.proxy._forget(self)
+        self.proxy.forget(self)
 
     def on_client_pause(self) -> None:
         if self.conn is not None:
@@ -174,12 +276,11 @@ class ProxyRequest:
             conn.pool.release(conn)
             return
         now = time.monotonic()
-        if self.to_leader and proxy.table.leader(now) not in (node, None):
-            # The leader moved while this connection was being opened.
+        if leader_moved(self.target, node, proxy.table.leader(now)):
             conn.pool.release(conn)
-            conn.pool.outstanding -= 1
+            proxy.release_node(node)
             self.node = None
-            proxy.dispatch(self)
+            proxy.dispatch(self, now)
             return
         self.start(conn, now)
 
@@ -223,20 +324,7 @@ class ProxyRequest:
     def on_upstream_head(self, conn: UpstreamConn, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         proxy = self.proxy
         proxy.inflight.discard(self)
-        if status == 421 and self.retain and self.attempts < proxy.cluster.max_resends:
-            # Not applied by that node: learn the hint, re-send. The rest of this response is discarded.
-            hint: str | None = None
-            term: int | None = None
-            for k, v in headers:
-                if k == b"x-raft-leader":
-                    hint = v.decode("latin-1").strip() or None
-                elif k == b"x-raft-term" and v.strip().isdigit():
-                    term = int(v)
-            conn.abandon()
-            self.conn = None
-            proxy.stats.misdirected += 1
-            proxy.on_misdirected(self.node or "", hint, term)
-            self._resend("misdirected", immediate=True)
+        if status == 421 and self._misdirected(conn, headers):
             return
         # One pass over the node's headers: the client's head is built, X-Raft-Index/-Term noted on the way.
         parts = [STATUS_LINES.get(status) or status_line(status)]
@@ -266,38 +354,60 @@ class ProxyRequest:
             if (index < 0 and proxy.dialect.index_from_body is not None and status == 200
                     and length <= BODY_INDEX_LIMIT):
                 # The index is in the body (etcd): hold the small answer back until it is read.
-                self.deferred = (status, parts, has_term, -2)
+                self.deferred = _INDEX_IN_BODY
+                self.answer = (status, parts, has_term, index)
+                self.body = []
                 return
-            if index >= 0 and self._stale(conn, status, index):
+            if self.floor > index >= 0 and self._stale(conn, status, index):
                 return
             if 0 < length <= SMALL_ANSWER and status not in (204, 304):
                 # A small answer leaves in one write, head and body together, once its body is in.
-                self.deferred = (status, parts, has_term, index)
+                self.deferred = _SMALL
+                self.answer = (status, parts, has_term, index)
+                self.body = []
                 return
-        elif index >= 0 and self._stale(conn, status, index):
+        elif self.floor > index >= 0 and self._stale(conn, status, index):
             return
         self._answer_head(conn, status, parts, has_term, index)
         if self.ex.conn.writing_paused:
             conn.pause_reading()
 
-    def _stale(self, conn: UpstreamConn | None, status: int, index: int) -> bool:
-        """A read answered from state older than the client's token is never returned: retry elsewhere."""
-        if index < 0 or self.route.kind != "read" or status >= 500:
+    def _misdirected(self, conn: UpstreamConn, headers: list[tuple[bytes, bytes]]) -> bool:
+        """A 421: the node did not apply the request. True: re-sent (the table learnt the hint); False: the
+        421 goes to the client (the re-send rule says so)."""
+        proxy = self.proxy
+        verdict = self._verdict(Failure.MISDIRECTED)
+        if not verdict.resend:
             return False
-        floor = self.floor
-        if index >= floor:
+        hint: str | None = None
+        term: int | None = None
+        for k, v in headers:
+            if k == b"x-raft-leader":
+                hint = v.decode("latin-1").strip() or None
+            elif k == b"x-raft-term" and v.strip().isdigit():
+                term = int(v)
+        conn.abandon()
+        self.conn = None
+        proxy.stats.misdirected += 1
+        proxy.on_misdirected(self.node or "", hint, term)
+        self._resend("misdirected", verdict, time.monotonic())
+        return True
+
+    def _stale(self, conn: UpstreamConn | None, status: int, index: int) -> bool:
+        """A read answered from state older than the client's token is never returned (True): it is
+        re-sent, or fails, as the re-send rule says."""
+        if not below_fence(self.route, status, index, self.floor):
             return False
         proxy = self.proxy
         if conn is not None:
             conn.abandon()
         self.conn = None
         proxy.stats.fence_stale += 1
-        if self.attempts >= proxy.cluster.max_resends:
-            self._fail(IndexNotReached(f"no node served index {floor} in time", index=floor))
-            return True
-        was_leader = self.to_leader
-        self.to_leader = True
-        self._resend("fence_stale", immediate=not was_leader)
+        verdict = self._verdict(Failure.STALE_INDEX)
+        if verdict.resend:
+            self._resend("fence_stale", verdict, time.monotonic())
+        else:
+            self.fail(IndexNotReached(f"no node served index {self.floor} in time", index=self.floor))
         return True
 
     def _answer_head(self, conn: UpstreamConn, status: int, parts: list[bytes], has_term: bool, index: int,
@@ -350,14 +460,14 @@ class ProxyRequest:
         deferred = self.deferred
         if deferred is not None:
             self.deferred = None
-            status, parts, has_term, index = deferred
+            status, parts, has_term, index = self.answer
             body = b"".join(self.body)
             self.body = []
-            if index == -2:
+            if deferred is _INDEX_IN_BODY:
                 dialect = self.proxy.dialect
                 found = dialect.index_from_body(body) if dialect.index_from_body is not None else None
-                index = -1 if found is None else found
                 if found is not None:
+                    index = found
                     parts += (b"x-raft-index: ", b"%d" % found, b"\r\n")
                     if self.node is not None:
                         self.proxy.learned_index(self.node, found)
@@ -374,80 +484,96 @@ class ProxyRequest:
         self.ex.resume_body()
 
     def on_upstream_error(self, reason: str, written: bool, timeout: bool = False) -> None:
-        proxy = self.proxy
         self.conn = None
-        proxy.inflight.discard(self)
+        self.proxy.inflight.discard(self)
         if self.finished:
             return
-        ex = self.ex
-        if ex.response_started:
-            log.warning("node %s failed mid-response (%s): cutting the client connection", self.node, reason)
-            ex.abort(reason)
-            self._finish()
-            return
-        if not written:
-            # Nothing reached the node, so re-sending is always safe; the hold timeout bounds it. A node
-            # that refuses connections is down for routing now, not after its announcements go quiet.
-            self.avoid = self.node
-            if self.node is not None:
-                proxy.on_node_unreachable(self.node, reason)
-            self._resend("connect_failed", immediate=False)
-            return
-        can_resend = self.retain and self.attempts < proxy.cluster.max_resends
-        if can_resend and self.safe_to_repeat:
-            if self.route.kind == "write":
-                self.maybe_applied = self.node
-            self.avoid = self.node
-            self._resend("idempotent_retry", immediate=not self.to_leader)
-            return
-        if self.route.kind == "read":
-            err: ProxyError = UpstreamTimeout(f"node {self.node}: {reason}") if timeout \
-                else UpstreamFailed(f"node {self.node}: {reason}")
-            self._fail(err)
-            return
-        proxy.stats.outcome_unknown += 1
-        self._fail(OutcomeUnknown(f"node {self.node}: {reason}; the write may or may not have been applied",
-                                  node=self.node))
+        failure = Failure.CONNECT_FAILED if not written else Failure.TIMED_OUT if timeout \
+            else Failure.FAILED_AFTER_SEND
+        self._attempt_failed(failure, reason)
 
     def preempt(self, reason: str) -> None:
-        """The node this request waits on was deposed: stop waiting for it and apply the re-send rule."""
+        """The node this request waits on was deposed or went down: stop waiting for it and apply the
+        re-send rule."""
         conn = self.conn
         if conn is None:
             return
         written = conn.written
         conn.abandon()
         self.proxy.stats.preempted += 1
-        self.on_upstream_error(reason, written)
+        self.conn = None
+        self.proxy.inflight.discard(self)
+        if not self.finished:
+            self._attempt_failed(Failure.PREEMPTED if written else Failure.CONNECT_FAILED, reason)
 
-    # -- helpers ------------------------------------------------------------------------------------------
+    # -- the re-send rule, applied --------------------------------------------------------------------------
 
-    def _resend(self, reason: str, immediate: bool) -> None:
+    def _verdict(self, failure: Failure) -> Verdict:
+        return resend_verdict(failure, write=self.route.kind == "write", safe=self.safe_to_repeat,
+                              body_kept=self.retain, attempts=self.attempts,
+                              max_resends=self.proxy.cluster.max_resends, on_leader=self.target is _LEADER,
+                              answer_started=self.ex.response_started)
+
+    def _attempt_failed(self, failure: Failure, reason: str) -> None:
+        """An attempt failed at the connection (before or after the request was written): do what
+        `resend_verdict` says."""
         proxy = self.proxy
-        self.attempts += 1
+        verdict = self._verdict(failure)
+        node = self.node
+        if verdict is Verdict.CUT_CLIENT:
+            log.warning("node %s failed mid-response (%s): cutting the client connection", node, reason)
+            self.ex.abort(reason)
+            self._finish()
+            return
+        if verdict.resend:
+            self.avoid = node
+            if failure is Failure.CONNECT_FAILED:
+                # A node that refuses connections is down for routing now, not after its announcements go
+                # quiet.
+                if node is not None:
+                    proxy.on_node_unreachable(node, reason)
+                self._resend("connect_failed", verdict, time.monotonic())
+            else:
+                if self.route.kind == "write":
+                    self.maybe_applied = node
+                self._resend("idempotent_retry", verdict, time.monotonic())
+            return
+        if verdict is Verdict.FAIL_OUTCOME_UNKNOWN:
+            proxy.stats.outcome_unknown += 1
+            self.fail(OutcomeUnknown(f"node {node}: {reason}; the write may or may not have been applied",
+                                     node=node))
+        elif verdict is Verdict.FAIL_TIMEOUT:
+            self.fail(UpstreamTimeout(f"node {node}: {reason}"))
+        else:
+            self.fail(UpstreamFailed(f"node {node}: {reason}"))
+
+    def _resend(self, reason: str, verdict: Verdict, now: float) -> None:
+        proxy = self.proxy
         proxy.stats.resends[reason] = proxy.stats.resends.get(reason, 0) + 1
         if self.node is not None:
-            proxy.node_released(self.node)
-            self.node = None
+            proxy.release_node(self.node)
+        self.will_resend(verdict, now)
         self.sent_body = 0
         self.deferred = None  # an answer held back from the failed attempt is not this one's
-        self.body = []
-        if immediate:
-            proxy.dispatch(self)
+        if verdict.immediate:
+            proxy.dispatch(self, now)
         else:
-            self.retry_at = time.monotonic() + min(0.025 * (2 ** self.attempts), 0.5)
-            proxy.hold(self)
+            proxy.hold(self, now)
+
+    # -- the outcome ----------------------------------------------------------------------------------------
 
     def fail_held(self, err: ProxyError) -> None:
         """Give up on a held request with `err` (no leader in time, hold budget), unless it is a write that
         reached a node before: then the truth is that it may have been applied (502 outcome_unknown)."""
         node = self.maybe_applied
-        if node is not None:
+        if held_outcome_unknown(node is not None):
             self.proxy.stats.outcome_unknown += 1
             err = OutcomeUnknown(f"node {node} did not answer, then {err.detail}; the write may or may not "
                                  "have been applied", node=node)
-        self._fail(err)
+        self.fail(err)
 
-    def _fail(self, err: ProxyError) -> None:
+    def fail(self, err: ProxyError) -> None:
+        """Answer the client with `err`; the request is over."""
         ex = self.ex
         ex.close_after = ex.close_after or not self.body_done
         ex.respond_error(err)
@@ -457,9 +583,96 @@ class ProxyRequest:
         if not self.finished:
             self.finished = True
             proxy = self.proxy
-            node = self.node  # before _forget clears it
-            proxy._forget(self)
+            node = self.node  # before forget clears it
+            proxy.forget(self)
             proxy.stats.responses_by_class[min(self.ex.status // 100, 5)] += 1
             observer = proxy.observer
             if observer is not None:
                 observer.request_done(proxy.cluster.name, self.route, node, self.ex)
+
+
+def accept(owner: RequestOwner, ex: Exchange) -> ProxyRequest:
+    """An HTTP/1.1 request from a client as a proxied request: its upstream head (one pass over the headers,
+    hop-by-hop ones dropped, X-Forwarded-* and framing redone), its route, its fence (the client's token) and
+    its session. A request refused here (a malformed X-Raft-* header, a Connection header naming one raftlb
+    needs) comes back finished, answered 400."""
+    # One pass over the request headers: the upstream head is built and the headers raftlb acts on are
+    # picked out on the way.
+    parts = [ex.method_bytes, b" ", ex.target, b" HTTP/1.1\r\n"]
+    picked: dict[bytes, bytes] = {}  # the first value of each header raftlb reads
+    xff: bytes | None = None
+    hop_tokens = False
+    for k, v in ex.headers:
+        if k in REQUEST_WATCH:
+            if k in REQUEST_DROP:
+                if k == b"x-forwarded-for":
+                    xff = v if xff is None else xff + b", " + v
+                elif k == b"connection" and v.lower() not in (b"close", b"keep-alive"):
+                    hop_tokens = True
+                continue
+            picked.setdefault(k, v)
+        parts += (k, b": ", v, b"\r\n")
+    consistency = token = cookie = sid = seq = None
+    if picked:
+        consistency, token = picked.get(b"x-raft-consistency"), picked.get(b"x-raft-min-index")
+        cookie, sid, seq = picked.get(b"cookie"), picked.get(b"x-raft-session"), picked.get(b"x-raft-seq")
+    refused: BadRequest | None = None
+    if hop_tokens:
+        # Headers named in Connection are hop-by-hop too (rare: a second pass drops them).
+        dropped = _drop_connection_tokens(parts, ex.headers)
+        if dropped is None:
+            refused = BadRequest("Connection names a header raftlb needs (Host, framing, X-Raft-*, "
+                                 "Cookie, Idempotency-Key)")
+        else:
+            parts = dropped
+    target = ex.target
+    q = target.find(b"?")
+    path = (target[:q] if q >= 0 else target).decode("latin-1")
+    try:
+        route = owner.router.classify(ex.method, path,
+                                      consistency.decode("latin-1") if consistency is not None else None)
+    except ValueError as exc:  # a read policy raftlb cannot give: say so (errors.BadConsistency)
+        route = owner.router.classify(ex.method, path)
+        refused = refused or BadConsistency(str(exc))
+    if token is not None and not (token.isdigit() and len(token) <= 20) and refused is None:
+        refused = BadMinIndex(f"X-Raft-Min-Index must be a non-negative decimal integer, got "
+                              f"{token[:32].decode('latin-1')!r}")
+    if sid is not None and seq is not None and not (seq.isdigit() and len(seq) <= 20) and refused is None:
+        # Not a plain write in disguise: the client asked for at-most-once and would not get it.
+        refused = BadRequest(f"X-Raft-Seq must be a non-negative decimal integer, got "
+                             f"{seq[:32].decode('latin-1')!r}")
+    client = ex.conn.peer_bytes
+    parts += (b"x-forwarded-for: ", xff + b", " + client if xff else client,
+              b"\r\nx-forwarded-proto: ", ex.conn.server.scheme, b"\r\n")
+    if route.kind == "write" and owner.dialect.write_headers:
+        parts.append(owner.dialect.write_headers)
+    if ex.chunked:
+        parts.append(b"transfer-encoding: chunked\r\n\r\n")
+    elif ex.content_length is not None:
+        parts.append(b"content-length: %d\r\n\r\n" % ex.content_length)
+    else:
+        parts.append(b"\r\n")
+    req = ProxyRequest(owner, ex, route, b"".join(parts))
+    ex.on_abort = req.on_client_abort
+    if refused is not None:
+        ex.close_after = True
+        req.fail(refused)
+        return req
+    if not ex.http11 and ex.header(b"host") is None:
+        # HTTP/1.0 without Host, forwarded as HTTP/1.1, which must have one (RFC 9112 §3.2): the node's
+        # own authority, as if the client had addressed it directly (added per node: see request.start).
+        req.add_host = True
+    if ex.has_body or ex.expect_continue:
+        ex.set_body_sink(req.on_client_body, req.on_client_body_end)
+    else:
+        req.body_done = True  # nothing to relay: the end of the (empty) body needs no callback
+    if req.finished:
+        return req
+    if (token is not None or route.cookie) and route.keeps_token:
+        index = int(token) if token is not None and token.isdigit() else 0
+        if route.cookie:
+            index = max(index, cookie_index(cookie))
+        req.fence(index, None)
+    if route.kind == "write" and sid is not None and seq is not None:
+        req.session = (sid.decode("latin-1"), int(seq))
+    return req

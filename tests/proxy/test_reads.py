@@ -9,6 +9,7 @@ import pytest
 
 from raftlb.config.model import ClusterConfig, NodeConfig, RouteConfig
 from raftlb.core.leader_table import Announcement
+from raftlb.core.placement import place
 from raftlb.core.readplace import place_read
 from raftlb.proxy.cluster import ClusterProxy
 from tests.support.proxies import RecordingPool, send
@@ -146,4 +147,6 @@ async def test_a_resent_read_avoids_the_follower_that_failed_even_when_only_the_
     assert targets(pools) == {"n2": 1}  # followers first
     req = pools["n2"].acquired[0]
     req.avoid = "n2"  # what a failed attempt on n2 sets before the re-send
-    assert proxy.pick(req, time.monotonic()) == "n1"
+    now = time.monotonic()
+    assert place(req, proxy.table, now, proxy.follower_wait, proxy.caught_up_at, proxy.load,
+                 proxy.cluster.leader_read_margin) == "n1"

@@ -26,6 +26,13 @@ class RecordingPool:
     def acquire(self, req: Any) -> None:
         self.acquired.append(req)
 
+    def assign(self, req: Any) -> None:
+        self.outstanding += 1
+        self.acquired.append(req)
+
+    def unassign(self) -> None:
+        self.outstanding -= 1
+
     def sweep(self, now: float) -> None:
         pass
 
