@@ -547,6 +547,11 @@ METHODS = {m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", 
 # The request headers that `_inspect_framing` looks at.
 _FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect", b"host"})
 
+# Content-Length values seen, and their numbers (clients repeat sizes; `int()` on bytes costs more than a
+# lookup). Bounded: once full, new values are parsed each time.
+_LENGTHS: dict[bytes, int] = {}
+_LENGTHS_MAX = 4096
+
 
 def _inspect_framing(ex: Exchange, limits: LimitsConfig) -> None:
     """Body framing and the request-level checks that llhttp leaves to us (RFC 9112 §6)."""
@@ -590,10 +595,15 @@ def _inspect_framing(ex: Exchange, limits: LimitsConfig) -> None:
             # close the connection.
             ex.keep_alive = False
     elif cl is not None:
-        if not cl.isdigit():
-            ex.error = BadRequest("invalid Content-Length")
-            return
-        length = ex.content_length = int(cl)
+        length = _LENGTHS.get(cl)
+        if length is None:
+            if not cl.isdigit():
+                ex.error = BadRequest("invalid Content-Length")
+                return
+            length = int(cl)
+            if len(_LENGTHS) < _LENGTHS_MAX:
+                _LENGTHS[cl] = length
+        ex.content_length = length
         ex.has_body = length > 0
         if length > limits.max_body_bytes:
             ex.error = PayloadTooLarge(f"request body exceeds {limits.max_body_bytes} bytes")

@@ -24,6 +24,11 @@ MAX_RESPONSE_HEAD = 256 * 1024  # a node's status line and headers; beyond this 
 
 _FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
 
+# Content-Length values read so far, and their numbers: a node's answers repeat their sizes, and `int()` on
+# bytes costs more than a lookup. Bounded: once full, new sizes are parsed each time.
+_LENGTHS: dict[bytes, int] = {}
+_LENGTHS_MAX = 4096
+
 
 class UpstreamListener(Protocol):
     finished: bool  # the request no longer needs a connection (its client went away)
@@ -126,7 +131,7 @@ class UpstreamConn(asyncio.Protocol):
             self._fail(f"malformed response from node: {exc}")
         finally:
             self.feeding = False
-        if self.head_received and self.listener is not None and not self.paused:
+        if self.listener is not None and self.head_received and not self.paused:
             # Once the head is in, the response timeout is the longest gap between two reads of the answer
             # (a node that stalls mid-answer is given up, like one that never answers).
             self.deadline = time.monotonic() + self.pool.response_timeout
@@ -179,7 +184,15 @@ class UpstreamConn(asyncio.Protocol):
                            "(only chunked)")
                 return
         cl = self._cl
-        length = self.resp_length = None if cl is None else int(cl)
+        if cl is None:
+            length = None
+        else:
+            length = _LENGTHS.get(cl)
+            if length is None:
+                length = int(cl)  # (llhttp has checked it is a number)
+                if len(_LENGTHS) < _LENGTHS_MAX:
+                    _LENGTHS[cl] = length
+        self.resp_length = length
         chunked = self.resp_chunked = codings is not None
         self.until_close = not chunked and length is None and status not in (204, 304) and not self.head_only
         listener = self.listener
@@ -199,8 +212,17 @@ class UpstreamConn(asyncio.Protocol):
         if self.informational:
             self.informational = False
             return
-        if self.listener is not None:
-            self._complete()
+        listener = self.listener
+        if listener is not None:
+            if self.feeding and not self.paused:
+                # The common case, `_complete` inlined (per request): released by data_received once the
+                # parser has returned.
+                self.listener = None
+                self.deadline = 0.0
+                self.completed = True
+                listener.on_upstream_done()
+            else:
+                self._complete()
 
     # -- request lifecycle --------------------------------------------------------------------------------
 
