@@ -459,7 +459,8 @@ class ProxyRequest:
             proxy = self.proxy
             node = self.node  # before _forget clears it
             proxy._forget(self)
-            proxy.stats.responses_by_class[min(self.ex.status // 100, 5)] += 1
+            cls = self.ex.status // 100  # (not min(): a builtin with keyword parsing, per request)
+            proxy.stats.responses_by_class[cls if cls < 5 else 5] += 1
             observer = proxy.observer
             if observer is not None:
                 observer.request_done(proxy.cluster.name, self.route, node, self.ex)
