@@ -167,7 +167,7 @@ class Exchange:
         if framing == FRAMING_LENGTH and self.keep_alive and self.http11 and not self.close_after \
                 and not conn.closing and self.error is None:
             # The common case: a keep-alive HTTP/1.1 answer with a Content-Length.
-            parts.append(_length_end(length))
+            parts.append(_LENGTH_ENDS.get(length) or _length_end(length))
             if body and not self.head_only:
                 parts.append(body)
                 self._framing = FRAMING_LENGTH

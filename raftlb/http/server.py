@@ -57,6 +57,7 @@ DL_IDLE = 1  # keep-alive, waiting for the next request
 DL_HEADER = 2  # a request has started; its headers are not complete
 DL_BODY = 3  # headers are complete; the body stalls
 DL_LINGER = 4  # answered and half-closed; draining what the client still sends
+DL_BODY_NEXT = 5  # (inside data_received only) DL_BODY from the end of this read: see on_headers_complete
 
 LINGER_TIMEOUT = 2.0
 
@@ -179,6 +180,9 @@ class HttpConnection(asyncio.Protocol):
                     limit = self.limits.max_header_bytes
                     self._protocol_error(HeadersTooLarge(f"request headers exceed {limit} bytes"))
             break
+        if self.deadline_kind == DL_BODY_NEXT:
+            self.deadline_kind = DL_BODY
+            self.deadline = time.monotonic() + self.limits.body_timeout
         ex = self._ready
         if ex is not None:
             # The handler sees a request only once llhttp has accepted everything it was given with it: llhttp
@@ -294,8 +298,9 @@ class HttpConnection(asyncio.Protocol):
         if self.deadline_kind == DL_LINGER:
             pass  # refused and answered at once: the connection is already closing
         elif has_body and not ex.finished:
-            self.deadline_kind = DL_BODY
-            self.deadline = time.monotonic() + self.limits.body_timeout
+            # The body deadline starts once this read is parsed (data_received): a body that comes with its
+            # head needs none.
+            self.deadline_kind = DL_BODY_NEXT
         else:
             self.deadline_kind = DL_NONE
 
@@ -303,21 +308,25 @@ class HttpConnection(asyncio.Protocol):
         ex = self.parsing
         if ex is None or ex.finished or ex.error is not None:
             return
-        ex.body_received += len(body)
-        if ex.body_received > self.limits.max_body_bytes:
-            self._fail_body(ex, PayloadTooLarge(f"request body exceeds {self.limits.max_body_bytes} bytes"))
+        limits = self.limits
+        received = ex.body_received = ex.body_received + len(body)
+        if received > limits.max_body_bytes:
+            self._fail_body(ex, PayloadTooLarge(f"request body exceeds {limits.max_body_bytes} bytes"))
             return
         if self.deadline_kind == DL_BODY:
-            self.deadline = time.monotonic() + self.limits.body_timeout
-        if ex.on_body is not None:
-            ex.on_body(body)
+            self.deadline = time.monotonic() + limits.body_timeout
+        sink = ex.on_body
+        if sink is not None:
+            sink(body)
+            return
+        buf = ex.body_buf
+        if buf is None:
+            ex.body_buf = [body]
         else:
-            if ex.body_buf is None:
-                ex.body_buf = []
-            ex.body_buf.append(body)
-            ex.body_buffered += len(body)
-            if ex.body_buffered > self.limits.write_buffer_high:
-                self.pause_reading(PAUSE_BODY)
+            buf.append(body)
+        buffered = ex.body_buffered = ex.body_buffered + len(body)
+        if buffered > limits.write_buffer_high:
+            self.pause_reading(PAUSE_BODY)
 
     def on_message_complete(self) -> None:
         ex = self.parsing
@@ -325,7 +334,7 @@ class HttpConnection(asyncio.Protocol):
             return  # (an ignored Upgrade: llhttp ends the message early; its body is still to come)
         self.parsing = None
         ex.body_done = True
-        if self.deadline_kind == DL_BODY:
+        if self.deadline_kind == DL_BODY or self.deadline_kind == DL_BODY_NEXT:
             self.deadline_kind = DL_NONE
         if ex.on_body_end is not None and not ex.finished:
             ex.on_body_end()
