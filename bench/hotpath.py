@@ -1,16 +1,19 @@
 """The data path's own cost per request, without sockets: one keep-alive client connection and pooled
 upstream connections with fake transports, a request in, the node's answer in, the client's bytes out.
 
-    .venv/bin/python bench/hotpath.py [--case leader-get|write|fenced] [--n 50000] [--calls] [--metrics]
-    .venv/bin/python bench/hotpath.py --callgrind [--case ...]      # instructions per request, exact
+    .venv/bin/python bench/hotpath.py [--case leader-get|write|fenced] [--n 50000] [--metrics] [--calls]
+                                      [--opcodes]
+    .venv/bin/python bench/hotpath.py --callgrind [--case ...]   # instructions per request (all cases
+                                                                 # without --case); needs valgrind
 
 Cases: `leader-get` is `make bench`'s request (a GET routed `kind: read, policy: leader`); `write` a POST
 with a 32-byte body to the leader; `fenced` a GET with `X-Raft-Min-Index` on a `policy: fenced` route, in a
 three-node cluster whose followers have announced that index (the read goes to a follower at once).
 
-Prints µs per request (best of 5 batches) and, with --calls, the Python function calls per request by
-function. Useful to see what a change to the per-request path costs before `make bench` measures it for
-real (that one includes the system calls, which this leaves out).
+Prints µs per request (best of 5 batches); with --calls, the Python function calls per request by
+function; with --opcodes, the bytecodes executed per request by function (what the interpreter spends
+its instructions on). Useful to see what a change to the per-request path costs before `make bench`
+measures it for real (that one includes the system calls, which this leaves out).
 
 `--callgrind` runs this script twice under `valgrind --tool=callgrind` (with the metrics observer, as
 `raftlb run` has it), with two request counts, and prints the difference in instructions divided by the
@@ -26,6 +29,7 @@ import collections
 import gc
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -113,7 +117,7 @@ def callgrind(case: str, n1: int = 2000, n2: int = 12000) -> None:
 
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--case", choices=sorted(CASES), default="leader-get")
+    p.add_argument("--case", choices=sorted(CASES), help="default: leader-get (--callgrind: all three)")
     p.add_argument("--n", type=int, default=50000)
     p.add_argument("--calls", action="store_true")
     p.add_argument("--opcodes", action="store_true", help="bytecodes executed per request, by function")
@@ -122,9 +126,12 @@ async def main() -> None:
     p.add_argument("--quiet", action="store_true", help="run --n requests once, print nothing (callgrind)")
     args = p.parse_args()
     if args.callgrind:
-        callgrind(args.case)
+        if shutil.which("valgrind") is None:
+            sys.exit("--callgrind needs valgrind (apt-get install valgrind)")
+        for case in [args.case] if args.case else list(CASES):
+            callgrind(case)
         return
-    policy, followers, request = CASES[args.case]
+    policy, followers, request = CASES[args.case or "leader-get"]
     cfg = parse_config(CONFIG % {"policy": policy, "more": FOLLOWERS if followers else ""})
     proxy = ClusterProxy(cfg.clusters[0])
     if args.metrics:
