@@ -6,16 +6,13 @@ into bytes (framing, `Connection`, chunk encoding) and hands them to its connect
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from raftlb.config.model import LimitsConfig
-from raftlb.errors import BadRequest, ExpectationFailed, MethodNotAllowed, PayloadTooLarge, ProxyError
-
-if TYPE_CHECKING:
-    from raftlb.http.server import HttpConnection
+from raftlb.errors import ProxyError
 
 # How a response body is delimited on the wire.
 FRAMING_NONE = 0  # no body at all (204, 304, or an empty body)
@@ -27,6 +24,28 @@ FRAMING_CLOSE = 3  # until the connection closes (HTTP/1.0 clients, upstreams wi
 PAUSE_PIPELINE = 1  # a later pipelined request waits behind the active one
 PAUSE_BODY = 2  # the body is arriving faster than it can be passed on
 PAUSE_BROKEN = 4  # the stream cannot be parsed any further
+
+
+
+class Connection(Protocol):
+    """What an exchange needs of its downstream connection (`raftlb.http.server.HttpConnection` is the one
+    there is): where the request came from, and where its answer's bytes go."""
+
+    transport: asyncio.Transport | None
+    peer_host: str
+    peer_bytes: bytes
+    scheme: bytes  # b"http" or b"https": what the client spoke (X-Forwarded-Proto)
+    closing: bool
+    closed: bool
+    writing_paused: bool  # the client does not take what it is sent
+
+    def write(self, data: bytes) -> None: ...
+    def writelines(self, parts: Any) -> None: ...
+    def pause_reading(self, reason: int) -> None: ...
+    def resume_reading(self, reason: int) -> None: ...
+    def response_done(self, ex: Exchange) -> None: ...
+    def abort(self, reason: str) -> None: ...
+
 
 REASONS: dict[int, bytes] = {s.value: s.phrase.encode("latin-1") for s in HTTPStatus}
 REASONS[421] = b"Misdirected Request"
@@ -44,6 +63,20 @@ def status_line(status: int) -> bytes:
 STATUS_LINES: dict[int, bytes] = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason)
                                   for code, reason in REASONS.items()}
 
+# `content-length: N` + the blank line, for keep-alive HTTP/1.1 answers: made once per length (answers of a
+# service tend to repeat their sizes), up to a bound.
+_LENGTH_ENDS: dict[int, bytes] = {}
+_LENGTH_ENDS_MAX = 4096
+
+
+def _length_end(length: int) -> bytes:
+    line = _LENGTH_ENDS.get(length)
+    if line is None:
+        line = b"content-length: %d\r\n\r\n" % length
+        if len(_LENGTH_ENDS) < _LENGTH_ENDS_MAX:
+            _LENGTH_ENDS[length] = line
+    return line
+
 
 class Exchange:
     """One request and its response on a downstream connection.
@@ -56,12 +89,13 @@ class Exchange:
 
     __slots__ = (
         "conn", "method", "method_bytes", "target", "headers", "http11", "keep_alive", "content_length",
-        "chunked", "expect_continue", "head_only", "error", "body_buf", "body_buffered", "body_received",
+        "chunked", "has_body", "expect_continue", "head_only", "error", "body_buf", "body_buffered",
+        "body_received",
         "body_done", "on_body", "on_body_end", "on_abort", "on_pause_writing", "on_resume_writing",
         "response_started", "finished", "close_after", "_framing", "started_at", "status",
     )
 
-    def __init__(self, conn: HttpConnection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.method = ""
         self.method_bytes = b""
@@ -71,6 +105,7 @@ class Exchange:
         self.keep_alive = True
         self.content_length: int | None = None
         self.chunked = False
+        self.has_body = False  # chunked, or a Content-Length above 0
         self.expect_continue = False
         self.head_only = False
         self.error: ProxyError | None = None
@@ -92,10 +127,6 @@ class Exchange:
 
     def __repr__(self) -> str:
         return f"<Exchange {self.method} {self.target!r} status={self.status} done={self.finished}>"
-
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
 
     @property
     def client_addr(self) -> str:
@@ -153,6 +184,17 @@ class Exchange:
             return
         self.response_started = True
         conn = self.conn
+        if framing == FRAMING_LENGTH and self.keep_alive and self.http11 and not self.close_after \
+                and not conn.closing and self.error is None:
+            # The common case: a keep-alive HTTP/1.1 answer with a Content-Length.
+            parts.append(_LENGTH_ENDS.get(length) or _length_end(length))
+            if body and not self.head_only:
+                parts.append(body)
+                self._framing = FRAMING_LENGTH
+            else:
+                self._framing = FRAMING_NONE if self.head_only else FRAMING_LENGTH
+            conn.write(b"".join(parts))
+            return
         if framing == FRAMING_CHUNKED and not self.http11:
             framing = FRAMING_CLOSE
         if not self.keep_alive or conn.closing or framing == FRAMING_CLOSE or self.error is not None:
@@ -190,7 +232,7 @@ class Exchange:
         if self._framing == FRAMING_CHUNKED:
             self.conn.write(b"0\r\n\r\n")
         self.finished = True
-        self.conn._response_done(self)
+        self.conn.response_done(self)
 
     def respond(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None,
                 content_type: bytes = b"application/json") -> None:
@@ -220,52 +262,3 @@ class Exchange:
         self.finished = True
         self.conn.abort(reason)
 
-
-def _inspect_framing(ex: Exchange, limits: LimitsConfig) -> None:
-    """Body framing and the request-level checks that llhttp leaves to us (RFC 9112 §6)."""
-    cl: bytes | None = None
-    te_seen = False
-    host_count = 0
-    for name, value in ex.headers:
-        if name == b"content-length":
-            if cl is not None and cl != value.strip():
-                ex.error = BadRequest("conflicting Content-Length headers")
-                return
-            cl = value.strip()
-        elif name == b"transfer-encoding":
-            te_seen = True
-            if value.strip().lower() != b"chunked":
-                ex.error = BadRequest("unsupported Transfer-Encoding (only 'chunked')")
-                return
-        elif name == b"expect":
-            if value.strip().lower() == b"100-continue":
-                # An HTTP/1.0 client does not know 100 Continue: its expectation is ignored (RFC 9110
-                # §10.1.1).
-                ex.expect_continue = ex.http11
-            else:
-                ex.error = ExpectationFailed("unsupported Expect")
-                return
-        elif name == b"host":
-            host_count += 1
-    if te_seen and cl is not None:
-        ex.error = BadRequest("both Content-Length and Transfer-Encoding")
-        return
-    if host_count > 1 or (ex.http11 and host_count == 0):
-        ex.error = BadRequest("exactly one Host header is required")
-        return
-    if ex.method == "CONNECT":
-        ex.error = MethodNotAllowed("CONNECT is not supported")
-        return
-    if te_seen:
-        ex.chunked = True
-        if not ex.http11:
-            # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing: answer it, then
-            # close the connection.
-            ex.keep_alive = False
-    elif cl is not None:
-        if not cl.isdigit():
-            ex.error = BadRequest("invalid Content-Length")
-            return
-        ex.content_length = int(cl)
-        if ex.content_length > limits.max_body_bytes:
-            ex.error = PayloadTooLarge(f"request body exceeds {limits.max_body_bytes} bytes")

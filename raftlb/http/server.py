@@ -23,7 +23,9 @@ import httptools
 from raftlb.config.model import LimitsConfig
 from raftlb.errors import (
     BadRequest,
+    ExpectationFailed,
     HeadersTooLarge,
+    MethodNotAllowed,
     Overloaded,
     PayloadTooLarge,
     ProxyError,
@@ -39,7 +41,6 @@ from raftlb.http.exchange import (
     PAUSE_BROKEN,
     PAUSE_PIPELINE,
     Exchange,
-    _inspect_framing,
     status_line,
 )
 
@@ -56,6 +57,7 @@ DL_IDLE = 1  # keep-alive, waiting for the next request
 DL_HEADER = 2  # a request has started; its headers are not complete
 DL_BODY = 3  # headers are complete; the body stalls
 DL_LINGER = 4  # answered and half-closed; draining what the client still sends
+DL_BODY_NEXT = 5  # (inside data_received only) DL_BODY from the end of this read: see on_headers_complete
 
 LINGER_TIMEOUT = 2.0
 
@@ -69,15 +71,15 @@ class HttpConnection(asyncio.Protocol):
     """One client connection: parsing, pipelining, limits, timeouts and flow control."""
 
     __slots__ = (  # (10,000 idle connections cost ~3 KB each: no per-instance dict)
-        "_activation_waits", "_stalled_at", "_header_bytes", "_header_count", "_header_size", "_in_headers",
-        "_paused", "_ready", "_received_any", "_skipped_body", "_url_parts", "_writing_paused", "closed",
-        "closing", "deadline",
-        "deadline_kind", "limits", "parser", "parsing", "peer_bytes", "peer_host", "queue", "server",
-        "stopped", "transport",
+        "_activation_waits", "_header_bytes", "_header_size", "_in_headers", "_paused", "_ready",
+        "_skipped_body", "closed", "closing", "deadline", "deadline_kind", "limits", "parser", "parsing",
+        "peer_bytes", "peer_host", "queue", "scheme", "server", "stalled_since", "stopped", "transport",
+        "writing_paused",
     )
 
     def __init__(self, server: HttpServer) -> None:
         self.server = server
+        self.scheme = server.scheme  # what the client speaks: sent on as X-Forwarded-Proto
         self.limits = server.limits
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -90,16 +92,15 @@ class HttpConnection(asyncio.Protocol):
         self.stopped = False  # a request was refused or the stream broke: parse nothing more
         self._activation_waits = False  # the next pipelined request waits for the client to read
         self._paused = 0
-        self._writing_paused = False
-        self._stalled_at = 0.0  # when the client stopped taking what it is sent (writing paused)
+        # The client does not take what it is sent (asyncio paused our writing), and since when (monotonic;
+        # 0.0 while it keeps up). Plain attributes, not properties: the relay reads them per request.
+        self.writing_paused = False
+        self.stalled_since = 0.0
         self._in_headers = False
         self._header_bytes = 0
-        self._header_count = 0
         self._header_size = 0
-        self._received_any = False
         self._ready: Exchange | None = None  # its head is complete: handed to the handler after this feed
         self._skipped_body: Exchange | None = None  # an ignored Upgrade: its body is framed by a new parser
-        self._url_parts: list[bytes] = []
         self.deadline = 0.0
         self.deadline_kind = DL_NONE
 
@@ -139,16 +140,16 @@ class HttpConnection(asyncio.Protocol):
         return True
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
-        self._stalled_at = time.monotonic()
+        self.writing_paused = True
+        self.stalled_since = time.monotonic()
         if self.queue:
             cb = self.queue[0].on_pause_writing
             if cb is not None:
                 cb()
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
-        self._stalled_at = 0.0
+        self.writing_paused = False
+        self.stalled_since = 0.0
         if self._activation_waits:
             self._activation_waits = False
             self._activate_next()
@@ -157,19 +158,9 @@ class HttpConnection(asyncio.Protocol):
             if cb is not None:
                 cb()
 
-    @property
-    def writing_paused(self) -> bool:
-        return self._writing_paused
-
-    @property
-    def stalled_since(self) -> float:
-        """When the client's writes stalled (monotonic), or 0.0 while it keeps up."""
-        return self._stalled_at
-
     def data_received(self, data: bytes) -> None:
         if self.closed or self.stopped:
             return
-        self._received_any = True
         if self._in_headers or self.parsing is None:
             self._header_bytes += len(data)
         while True:
@@ -190,6 +181,9 @@ class HttpConnection(asyncio.Protocol):
                     limit = self.limits.max_header_bytes
                     self._protocol_error(HeadersTooLarge(f"request headers exceed {limit} bytes"))
             break
+        if self.deadline_kind == DL_BODY_NEXT:
+            self.deadline_kind = DL_BODY
+            self.deadline = time.monotonic() + self.limits.body_timeout
         ex = self._ready
         if ex is not None:
             # The handler sees a request only once llhttp has accepted everything it was given with it: llhttp
@@ -197,7 +191,11 @@ class HttpConnection(asyncio.Protocol):
             # request handed over from inside that callback could reach a node before it is refused.
             self._ready = None
             if not ex.finished and not self.closed and self.queue and self.queue[0] is ex:
-                self._activate(ex)
+                if ex.error is None:  # (`_activate`, inlined: this is per request)
+                    self.server.requests += 1
+                    self.server.handler.on_request(ex)
+                else:
+                    self._activate(ex)
 
     def _ignore_upgrade(self) -> None:
         """llhttp stopped after a request that asked to switch protocols (`Connection: upgrade` + `Upgrade`,
@@ -230,33 +228,32 @@ class HttpConnection(asyncio.Protocol):
             return
         ex = self.parsing = Exchange(self)
         self._in_headers = True
-        self._header_count = 0
         self._header_size = 0
-        self._url_parts = []
         self.deadline_kind = DL_HEADER
         self.deadline = ex.started_at + self.limits.header_timeout
 
     def on_url(self, url: bytes) -> None:
-        if self.parsing is None:
+        ex = self.parsing
+        if ex is None:
             return
-        self._url_parts.append(url)
+        ex.target += url  # (llhttp may hand the target over in pieces; usually one, and `b"" + url` is url)
         self._header_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
         if ex is None:
             return
-        self._header_count += 1
-        self._header_size += len(name) + len(value) + 4
-        if self._header_count > self.limits.max_headers:
+        size = self._header_size = self._header_size + len(name) + len(value) + 4
+        headers = ex.headers
+        limits = self.limits
+        # (The headers kept are those under both limits: their count is the count so far.)
+        if len(headers) >= limits.max_headers or size > limits.max_header_bytes:
             if ex.error is None:
-                ex.error = HeadersTooLarge(f"more than {self.limits.max_headers} request headers")
+                ex.error = HeadersTooLarge(
+                    f"more than {limits.max_headers} request headers" if len(headers) >= limits.max_headers
+                    else f"request headers exceed {limits.max_header_bytes} bytes")
             return
-        if self._header_size > self.limits.max_header_bytes:
-            if ex.error is None:
-                ex.error = HeadersTooLarge(f"request headers exceed {self.limits.max_header_bytes} bytes")
-            return
-        ex.headers.append((name.lower(), value))
+        headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
@@ -270,36 +267,41 @@ class HttpConnection(asyncio.Protocol):
         self._in_headers = False
         self._header_bytes = 0
         parser = self.parser
-        target = ex.target = b"".join(self._url_parts)
+        target = ex.target
         method = ex.method_bytes = parser.get_method()
-        ex.method = method.decode("ascii")
+        ex.method = METHODS.get(method) or method.decode("ascii")
         version = parser.get_http_version()
-        ex.http11 = version == "1.1"
+        http11 = ex.http11 = version == "1.1"
         if target[:1] != b"/" and target != b"*" and method != b"CONNECT":  # (CONNECT is refused below)
             _absolute_form(ex, target)
-        if version not in ("1.1", "1.0") and ex.error is None:
+        if not http11 and version != "1.0" and ex.error is None:
             ex.error = VersionNotSupported(f"HTTP/{version} is not spoken here (HTTP/1.1 and 1.0 are)")
-        ex.keep_alive = parser.should_keep_alive()
-        if ex.keep_alive and not ex.http11 and _says_close(ex.headers):
+        keep_alive = ex.keep_alive = parser.should_keep_alive()
+        if keep_alive and not http11 and _says_close(ex.headers):
             ex.keep_alive = False  # HTTP/1.0 with both keep-alive and close: close wins (RFC 9112 §9.3)
-        ex.head_only = ex.method == "HEAD"
+        if method == b"HEAD":
+            ex.head_only = True
         if ex.error is None:
             _inspect_framing(ex, self.limits)
+        has_body = ex.has_body
         if ex.error is not None:
             self.stopped = True
             ex.keep_alive = False
             self.pause_reading(PAUSE_BROKEN)
-        elif (ex.chunked or ex.content_length) and parser.should_upgrade():
+        elif has_body and parser.should_upgrade():
             self._skipped_body = ex  # llhttp will skip this body: see _ignore_upgrade
-        self.queue.append(ex)
-        if len(self.queue) == 1:
+        queue = self.queue
+        queue.append(ex)
+        if len(queue) == 1:
             self._ready = ex  # handed over once the data it came in is parsed (see data_received)
         else:
             self.pause_reading(PAUSE_PIPELINE)
         if self.deadline_kind == DL_LINGER:
             pass  # refused and answered at once: the connection is already closing
-        elif (ex.chunked or ex.content_length) and not ex.finished:
-            self._set_deadline(DL_BODY, self.limits.body_timeout)
+        elif has_body and not ex.finished:
+            # The body deadline starts once this read is parsed (data_received): a body that comes with its
+            # head needs none.
+            self.deadline_kind = DL_BODY_NEXT
         else:
             self.deadline_kind = DL_NONE
 
@@ -307,21 +309,25 @@ class HttpConnection(asyncio.Protocol):
         ex = self.parsing
         if ex is None or ex.finished or ex.error is not None:
             return
-        ex.body_received += len(body)
-        if ex.body_received > self.limits.max_body_bytes:
-            self._fail_body(ex, PayloadTooLarge(f"request body exceeds {self.limits.max_body_bytes} bytes"))
+        limits = self.limits
+        received = ex.body_received = ex.body_received + len(body)
+        if received > limits.max_body_bytes:
+            self._fail_body(ex, PayloadTooLarge(f"request body exceeds {limits.max_body_bytes} bytes"))
             return
         if self.deadline_kind == DL_BODY:
-            self.deadline = time.monotonic() + self.limits.body_timeout
-        if ex.on_body is not None:
-            ex.on_body(body)
+            self.deadline = time.monotonic() + limits.body_timeout
+        sink = ex.on_body
+        if sink is not None:
+            sink(body)
+            return
+        buf = ex.body_buf
+        if buf is None:
+            ex.body_buf = [body]
         else:
-            if ex.body_buf is None:
-                ex.body_buf = []
-            ex.body_buf.append(body)
-            ex.body_buffered += len(body)
-            if ex.body_buffered > self.limits.write_buffer_high:
-                self.pause_reading(PAUSE_BODY)
+            buf.append(body)
+        buffered = ex.body_buffered = ex.body_buffered + len(body)
+        if buffered > limits.write_buffer_high:
+            self.pause_reading(PAUSE_BODY)
 
     def on_message_complete(self) -> None:
         ex = self.parsing
@@ -329,7 +335,7 @@ class HttpConnection(asyncio.Protocol):
             return  # (an ignored Upgrade: llhttp ends the message early; its body is still to come)
         self.parsing = None
         ex.body_done = True
-        if self.deadline_kind == DL_BODY:
+        if self.deadline_kind == DL_BODY or self.deadline_kind == DL_BODY_NEXT:
             self.deadline_kind = DL_NONE
         if ex.on_body_end is not None and not ex.finished:
             ex.on_body_end()
@@ -344,7 +350,8 @@ class HttpConnection(asyncio.Protocol):
         self.server.requests += 1
         self.server.handler.on_request(ex)
 
-    def _response_done(self, ex: Exchange) -> None:
+    def response_done(self, ex: Exchange) -> None:
+        """`ex` has been answered in full (`Exchange.end`): the next request's turn, or close."""
         # The exchange is over: its callbacks go (see Exchange.drop_callbacks; inlined, this is per request).
         ex.on_body = ex.on_body_end = ex.on_abort = ex.on_pause_writing = ex.on_resume_writing = None
         queue = self.queue
@@ -368,7 +375,7 @@ class HttpConnection(asyncio.Protocol):
     def _activate_next(self) -> None:
         if self.closed or not self.queue:
             return
-        if self._writing_paused:
+        if self.writing_paused:
             # A client that pipelines but does not read: its next request waits until it reads what it
             # has been sent, so each connection costs one bounded buffer, however much it asks for.
             self._activation_waits = True
@@ -542,6 +549,74 @@ def _absolute_form(ex: Exchange, target: bytes) -> None:
     ex.target = path if path.startswith(b"/") else b"/" + path
     ex.headers = [(k, v) for k, v in ex.headers if k != b"host"]
     ex.headers.append((b"host", authority))
+
+
+# The methods' names as str, so a request's is not decoded each time (others are).
+METHODS = {m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS")}
+
+# The request headers that `_inspect_framing` looks at.
+_FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect", b"host"})
+
+# Content-Length values seen, and their numbers (clients repeat sizes; `int()` on bytes costs more than a
+# lookup). Bounded: once full, new values are parsed each time.
+_LENGTHS: dict[bytes, int] = {}
+_LENGTHS_MAX = 4096
+
+
+def _inspect_framing(ex: Exchange, limits: LimitsConfig) -> None:
+    """Body framing and the request-level checks that llhttp leaves to us (RFC 9112 §6)."""
+    cl: bytes | None = None
+    te_seen = False
+    host_count = 0
+    for name, value in ex.headers:
+        if name not in _FRAMING_HEADERS:
+            continue
+        if name == b"host":
+            host_count += 1
+        elif name == b"content-length":
+            if cl is not None and cl != value.strip():
+                ex.error = BadRequest("conflicting Content-Length headers")
+                return
+            cl = value.strip()
+        elif name == b"transfer-encoding":
+            te_seen = True
+            if value.strip().lower() != b"chunked":
+                ex.error = BadRequest("unsupported Transfer-Encoding (only 'chunked')")
+                return
+        elif value.strip().lower() == b"100-continue":  # (Expect)
+            # An HTTP/1.0 client does not know 100 Continue: its expectation is ignored (RFC 9110 §10.1.1).
+            ex.expect_continue = ex.http11
+        else:
+            ex.error = ExpectationFailed("unsupported Expect")
+            return
+    if te_seen and cl is not None:
+        ex.error = BadRequest("both Content-Length and Transfer-Encoding")
+        return
+    if host_count != 1 and (host_count > 1 or ex.http11):
+        ex.error = BadRequest("exactly one Host header is required")
+        return
+    if ex.method_bytes == b"CONNECT":
+        ex.error = MethodNotAllowed("CONNECT is not supported")
+        return
+    if te_seen:
+        ex.chunked = ex.has_body = True
+        if not ex.http11:
+            # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing: answer it, then
+            # close the connection.
+            ex.keep_alive = False
+    elif cl is not None:
+        length = _LENGTHS.get(cl)
+        if length is None:
+            if not cl.isdigit():
+                ex.error = BadRequest("invalid Content-Length")
+                return
+            length = int(cl)
+            if len(_LENGTHS) < _LENGTHS_MAX:
+                _LENGTHS[cl] = length
+        ex.content_length = length
+        ex.has_body = length > 0
+        if length > limits.max_body_bytes:
+            ex.error = PayloadTooLarge(f"request body exceeds {limits.max_body_bytes} bytes")
 
 
 def _says_close(headers: list[tuple[bytes, bytes]]) -> bool:

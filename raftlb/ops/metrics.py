@@ -375,7 +375,8 @@ class Metrics:
 
     def observe_request(self, cluster: str, kind: str, policy: str, node: str | None, status: int,
                         seconds: float) -> None:
-        code = _CODES[min(status // 100, 5)] if status > 0 else "none"
+        cls = status // 100  # (not min(): a builtin with keyword parsing, per request)
+        code = _CODES[cls if cls < 5 else 5] if status > 0 else "none"
         key = (cluster, node or "none", kind, policy, code)
         count = self.request_counts.get(key)
         if count is None:

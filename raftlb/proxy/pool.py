@@ -22,6 +22,13 @@ log = logging.getLogger("raftlb.proxy.pool")
 
 MAX_RESPONSE_HEAD = 256 * 1024  # a node's status line and headers; beyond this it is not a sane answer
 
+_FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
+
+# Content-Length values read so far, and their numbers: a node's answers repeat their sizes, and `int()` on
+# bytes costs more than a lookup. Bounded: once full, new sizes are parsed each time.
+_LENGTHS: dict[bytes, int] = {}
+_LENGTHS_MAX = 4096
+
 
 class UpstreamListener(Protocol):
     finished: bool  # the request no longer needs a connection (its client went away)
@@ -44,6 +51,7 @@ class UpstreamConn(asyncio.Protocol):
         "closed", "completed", "deadline", "extra", "feeding", "head_bytes", "head_only", "head_received",
         "headers", "idle_since", "informational", "keep_alive", "listener", "parser", "paused", "pool",
         "requests", "resp_chunked", "resp_length", "stream", "transport", "until_close", "written",
+        "_cl", "_te",
     )
 
     def __init__(self, pool: NodePool) -> None:
@@ -70,6 +78,8 @@ class UpstreamConn(asyncio.Protocol):
         self.extra = False  # the node sent a message with no request outstanding
         self.paused = False  # reading paused for a slow client
         self.stream = False  # the answer is a long-lived stream: quiet gaps in it are not a stalled node
+        self._cl: bytes | None = None  # the answer's Content-Length (llhttp refuses conflicting ones)
+        self._te: list[bytes] | None = None  # ... and its Transfer-Encoding values
 
     def __repr__(self) -> str:
         state = "busy" if self.listener is not None else ("closed" if self.closed else "idle")
@@ -121,7 +131,7 @@ class UpstreamConn(asyncio.Protocol):
             self._fail(f"malformed response from node: {exc}")
         finally:
             self.feeding = False
-        if self.head_received and self.listener is not None and not self.paused:
+        if self.listener is not None and self.head_received and not self.paused:
             # Once the head is in, the response timeout is the longest gap between two reads of the answer
             # (a node that stalls mid-answer is given up, like one that never answers).
             self.deadline = time.monotonic() + self.pool.response_timeout
@@ -139,11 +149,20 @@ class UpstreamConn(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.headers = []
+        self._cl = self._te = None
         if self.listener is None:
             self.extra = True  # a message nobody asked for
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
+        name = name.lower()
+        self.headers.append((name, value))
+        if name in _FRAMING_HEADERS:  # (noted here: no second pass over the headers for them)
+            if name == b"content-length":
+                self._cl = value
+            elif self._te is None:
+                self._te = [value]
+            else:
+                self._te.append(value)
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -155,9 +174,8 @@ class UpstreamConn(asyncio.Protocol):
         self.head_received = True
         self.deadline = 0.0
         self.keep_alive = self.parser.should_keep_alive()
-        named = dict(self.headers)  # (llhttp has refused conflicting Content-Length headers)
-        if b"transfer-encoding" in named:
-            codings = [v for k, v in self.headers if k == b"transfer-encoding"]
+        codings = self._te
+        if codings is not None:
             if len(codings) > 1 or codings[0].strip().lower() != b"chunked":
                 # Another coding (gzip, ...) would reach the client as raw coded bytes once the framing is
                 # redone, and nodes have no reason to use one: a malformed answer, never relayed.
@@ -165,9 +183,17 @@ class UpstreamConn(asyncio.Protocol):
                 self._fail(f"malformed response from node: unsupported Transfer-Encoding {value!r} "
                            "(only chunked)")
                 return
-        cl = named.get(b"content-length")
-        length = self.resp_length = None if cl is None else int(cl)
-        chunked = self.resp_chunked = b"transfer-encoding" in named
+        cl = self._cl
+        if cl is None:
+            length = None
+        else:
+            length = _LENGTHS.get(cl)
+            if length is None:
+                length = int(cl)  # (llhttp has checked it is a number)
+                if len(_LENGTHS) < _LENGTHS_MAX:
+                    _LENGTHS[cl] = length
+        self.resp_length = length
+        chunked = self.resp_chunked = codings is not None
         self.until_close = not chunked and length is None and status not in (204, 304) and not self.head_only
         listener = self.listener
         if listener is not None:
@@ -186,8 +212,17 @@ class UpstreamConn(asyncio.Protocol):
         if self.informational:
             self.informational = False
             return
-        if self.listener is not None:
-            self._complete()
+        listener = self.listener
+        if listener is not None:
+            if self.feeding and not self.paused:
+                # The common case, `_complete` inlined (per request): released by data_received once the
+                # parser has returned.
+                self.listener = None
+                self.deadline = 0.0
+                self.completed = True
+                listener.on_upstream_done()
+            else:
+                self._complete()
 
     # -- request lifecycle --------------------------------------------------------------------------------
 

@@ -585,7 +585,8 @@ class ProxyRequest(RequestState):
             proxy = self.proxy
             node = self.node  # before forget clears it
             proxy.forget(self)
-            proxy.stats.responses_by_class[min(self.ex.status // 100, 5)] += 1
+            cls = self.ex.status // 100  # (not min(): a builtin with keyword parsing, per request)
+            proxy.stats.responses_by_class[cls if cls < 5 else 5] += 1
             observer = proxy.observer
             if observer is not None:
                 observer.request_done(proxy.cluster.name, self.route, node, self.ex)
@@ -643,7 +644,7 @@ def accept(owner: RequestOwner, ex: Exchange) -> ProxyRequest:
                              f"{seq[:32].decode('latin-1')!r}")
     client = ex.conn.peer_bytes
     parts += (b"x-forwarded-for: ", xff + b", " + client if xff else client,
-              b"\r\nx-forwarded-proto: ", ex.conn.server.scheme, b"\r\n")
+              b"\r\nx-forwarded-proto: ", ex.conn.scheme, b"\r\n")
     if route.kind == "write" and owner.dialect.write_headers:
         parts.append(owner.dialect.write_headers)
     if ex.chunked:
