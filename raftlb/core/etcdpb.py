@@ -138,3 +138,16 @@ def response_with_header(header: ResponseHeader, rest: bytes = b"") -> bytes:
     encoded = b"".join(varint_field(n, v) for n, v in enumerate(
         (header.cluster_id, header.member_id, header.revision, header.raft_term), start=1) if v)
     return bytes_field(RESPONSE_HEADER, encoded) + rest
+
+
+# etcd's answer to a call with `hasleader: true` on a member that knows no leader (rpctypes.ErrGRPCNoLeader).
+# etcd's interceptors give it before the call reaches its handler, so it proves the call was not applied:
+# raftlb may hold the call and send it to the next leader, as for a native node's "not the leader" answer.
+NO_LEADER_MESSAGE = "etcdserver: no leader"
+
+
+def refused_for_no_leader(status: int, message: str, *, sent_hasleader: bool) -> bool:
+    """Whether a member's status ends a call that it never applied: UNAVAILABLE "etcdserver: no leader" on a
+    call that carried `hasleader: true`. Other UNAVAILABLEs ("leader changed", "request timed out, possibly
+    due to previous leader failure") come after a proposal may have been made: not proof of anything."""
+    return sent_hasleader and status == 14 and message == NO_LEADER_MESSAGE

@@ -256,3 +256,15 @@ def test_member_status_from_the_protobuf_encoder() -> None:
     status.header.revision = 17
     assert etcdpb.member_status(status.SerializeToString()) == MemberStatus(
         ResponseHeader(revision=17), 2**63 + 5, 99, 4, 98)
+
+
+@pytest.mark.parametrize(("status", "message", "hasleader", "refused"), [
+    (14, "etcdserver: no leader", True, True),  # the interceptor's answer: never reached the handler
+    (14, "etcdserver: no leader", False, False),  # not the interceptor: no proof
+    (14, "etcdserver: leader changed", True, False),  # a proposal may have been made
+    (14, "etcdserver: request timed out, possibly due to previous leader failure", True, False),
+    (9, "etcdserver: not leader", True, False),
+    (0, "", True, False),
+])
+def test_refused_for_no_leader(status: int, message: str, hasleader: bool, refused: bool) -> None:
+    assert etcdpb.refused_for_no_leader(status, message, sent_hasleader=hasleader) is refused

@@ -101,4 +101,5 @@ def test_field_numbers_against_a_real_etcd(etcd: EtcdCluster) -> None:
         call(etcd, lone, etcdpb.KV_PUT, etcdpb.put_request(b"k", b"v"), timeout=10.0,
              metadata=tuple((k.decode(), v.decode()) for k, v in etcdpb.LEADER_METADATA))
     assert no_leader.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "no leader" in no_leader.value.details()
+    assert etcdpb.refused_for_no_leader(no_leader.value.code().value[0], no_leader.value.details(),
+                                        sent_hasleader=True)
