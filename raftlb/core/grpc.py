@@ -56,11 +56,11 @@ STATUS_FOR_ERROR: dict[str, Status] = {
     "no_leader": Status.UNAVAILABLE,
     "hold_queue_full": Status.UNAVAILABLE,  # a NoLeader: the hold budget ran out while there was no leader
     "overloaded": Status.UNAVAILABLE,
-    "upstream_failed": Status.UNAVAILABLE,  # raised only where a re-send would have been safe
+    "upstream_failed": Status.UNAVAILABLE,  # only reads get it (a failed write is outcome_unknown)
     "index_not_reached": Status.UNAVAILABLE,  # a read not served: another try (maybe elsewhere) may be
     # A write that may or may not have been applied: UNKNOWN, which clients do not retry on their own.
     "outcome_unknown": Status.UNKNOWN,
-    "upstream_timeout": Status.DEADLINE_EXCEEDED,  # the node did not answer in time: also ambiguous
+    "upstream_timeout": Status.DEADLINE_EXCEEDED,  # a read's node did not answer in time
     "request_timeout": Status.DEADLINE_EXCEEDED,
     "session_seq_gap": Status.FAILED_PRECONDITION,  # an earlier request of the session must arrive first
     "bad_request": Status.INVALID_ARGUMENT,
