@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from enum import IntEnum
 
-from raftlb.errors import ProxyError
+from raftlb.errors import BadMinIndex, BadRequest, ProxyError
 
 
 class Status(IntEnum):
@@ -354,3 +354,82 @@ def not_leader(headers: Headers) -> NotLeader | None:
     if status != b"14" or leader is None:
         return None
     return NotLeader(leader or None, int(term) if term is not None and term.isdigit() else None)
+
+
+# --- the call's head --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class CallHead:
+    """What raftlb reads of a gRPC call's request headers. `refused` is the error the call ends with at once
+    (a malformed value raftlb would act on), or None."""
+
+    path: str
+    timeout: float | None = None  # seconds from `grpc-timeout`; None: no deadline
+    min_index: int | None = None  # `x-raft-min-index`
+    consistency: str | None = None  # `x-raft-consistency`
+    session: bytes | None = None  # `x-raft-session`
+    seq: int | None = None  # `x-raft-seq`
+    refused: ProxyError | None = None
+
+
+def read_call_head(headers: Headers) -> CallHead:
+    """The values raftlb acts on in a gRPC call's headers (the first of each), checked as the HTTP/1 path
+    checks its headers: `x-raft-min-index` and `x-raft-seq` non-negative decimal integers (below 2^64),
+    `grpc-timeout` by `parse_timeout`, `:method` POST (gRPC has no other)."""
+    path = method = timeout = token = consistency = session = seq = None
+    for name, value in headers:
+        if name == b":path":
+            path = path or value
+        elif name == b":method":
+            method = method or value
+        elif name == b"grpc-timeout":
+            timeout = timeout or value
+        elif name == b"x-raft-min-index":
+            token = token or value
+        elif name == b"x-raft-consistency":
+            consistency = consistency or value
+        elif name == b"x-raft-session":
+            session = session or value
+        elif name == b"x-raft-seq":
+            seq = seq or value
+    refused: ProxyError | None = None
+    seconds = None
+    if method != b"POST":
+        refused = BadRequest(f"a gRPC call is a POST, not {(method or b'').decode('latin-1')[:16]!r}")
+    if timeout is not None:
+        try:
+            seconds = parse_timeout(timeout)
+        except ValueError as exc:
+            refused = refused or BadRequest(str(exc))
+    min_index = _decimal(token)
+    if token is not None and min_index is None:
+        refused = refused or BadMinIndex(f"x-raft-min-index must be a non-negative decimal integer, got "
+                                         f"{token[:32].decode('latin-1')!r}")
+    seq_value = _decimal(seq)
+    if session is not None and seq is not None and seq_value is None:
+        refused = refused or BadRequest(f"x-raft-seq must be a non-negative decimal integer, got "
+                                        f"{seq[:32].decode('latin-1')!r}")
+    q = (path or b"").find(b"?")
+    return CallHead(
+        path=(path[:q] if path is not None and q >= 0 else path or b"").decode("latin-1"),
+        timeout=seconds,
+        min_index=min_index,
+        consistency=consistency.decode("latin-1") if consistency is not None else None,
+        session=session,
+        seq=seq_value,
+        refused=refused,
+    )
+
+
+def _decimal(value: bytes | None) -> int | None:
+    """A non-negative decimal integer below 2^64, or None."""
+    if value is None or not (value.isdigit() and len(value) <= 20):
+        return None
+    number = int(value)
+    return number if number < 1 << 64 else None
+
+
+def answer_metadata(index: int | None, node: str) -> tuple[tuple[bytes, bytes], ...]:
+    """The metadata raftlb adds to an answer's headers: the index it reflects (if known) and the node."""
+    node_entry = (b"x-raft-node", node.encode("latin-1"))
+    return ((b"x-raft-index", b"%d" % index), node_entry) if index is not None else (node_entry,)

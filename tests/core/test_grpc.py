@@ -8,11 +8,13 @@ import pytest
 from raftlb import errors
 from raftlb.core.grpc import (
     STATUS_FOR_ERROR,
+    CallHead,
     MalformedMessage,
     Message,
     MessageReader,
     NotLeader,
     Status,
+    answer_metadata,
     error_answer,
     format_timeout,
     frame,
@@ -21,6 +23,7 @@ from raftlb.core.grpc import (
     parse_timeout,
     percent_decode,
     percent_encode,
+    read_call_head,
     read_status,
     status_for,
     status_trailers,
@@ -284,3 +287,43 @@ def test_read_status(headers: list[tuple[bytes, bytes]], http: int, status: int,
 ])
 def test_not_leader(headers: list[tuple[bytes, bytes]], verdict: NotLeader | None) -> None:
     assert not_leader(headers) == verdict
+
+
+# --- the call's head --------------------------------------------------------------------------------------
+
+BASE = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/etcdserverpb.KV/Range"),
+        (b":authority", b"raftlb"), (b"content-type", b"application/grpc"), (b"te", b"trailers")]
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ([], CallHead("/etcdserverpb.KV/Range")),
+    ([(b"grpc-timeout", b"100m")], CallHead("/etcdserverpb.KV/Range", timeout=0.1)),
+    ([(b"x-raft-min-index", b"42"), (b"x-raft-min-index", b"7")],  # the first one counts
+     CallHead("/etcdserverpb.KV/Range", min_index=42)),
+    ([(b"x-raft-min-index", b"18446744073709551615")],
+     CallHead("/etcdserverpb.KV/Range", min_index=2**64 - 1)),
+    ([(b"x-raft-consistency", b"leader")], CallHead("/etcdserverpb.KV/Range", consistency="leader")),
+    ([(b"x-raft-session", b"s1"), (b"x-raft-seq", b"3")],
+     CallHead("/etcdserverpb.KV/Range", session=b"s1", seq=3)),
+    ([(b"x-raft-seq", b"x")], CallHead("/etcdserverpb.KV/Range")),  # a seq without a session: not read
+])
+def test_read_call_head(extra: list[tuple[bytes, bytes]], expected: CallHead) -> None:
+    assert read_call_head(BASE + extra) == expected
+
+
+@pytest.mark.parametrize(("headers", "code", "status"), [
+    (BASE + [(b"grpc-timeout", b"1x")], "bad_request", Status.INVALID_ARGUMENT),
+    (BASE + [(b"grpc-timeout", b"123456789S")], "bad_request", Status.INVALID_ARGUMENT),
+    (BASE + [(b"x-raft-min-index", b"-1")], "bad_min_index", Status.INVALID_ARGUMENT),
+    (BASE + [(b"x-raft-min-index", b"18446744073709551616")], "bad_min_index", Status.INVALID_ARGUMENT),
+    (BASE + [(b"x-raft-session", b"s"), (b"x-raft-seq", b"1.5")], "bad_request", Status.INVALID_ARGUMENT),
+    ([(b":method", b"GET"), *BASE[1:]], "bad_request", Status.INVALID_ARGUMENT),
+])
+def test_read_call_head_refuses(headers: list[tuple[bytes, bytes]], code: str, status: Status) -> None:
+    refused = read_call_head(headers).refused
+    assert refused is not None and refused.code == code and status_for(refused) == status
+
+
+def test_answer_metadata() -> None:
+    assert answer_metadata(42, "n2") == ((b"x-raft-index", b"42"), (b"x-raft-node", b"n2"))
+    assert answer_metadata(None, "n2") == ((b"x-raft-node", b"n2"),)
