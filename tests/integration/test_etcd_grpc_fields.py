@@ -2,7 +2,9 @@
 bytes encoded by raftlb/core/etcdpb.py, answers read by it. No generated stubs: the channel carries bytes.
 
 - the ResponseHeader (field 1 of every answer) read by `response_header` names the member and the
-  revision that the member's JSON status reports, and a put's revision is its `x-raft-index`;
+  revision that the member's JSON status reports, and a put's revision is its `x-raft-index`; every message
+  of a Watch stream carries it too (an event: the revision of the put it reports); Maintenance/Status's
+  leader, term and indexes agree with the JSON status;
 - a RangeRequest with field 7 set is served by a member that has lost its quorum (etcd answers it from its
   own copy), one without it is not (etcd needs a read index from a leader), so field 7 is `serializable`;
 - `hasleader: true` metadata (what raftlb adds to calls for the leader) makes a leaderless member fail a call
@@ -11,12 +13,14 @@ bytes encoded by raftlb/core/etcdpb.py, answers read by it. No generated stubs: 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from raftlb.core import etcdpb
+from raftlb.core.protowire import bytes_field
 from tests.support.etcd_cluster import EtcdCluster, etcd_binary
 
 grpc: Any = pytest.importorskip("grpc")
@@ -41,6 +45,32 @@ def call(cluster: EtcdCluster, member: str, method: str, request: bytes, *, time
         rpc = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
         answer: bytes = rpc(request, timeout=timeout, metadata=metadata)
         return answer
+
+
+def watch_then_put(cluster: EtcdCluster, member: str, leader: str) -> int | None:
+    """Open a watch on `member`, put a key on `leader`, and return the revision of the watch's event message
+    (the created message first has the store's revision)."""
+    m = cluster.members[member]
+    done = threading.Event()
+
+    def requests() -> Iterator[bytes]:
+        yield bytes_field(1, bytes_field(1, b"grpc-key"))  # WatchRequest.create_request{key}
+        done.wait(10.0)  # keep the sending side open until the test has what it needs
+
+    with grpc.insecure_channel(f"{m.host}:{m.client_port}") as channel:
+        rpc = channel.stream_stream("/etcdserverpb.Watch/Watch", request_serializer=None,
+                                    response_deserializer=None)
+        answers = rpc(requests(), timeout=10.0)
+        try:
+            created = next(answers)
+            assert etcdpb.response_revision(created) is not None
+            put = call(cluster, leader, etcdpb.KV_PUT, etcdpb.put_request(b"grpc-key", b"v2"))
+            event = next(answers)
+            assert etcdpb.response_revision(event) == etcdpb.response_revision(put)
+            return etcdpb.response_revision(event)
+        finally:
+            done.set()
+            answers.cancel()
 
 
 def test_field_numbers_against_a_real_etcd(etcd: EtcdCluster) -> None:
@@ -79,19 +109,30 @@ def test_field_numbers_against_a_real_etcd(etcd: EtcdCluster) -> None:
     if "raftAppliedIndex" in js:  # 3.4+
         assert st.raft_applied_index > 0
 
+    # A watch (a bidirectional stream) on a follower: every message of it has the header too; the event of a
+    # put comes with the put's revision.
+    watch_revision = watch_then_put(etcd, followers[1], leader)
+    assert watch_revision is not None and watch_revision > revision
+
     # Field 7 is `serializable`: a member cut off from its quorum still answers a serializable range from
-    # its own copy (with the revision of the put), and cannot answer a linearizable one.
+    # its own copy (with the revision of the last put, once it has applied it), and cannot answer a
+    # linearizable one.
     lone = followers[0]
     serializable = etcdpb.range_request(b"grpc-key", serializable=True)
     assert etcdpb.is_serializable(serializable)
+    def applied() -> bool | None:
+        s = etcd.status(lone)
+        return s is not None and int(s["header"]["revision"]) >= watch_revision or None
+
+    etcd.wait_for(applied, 15.0, f"{lone} to apply revision {watch_revision}")
     for other in etcd.members:
         if other != lone:
             etcd.kill(other)
     etcd.wait_for(lambda: (s := etcd.status(lone)) is not None and s.get("leader", "0") == "0" or None,
                   15.0, f"{lone} to know it has no leader")
     answer = call(etcd, lone, etcdpb.KV_RANGE, serializable)
-    assert etcdpb.response_revision(answer) == revision
-    assert b"v1" in answer  # the key-value itself (field 2), for the record
+    assert etcdpb.response_revision(answer) == watch_revision  # the last put's, on the lone member too
+    assert b"v2" in answer  # the key-value itself (field 2), for the record
     # (etcd answers UNAVAILABLE, UNKNOWN "request timed out", or the deadline passes, by version and timing.)
     with pytest.raises(grpc.RpcError):
         call(etcd, lone, etcdpb.KV_RANGE, linear, timeout=2.0)
