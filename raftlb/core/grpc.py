@@ -18,6 +18,7 @@ docs/protocol.md (the gRPC form of the contract).
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -187,6 +188,36 @@ class MessageReader:
         """The stream ended (END_STREAM): MalformedMessage if it ended inside a message."""
         if not self.at_boundary:
             raise MalformedMessage(f"the stream ended inside a message ({self.buffered} bytes of it in)")
+
+
+def payload(message: Message, encoding: bytes | None, limit: int = DEFAULT_MAX_MESSAGE) -> bytes:
+    """A message's bytes as the sender encoded them, for raftlb to read a field of: as they are when not
+    compressed; gunzipped or inflated by the call's `grpc-encoding` (gzip, deflate), never past `limit`
+    bytes (a small compressed message cannot make raftlb hold a large one). MalformedMessage for a
+    compressed message without a known encoding (INTERNAL; UNIMPLEMENTED for an encoding raftlb lacks), a
+    corrupt one (INTERNAL) or one over the limit (RESOURCE_EXHAUSTED)."""
+    if not message.compressed:
+        return message.payload
+    name = (encoding or b"identity").strip().lower()
+    if name == b"gzip":
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif name == b"deflate":
+        inflater = zlib.decompressobj()
+    elif name == b"identity":
+        raise MalformedMessage("a compressed message in a call without a grpc-encoding")
+    else:
+        raise MalformedMessage(f"grpc-encoding {name[:32].decode('latin-1')!r} is not one raftlb reads",
+                               Status.UNIMPLEMENTED)
+    try:
+        out = inflater.decompress(message.payload, limit + 1)
+    except zlib.error as exc:
+        raise MalformedMessage(f"a {name.decode()} message that does not decompress: {exc}") from None
+    if len(out) > limit:
+        raise MalformedMessage(f"a message that decompresses past the {limit}-byte limit",
+                               Status.RESOURCE_EXHAUSTED)
+    if not inflater.eof:
+        raise MalformedMessage(f"a truncated {name.decode()} message")
+    return out
 
 
 # --- grpc-timeout -----------------------------------------------------------------------------------------

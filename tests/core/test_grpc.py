@@ -3,6 +3,9 @@ from raftlb's errors to gRPC status codes."""
 
 from __future__ import annotations
 
+import gzip
+import zlib
+
 import pytest
 
 from raftlb import errors
@@ -21,6 +24,7 @@ from raftlb.core.grpc import (
     is_grpc,
     not_leader,
     parse_timeout,
+    payload,
     percent_decode,
     percent_encode,
     read_call_head,
@@ -327,3 +331,34 @@ def test_read_call_head_refuses(headers: list[tuple[bytes, bytes]], code: str, s
 def test_answer_metadata() -> None:
     assert answer_metadata(42, "n2") == ((b"x-raft-index", b"42"), (b"x-raft-node", b"n2"))
     assert answer_metadata(None, "n2") == ((b"x-raft-node", b"n2"),)
+
+
+# --- compressed messages ----------------------------------------------------------------------------------
+
+RANGE = b"\x0a\x03foo\x38\x01"
+
+
+@pytest.mark.parametrize(("message", "encoding", "expected"), [
+    (Message(False, RANGE), None, RANGE),
+    (Message(False, RANGE), b"gzip", RANGE),  # the flag says whether this message is compressed
+    (Message(True, gzip.compress(RANGE)), b"gzip", RANGE),
+    (Message(True, gzip.compress(RANGE)), b" GZIP ", RANGE),
+    (Message(True, zlib.compress(RANGE)), b"deflate", RANGE),
+    (Message(True, gzip.compress(b"")), b"gzip", b""),
+])
+def test_payload(message: Message, encoding: bytes | None, expected: bytes) -> None:
+    assert payload(message, encoding) == expected
+
+
+@pytest.mark.parametrize(("message", "encoding", "status", "match"), [
+    (Message(True, RANGE), None, Status.INTERNAL, "without a grpc-encoding"),
+    (Message(True, RANGE), b"identity", Status.INTERNAL, "without a grpc-encoding"),
+    (Message(True, RANGE), b"snappy", Status.UNIMPLEMENTED, "'snappy' is not one raftlb reads"),
+    (Message(True, b"not gzip"), b"gzip", Status.INTERNAL, "does not decompress"),
+    (Message(True, gzip.compress(RANGE)[:-12]), b"gzip", Status.INTERNAL, "truncated gzip"),
+    (Message(True, gzip.compress(b"\0" * 10_000_000)), b"gzip", Status.RESOURCE_EXHAUSTED, "past the 1024"),
+])
+def test_payload_refuses(message: Message, encoding: bytes | None, status: Status, match: str) -> None:
+    with pytest.raises(MalformedMessage, match=match) as info:
+        payload(message, encoding, limit=1024)
+    assert info.value.status == status
