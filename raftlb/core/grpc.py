@@ -322,12 +322,17 @@ def trailers_only(status: Status | int, message: str = "",
             *status_trailers(status, message, metadata)]
 
 
-def error_answer(error: ProxyError, metadata: tuple[tuple[bytes, bytes], ...] = ()) -> Headers:
-    """The Trailers-Only answer for one of raftlb's errors. An error that tells the client when to retry
-    (no leader: `Retry-After` in HTTP) carries it as `grpc-retry-pushback-ms`, gRPC's retry hint."""
+def error_answer(error: ProxyError, metadata: tuple[tuple[bytes, bytes], ...] = (), *,
+                 headers_sent: bool = False) -> Headers:
+    """The Trailers-Only answer for one of raftlb's errors, or with `headers_sent` (a stream whose answer
+    headers went out: a Watch whose member died) the trailers that end it. An error that tells the client
+    when to retry (no leader: `Retry-After` in HTTP) carries it as `grpc-retry-pushback-ms`, gRPC's retry
+    hint."""
     extra = metadata
     if error.retry_after is not None:
         extra = ((b"grpc-retry-pushback-ms", b"%d" % (error.retry_after * 1000)), *metadata)
+    if headers_sent:
+        return status_trailers(status_for(error), error_message(error), extra)
     return trailers_only(status_for(error), error_message(error), extra)
 
 

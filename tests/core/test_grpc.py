@@ -253,6 +253,9 @@ def test_error_answer_is_trailers_only_and_names_the_raftlb_code() -> None:
     ]
     assert error_answer(errors.IndexNotReached())[2:] == [
         (b"grpc-status", b"14"), (b"grpc-message", b"raftlb index_not_reached")]
+    # A stream whose headers went out (a Watch whose member died) ends with trailers alone.
+    assert error_answer(errors.UpstreamFailed("node n2 is down"), headers_sent=True) == [
+        (b"grpc-status", b"14"), (b"grpc-message", b"raftlb upstream_failed: node n2 is down")]
 
 
 def test_trailers() -> None:
