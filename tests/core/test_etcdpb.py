@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from raftlb.core import etcdpb, protowire
+from raftlb.core.dialects import dialect_for
 from raftlb.core.etcdpb import MemberStatus, ResponseHeader
 from raftlb.core.protowire import ProtoError
 
@@ -268,3 +269,11 @@ def test_member_status_from_the_protobuf_encoder() -> None:
 ])
 def test_refused_for_no_leader(status: int, message: str, hasleader: bool, refused: bool) -> None:
     assert etcdpb.refused_for_no_leader(status, message, sent_hasleader=hasleader) is refused
+
+
+def test_the_etcd_dialect_reads_grpc_answers_too() -> None:
+    etcd, native = dialect_for("etcd"), dialect_for("native")
+    assert etcd.leader_metadata == ((b"hasleader", b"true"),)
+    assert etcd.index_from_message is not None
+    assert etcd.index_from_message(etcdpb.response_with_header(ResponseHeader(revision=9))) == 9
+    assert (native.leader_metadata, native.index_from_message) == ((), None)
