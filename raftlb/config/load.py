@@ -62,6 +62,7 @@ from raftlb.config.model import (
 )
 from raftlb.errors import ConfigError
 
+MAX_PROTO_FIELD = (1 << 29) - 1  # protobuf field numbers are 29 bits
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Z-]+")  # an HTTP token (RFC 9110 §5.6.2), once upper-cased
 # RFC 9110 §9, PATCH (RFC 5789) and the WebDAV/CalDAV methods of the IANA registry.
 HTTP_METHODS = (
@@ -446,10 +447,14 @@ _READ_ONLY_KEYS = ("policy", "max_lag_entries", "max_lag_ms", "prefer_followers"
 
 def _route(cur: Cursor) -> RouteConfig:
     since = mark()
-    m = cur.mapping(("methods", "path", "kind", "idempotent", "cookie", "stream", *_READ_ONLY_KEYS))
+    m = cur.mapping(("methods", "path", "kind", "idempotent", "cookie", "stream", "proto_flag",
+                     *_READ_ONLY_KEYS))
     methods = m.opt("methods", lambda c: frozenset(attempt(partial(_method, item), "") for item in c.items()),
                     None)
     path = m.opt("path", _regex, None)
+    proto_flag = m.opt("proto_flag", _proto_field, None)
+    if proto_flag is not None and m.get("path") is None:
+        raise m.require("proto_flag").error("needs a `path`: the gRPC method whose request it reads")
     kind = cast(RouteKind, m.opt("kind", lambda c: c.choice(("read", "write")), "write"))
     give_up_if_failed(since)  # the checks below depend on the kind
     if kind == "write":
@@ -477,7 +482,15 @@ def _route(cur: Cursor) -> RouteConfig:
         cookie=m.opt("cookie", Cursor.boolean, None),
         fence_wait=m.opt("fence_wait", lambda c: c.duration(allow_zero=True), None),
         stream=m.opt("stream", Cursor.boolean, False),
+        proto_flag=proto_flag,
     )
+
+
+def _proto_field(cur: Cursor) -> int:
+    number = cur.integer(minimum=1)
+    if number > MAX_PROTO_FIELD:
+        raise cur.error(f"a protobuf field number is at most {MAX_PROTO_FIELD}, got {number}")
+    return number
 
 
 def _tls(cur: Cursor, server: bool) -> TlsConfig:

@@ -45,6 +45,10 @@ class RouteConfig:
     cookie: bool | None = None  # set/honour the raftlb-index cookie; None: the cluster's index_cookie
     fence_wait: float | None = None  # fenced reads: how long to wait for a node to reach the index
     stream: bool = False  # answers are long-lived streams (watches): no response_timeout between their reads
+    # gRPC calls only: the route matches a call whose (first) request message has this field number set to
+    # a non-zero varint, a protobuf `bool` that is true (etcd's RangeRequest.serializable is 7). Such a
+    # route never matches an HTTP/1 request.
+    proto_flag: int | None = None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from raftlb.config.model import READ_POLICIES, RouteConfig
+from raftlb.core.protowire import Buffer, last_varint
 
 # RFC 9110 §9.2.2: methods whose repetition has the same effect as one request.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -59,7 +60,11 @@ class Router:
                           r.max_lag_entries, r.max_lag_ms, r.stream)
             for r in self.routes)
         # (route, decision) pairs made once: a zip(strict=True) per request costs ~3,000 instructions.
-        self._table = tuple(zip(self.routes, self._decisions, strict=True))
+        pairs = tuple(zip(self.routes, self._decisions, strict=True))
+        # Routes with a `proto_flag` read a gRPC request message: they are for `classify_call` only, so
+        # HTTP/1 requests never look at them (and pay nothing for them).
+        self._table = tuple(p for p in pairs if p[0].proto_flag is None)
+        self._call_table = pairs
         self._write = replace(WRITE, cookie=index_cookie)
         self._override_cache: dict[tuple[RouteDecision, str], RouteDecision] = {}
 
@@ -78,21 +83,46 @@ class Router:
             decision = d
             break
         if consistency is not None and decision.kind == "read":
-            key = (decision, consistency)
-            cached = self._override_cache.get(key)
-            if cached is None:
-                policy = consistency.strip().lower()
-                if policy not in READ_POLICIES:
-                    raise ValueError(f"X-Raft-Consistency: {consistency[:64]!r} is not one of "
-                                     f"{', '.join(READ_POLICIES)}")
-                if policy == "bounded" and decision.max_lag_entries is None and decision.max_lag_ms is None:
-                    raise ValueError("X-Raft-Consistency: bounded needs a route with max_lag_entries or "
-                                     "max_lag_ms, and this one has neither")
-                cached = replace(decision, policy=policy)
-                if len(self._override_cache) < 64:
-                    self._override_cache[key] = cached
-            decision = cached
+            decision = self._with_consistency(decision, consistency)
         return decision
+
+    def classify_call(self, path: str, message: Buffer | None,
+                      consistency: str | None = None) -> RouteDecision:
+        """The decision for a gRPC call (always a POST) to method `path` (`/etcdserverpb.KV/Range`), given its
+        first request message (None: not read, or none): a route with `proto_flag` matches only when that
+        message has the flag set. `consistency` is the `x-raft-consistency` metadata, as in `classify`.
+        ProtoError (a ValueError) if a flag route's message is malformed: the call ends with INTERNAL."""
+        decision = self._write
+        for route, d in self._call_table:
+            if route.methods is not None and "POST" not in route.methods:
+                continue
+            if route.path is not None and route.path.search(path) is None:
+                continue
+            flag = route.proto_flag
+            if flag is not None and (message is None or not last_varint(message, flag)):
+                continue
+            decision = d
+            break
+        if consistency is not None and decision.kind == "read":
+            decision = self._with_consistency(decision, consistency)
+        return decision
+
+    def _with_consistency(self, decision: RouteDecision, consistency: str) -> RouteDecision:
+        """A read's decision with the client's consistency override applied (see `classify`)."""
+        key = (decision, consistency)
+        cached = self._override_cache.get(key)
+        if cached is None:
+            policy = consistency.strip().lower()
+            if policy not in READ_POLICIES:
+                raise ValueError(f"X-Raft-Consistency: {consistency[:64]!r} is not one of "
+                                 f"{', '.join(READ_POLICIES)}")
+            if policy == "bounded" and decision.max_lag_entries is None and decision.max_lag_ms is None:
+                raise ValueError("X-Raft-Consistency: bounded needs a route with max_lag_entries or "
+                                 "max_lag_ms, and this one has neither")
+            cached = replace(decision, policy=policy)
+            if len(self._override_cache) < 64:
+                self._override_cache[key] = cached
+        return cached
 
 
 def power_of_two(candidates: Sequence[str], load: Callable[[str], int],
