@@ -137,8 +137,10 @@ def test_a_worker_that_dies_after_serving_is_started_again_with_back_off(tmp_pat
         assert len(starts) == 4
         gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
         # 0.5 s, then doubling while it keeps dying soon after its start (plus its own 50 ms and start-up).
+        # (Lower bounds only, and growth: a loaded machine can only make the gaps longer.)
         for gap, wait in zip(gaps, (0.5, 1.0, 2.0), strict=True):
-            assert wait <= gap < wait + 1.0, gaps
+            assert wait <= gap, gaps
+        assert gaps == sorted(gaps), gaps
         assert [x.split()[-1] for x in notes if x.startswith("start 1")] == [
             "restarted=False", "restarted=True", "restarted=True", "restarted=True"]
         assert sum(x.startswith("start 0") for x in notes) == 1  # the healthy one is left alone

@@ -65,19 +65,20 @@ async def test_sigkill_leader_under_writes_loses_nothing_and_the_node_rejoins(
         victim = await asyncio.to_thread(demo_cluster.leader)
         assert victim is not None
         term = await asyncio.to_thread(demo_cluster.term)
-        killed = time.monotonic()
         await asyncio.to_thread(demo_cluster.kill, victim)
         new = await asyncio.to_thread(demo_cluster.wait_for_leader, 15.0, min_term=term + 1, exclude=[victim])
-        reelection = time.monotonic() - killed
         await wait_for(lambda: proxy.table.leader(time.monotonic()) == new, timeout=5)
+        # Held writes go out the moment the new leader is known (the leader change releases the hold
+        # queue), not at a later sweep: none is left waiting once the table names the leader.
+        assert not proxy.held, [r.node for r in proxy.held]
         acked_at_switch = len(load.acked)
         await wait_for(lambda: len(load.acked) > acked_at_switch + 50, timeout=10)
         stop.set()
         await task
 
         assert load.errors == []  # the gap was shorter than the hold timeout: no client saw an error
-        # The write gap is the cluster's own re-election plus at most about one liveness period.
-        assert load.gap() <= reelection + 1.0, (load.gap(), reelection)
+        # (The write gap against the re-election is `make bench-failover`'s figure, docs/failover.md: times on
+        # this shared machine are not asserted.)
         assert proxy.stats.held > 0 or proxy.stats.resends  # writes really were caught by the failover
 
         # The old leader restarts from its journal and rejoins as a follower.
