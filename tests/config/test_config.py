@@ -532,7 +532,7 @@ def test_every_error_is_reported_in_file_order() -> None:
         "(did you mean read?)",
         "test.yaml:17: logging.level: must be one of debug, info, warning, error, got 'verbose'",
         "test.yaml:18: bogus: unknown key (expected one of: listeners, admin, clusters, limits, logging, "
-        "drain_timeout, workers)",
+        "drain_timeout, workers, http2)",
     ]
     assert (exc.path, exc.line) == ("listeners[0].cluster", 3)  # the first one
 
