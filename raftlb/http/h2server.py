@@ -547,7 +547,11 @@ class H2ServerConnection(asyncio.Protocol):
         (RST_STREAM NO_ERROR, RFC 9113 §8.1)."""
         if self.streams.pop(stream.stream_id, None) is None:
             return
-        if not stream.ex.body_done and not self.closed:
+        ex = stream.ex
+        # (Not when only the END_STREAM is still to come, as clients that send it in a frame of its own do:
+        # a reset would cross it, and a strict client takes that for a protocol error.)
+        if not ex.body_done and (ex.content_length is None or ex.body_received < ex.content_length) \
+                and not self.closed:
             try:
                 self.h2.reset_stream(stream.stream_id, ErrorCodes.NO_ERROR)
             except ProtocolError:
