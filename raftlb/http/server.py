@@ -119,7 +119,7 @@ class HttpConnection(asyncio.Protocol):
         self.peer_bytes = self.peer_host.encode()
         transport.set_write_buffer_limits(high=self.limits.write_buffer_high)
         server = self.server
-        if server.ssl is not None and server.h2.enabled:
+        if server.ssl is not None:  # (h2 chosen by ALPN: the listener's TLS context offered it)
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
                 self._become_h2(b"")

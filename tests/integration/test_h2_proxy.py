@@ -39,7 +39,8 @@ async def test_h2_writes_land_on_the_leader_and_fenced_reads_carry_the_index(
             assert r.status_code == 200, r.text
             assert r.http_version == "HTTP/2" and r.headers["x-raft-node"] == leader
             index = int(r.headers["x-raft-index"])
-            r = await c.get("/kv/h2a", headers={"X-Raft-Consistency": "fenced", "X-Raft-Min-Index": str(index)})
+            fence = {"X-Raft-Consistency": "fenced", "X-Raft-Min-Index": str(index)}
+            r = await c.get("/kv/h2a", headers=fence)
             assert r.status_code == 200 and r.content == b"one"
             assert int(r.headers["x-raft-index"]) >= index
 
