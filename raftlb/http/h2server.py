@@ -43,7 +43,14 @@ from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
 from raftlb.config.model import H2Config, LimitsConfig
-from raftlb.errors import BadRequest, HeadersTooLarge, MethodNotAllowed, PayloadTooLarge, ProxyError
+from raftlb.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    ProxyError,
+    RequestTimeout,
+)
 from raftlb.http.exchange import FRAMING_LENGTH, FRAMING_NONE, PAUSE_BODY, Exchange
 
 log = logging.getLogger("raftlb.http")
@@ -53,6 +60,7 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Deadline kinds (as HttpConnection's: the listener's sweep reads `deadline_kind` and `deadline`).
 DL_NONE = 0
 DL_IDLE = 1
+DL_STREAMS = 2  # a stream's request body stalls, or its client's window stays shut: see `on_deadline`
 
 # Response headers that are HTTP/1 connection framing: they have no place in HTTP/2 (RFC 9113 §8.2.2).
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
@@ -154,8 +162,9 @@ class H2Stream:
     """One HTTP/2 stream: the `Connection` its exchange writes to, and the flow control in both directions."""
 
     __slots__ = (
-        "closed", "closing", "conn", "ex", "head_sent", "paused", "peer_bytes", "peer_host", "pending",
-        "pending_bytes", "pending_end", "scheme", "stream_id", "transport", "unacked", "writing_paused",
+        "body_at", "closed", "closing", "conn", "ex", "head_sent", "paused", "peer_bytes", "peer_host",
+        "pending", "pending_bytes", "pending_end", "scheme", "stalled_at", "stream_id", "transport",
+        "unacked", "writing_paused",
     )
 
     def __init__(self, conn: H2ServerConnection, stream_id: int) -> None:
@@ -174,6 +183,8 @@ class H2Stream:
         self.pending_bytes = 0
         self.pending_end = False  # the answer is complete once `pending` is sent
         self.head_sent = False
+        self.body_at = 0.0  # the request body's last progress (monotonic), while it is still coming
+        self.stalled_at = 0.0  # since when the client's window has held the answer back (0.0: it has not)
         self.ex = H2Exchange(self)
 
     def __repr__(self) -> str:
@@ -365,7 +376,8 @@ class H2ServerConnection(asyncio.Protocol):
         if self.closing and stream_id > self.last_stream:
             self._refuse(stream_id)
             return
-        self.deadline_kind = DL_NONE
+        if self.deadline_kind == DL_IDLE:
+            self.deadline_kind = DL_NONE
         stream = H2Stream(self, stream_id)
         self.streams[stream_id] = stream
         ex = stream.ex
@@ -374,8 +386,11 @@ class H2ServerConnection(asyncio.Protocol):
             ex.body_done = True
             if ex.content_length is None and ex.method_bytes in (b"POST", b"PUT", b"PATCH"):
                 ex.content_length = 0  # (as an HTTP/1 client says of an empty body)
-        elif ex.content_length is None:
-            ex.chunked = ex.has_body = True  # a body of unknown length: chunked to the node
+        else:
+            if ex.content_length is None:
+                ex.chunked = ex.has_body = True  # a body of unknown length: chunked to the node
+            stream.body_at = time.monotonic()
+            self._arm(stream.body_at + self.limits.body_timeout)
         if err is not None:
             ex.error = err
             ex.respond_error(err)
@@ -399,6 +414,7 @@ class H2ServerConnection(asyncio.Protocol):
             self.acknowledge(stream_id, size)
             self._fail_stream(stream, PayloadTooLarge(f"request body exceeds {limits.max_body_bytes} bytes"))
             return
+        stream.body_at = time.monotonic()
         if stream.paused:
             stream.unacked += size
         else:
@@ -424,6 +440,7 @@ class H2ServerConnection(asyncio.Protocol):
             return
         ex = stream.ex
         ex.body_done = True
+        stream.body_at = 0.0
         if ex.on_body_end is not None and not ex.finished:
             ex.on_body_end()
 
@@ -563,6 +580,12 @@ class H2ServerConnection(asyncio.Protocol):
         if paused == stream.writing_paused:
             return
         stream.writing_paused = paused
+        if paused and not self.writing_paused:
+            # (the stream's own window: the connection's stall is the send timeout's, see pause_writing)
+            stream.stalled_at = time.monotonic()
+            self._arm(stream.stalled_at + self.limits.send_timeout)
+        else:
+            stream.stalled_at = 0.0
         ex = stream.ex
         cb = ex.on_pause_writing if paused else ex.on_resume_writing
         if cb is not None:
@@ -628,13 +651,46 @@ class H2ServerConnection(asyncio.Protocol):
 
     # -- what the listener calls --------------------------------------------------------------------
 
+    def _arm(self, at: float) -> None:
+        """A stream deadline at `at`: the connection's deadline is the earliest of them."""
+        if self.deadline_kind != DL_STREAMS or at < self.deadline:
+            self.deadline_kind = DL_STREAMS
+            self.deadline = at
+
     def on_deadline(self, now: float) -> None:
         kind = self.deadline_kind
         self.deadline_kind = DL_NONE
-        if kind == DL_IDLE and not self.streams and not self.closed:
+        if self.closed:
+            return
+        if kind == DL_IDLE and not self.streams:
             self.h2.close_connection(ErrorCodes.NO_ERROR)
             self._flush()
             self._close()
+        elif kind == DL_STREAMS:
+            self._stream_deadlines(now)
+
+    def _stream_deadlines(self, now: float) -> None:
+        """Streams whose request body has stalled for `body_timeout` (while we were taking it) fail with
+        408; streams whose client has kept its window shut for `send_timeout` are reset (HTTP/1's send
+        timeout, per stream: the node's answer is not held forever). Then the next deadline is armed."""
+        limits = self.limits
+        for stream in list(self.streams.values()):
+            if stream.body_at and not stream.paused and stream.body_at + limits.body_timeout <= now:
+                stream.body_at = 0.0
+                self._fail_stream(stream, RequestTimeout("request body not received in time"))
+            elif stream.stalled_at and stream.stalled_at + limits.send_timeout <= now:
+                self.server.send_timeouts += 1
+                stream.stalled_at = 0.0
+                self._client_gone(stream, "send_timeout")
+                self.reset(stream, ErrorCodes.CANCEL)
+        self._flush()
+        for stream in self.streams.values():
+            if stream.body_at:
+                self._arm((now if stream.paused else stream.body_at) + limits.body_timeout)
+            if stream.stalled_at:
+                self._arm(stream.stalled_at + limits.send_timeout)
+        if not self.streams and not self.closing:
+            self._set_idle()
 
     def on_send_timeout(self) -> None:
         """The client has taken nothing for `send_timeout`: cut it off, with every stream."""

@@ -456,3 +456,40 @@ async def test_http2_can_be_turned_off() -> None:
 def test_h2_head(head: bytes, framing: int, length: int, want: list[tuple[bytes, bytes]]) -> None:
     status, headers = h2_head(head, framing, length)
     assert (status, headers) == (want[0][1], want)
+
+
+async def test_stalled_request_body_times_out_with_408() -> None:
+    handler = Handler(hold=True)
+    c = Client(handler)
+    sid = c.h2.get_next_available_stream_id()
+    c.h2.send_headers(sid, [(":method", "POST"), (":path", "/w"), (":scheme", "http"), (":authority", "x")])
+    c.h2.send_data(sid, b"partial")
+    c.send()
+    await c.events()
+    conn = c.conn
+    assert conn.deadline_kind  # (a body deadline is armed)
+    conn.on_deadline(conn.deadline + c.server.limits.body_timeout)
+    got = answers(await c.events())
+    assert got[sid][0][b":status"] == b"408" and got[sid][2]
+    assert not c.transport.closed
+
+
+async def test_a_client_that_keeps_its_window_shut_is_cut_off_per_stream() -> None:
+    handler = Handler(hold=True)
+    c = Client(handler, LimitsConfig(write_buffer_high=10),
+               client_settings={SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    await c.events()
+    sid, other = c.request("/stuck"), c.request("/fine")
+    await c.events()
+    ex = handler.exchanges[0]
+    ex.send_head(b"HTTP/1.1 200 OK\r\n", FRAMING_CHUNKED)
+    ex.send_body(b"x" * 100)
+    await c.events()
+    assert ex.conn.writing_paused
+    c.conn.on_deadline(c.conn.deadline)
+    events = await c.events()
+    assert any(isinstance(e, StreamReset) and e.stream_id == sid for e in events)
+    assert handler.aborted == [(ex, "send_timeout")] and c.server.send_timeouts == 1
+    handler.exchanges[1].respond(204, b"")
+    got = answers(await c.events())
+    assert got[other][0][b":status"] == b"204" and not c.transport.closed
