@@ -82,6 +82,7 @@ class H2Host(Protocol):
 
     requests: int
     send_timeouts: int
+    rejected_connections: int
 
     @property
     def handler(self) -> StreamHandler: ...
@@ -91,6 +92,8 @@ class H2Host(Protocol):
     def h2(self) -> H2Config: ...
     @property
     def scheme(self) -> bytes: ...
+    @property
+    def max_connections(self) -> int: ...
     @property
     def connections(self) -> set[Any]: ...
 
@@ -290,7 +293,8 @@ class H2ServerConnection(asyncio.Protocol):
             peer = transport.get_extra_info("peername")
             self.peer_host = peer[0] if isinstance(peer, tuple) else ""
             self.peer_bytes = self.peer_host.encode()
-        self.server.connections.add(self)
+        server = self.server
+        server.connections.add(self)
         limits, settings, h2 = self.limits, self.settings, self.h2
         # The limits are in force from the first frame (as initial values, not as a change that waits for
         # the client's acknowledgement); initiate_connection announces them.
@@ -302,6 +306,13 @@ class H2ServerConnection(asyncio.Protocol):
         })
         h2.decoder.max_header_list_size = limits.max_header_bytes
         h2.initiate_connection()
+        if len(server.connections) > server.max_connections:
+            # (HTTP/1's 503 for this, in HTTP/2's terms: no stream will be served, come back later)
+            server.rejected_connections += 1
+            h2.close_connection(ErrorCodes.REFUSED_STREAM)
+            self._flush()
+            self._close()
+            return
         # The connection's window (65,535 to begin with) shared by the streams' request bodies.
         extra = 4 * settings.initial_window_size - 65535
         if extra > 0:

@@ -493,3 +493,14 @@ async def test_a_client_that_keeps_its_window_shut_is_cut_off_per_stream() -> No
     handler.exchanges[1].respond(204, b"")
     got = answers(await c.events())
     assert got[other][0][b":status"] == b"204" and not c.transport.closed
+
+
+async def test_tls_h2_connections_count_against_max_connections() -> None:
+    server = HttpServer(Handler(), LimitsConfig(), max_connections=0)
+    t = Transport()
+    H2ServerConnection(server).adopt(t, "10.0.0.1")
+    assert t.closed and server.rejected_connections == 1 and not server.connections
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    term = goaway(client.receive_data(bytes(t.out)))
+    assert term is not None and term.error_code == ErrorCodes.REFUSED_STREAM
