@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trustme
+from prometheus_client.parser import text_string_to_metric_families
 
 from raftlb.config.model import HoldConfig, TlsConfig
 from raftlb.demo.cluster import DemoCluster
@@ -137,3 +138,20 @@ async def test_tls_listener_offers_h2_by_alpn_beside_http11(tmp_path: Path) -> N
                 assert r.status_code == 200 and r.http_version == "HTTP/1.1"
         finally:
             await server.stop()
+
+
+async def test_h2_requests_are_counted_in_the_metrics() -> None:
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        async with running(fc.config(), admin=True) as srv:
+            await wait_for(lambda: srv.proxies["c1"].table.leader(time.monotonic()) == "n1", timeout=10)
+            async with h2_client(url_of(srv)) as c:
+                rs = await asyncio.gather(*(c.put(f"/kv/{i}", content=b"v") for i in range(7)))
+                assert {(r.status_code, r.http_version) for r in rs} == {(200, "HTTP/2")}
+            assert srv.admin is not None
+            async with httpx.AsyncClient() as c:
+                scrape = (await c.get(f"http://127.0.0.1:{srv.admin.port}/metrics")).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(scrape) for s in fam.samples}
+    assert samples[("raftlb_requests_total", (("cluster", "c1"), ("code", "2xx"), ("kind", "write"),
+                                              ("node", "n1"), ("policy", "leader")))] == 7
