@@ -186,9 +186,10 @@ class Server:
                     log.error("listener %s: certificate reload failed, keeping the old one: %s", lc.name, exc)
 
     async def start_listener(self, lc: ListenerConfig, proxy: ClusterProxy) -> HttpServer:
-        srv = HttpServer(proxy, self.config.limits, lc.max_connections, name=lc.name)
+        h2 = self.config.http2
+        srv = HttpServer(proxy, self.config.limits, lc.max_connections, name=lc.name, h2=h2)
         await srv.start(lc.host, lc.port, reuse_port=self.worker is not None,
-                        ssl=server_context(lc.tls) if lc.tls is not None else None)
+                        ssl=server_context(lc.tls, h2=h2.enabled) if lc.tls is not None else None)
         log.info("listener %s on %s:%d fronts cluster %s", lc.name, srv.host, srv.port, lc.cluster)
         return srv
 

@@ -7,12 +7,13 @@ import ssl
 from raftlb.config.model import TlsConfig
 
 
-def server_context(tls: TlsConfig) -> ssl.SSLContext:
-    """A listener's context: its certificate, and client certificates required when `ca` is set (mTLS).
-    `reload_server_context` re-reads the files into the same object: new handshakes use them at once."""
+def server_context(tls: TlsConfig, h2: bool = False) -> ssl.SSLContext:
+    """A listener's context: its certificate, and client certificates required when `ca` is set (mTLS);
+    with `h2`, ALPN offers HTTP/2 before HTTP/1.1. `reload_server_context` re-reads the files into the same
+    object: new handshakes use them at once."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(["h2", "http/1.1"] if h2 else ["http/1.1"])
     reload_server_context(ctx, tls)
     return ctx
 

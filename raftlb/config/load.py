@@ -47,6 +47,7 @@ from raftlb.config.model import (
     ClusterKind,
     Config,
     FieldPath,
+    H2Config,
     HoldConfig,
     LimitsConfig,
     ListenerConfig,
@@ -176,11 +177,17 @@ _CLUSTER: dict[str, Conv] = {
     "read_index_path": lambda c: _abs_path(c), "session_gap_wait": lambda c: c.duration(allow_zero=True),
     "max_sessions": at_least_one,
 }
+_HTTP2: dict[str, Conv] = {
+    "enabled": Cursor.boolean, "max_concurrent_streams": at_least_one,
+    "initial_window_size": lambda c: _window(c),
+    "max_resets_per_second": at_least_one, "max_control_frames_per_second": at_least_one,
+}
 _TOP: dict[str, Conv] = {
     "limits": make_conv(LimitsConfig, _LIMITS),
     "logging": make_conv(LoggingConfig, _LOGGING),
     "drain_timeout": lambda c: c.duration(allow_zero=True),
     "workers": lambda c: _workers(c),  # (checked against the addresses: shared_port_problem)
+    "http2": make_conv(H2Config, _HTTP2),
 }
 # (host, port, YAML path, line) of each address bound so far: two sockets must not share one.
 _Bound = list[tuple[str, int, str, int | None]]
@@ -215,6 +222,14 @@ def _margin(cur: Cursor) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise cur.bad("a whole number or never")
     return cur.integer(minimum=1)
+
+
+def _window(cur: Cursor) -> int:
+    """An HTTP/2 flow-control window: 1 byte to 2^31-1 (RFC 9113 §6.9.2)."""
+    n = cur.size(minimum=1)
+    if n > 2**31 - 1:
+        raise cur.error(f"at most 2147483647 bytes, got {n}")
+    return n
 
 
 def _workers(cur: Cursor) -> int:

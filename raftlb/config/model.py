@@ -162,6 +162,18 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class H2Config:
+    """Downstream HTTP/2 (h2c with prior knowledge, and TLS with ALPN `h2`), on every listener."""
+
+    enabled: bool = True
+    max_concurrent_streams: int = 100  # per connection (SETTINGS_MAX_CONCURRENT_STREAMS)
+    initial_window_size: int = 65535  # per stream, for request bodies (the connection's is 4x)
+    # Beyond these per connection and second: GOAWAY ENHANCE_YOUR_CALM (rapid reset, SETTINGS/PING floods).
+    max_resets_per_second: int = 200
+    max_control_frames_per_second: int = 1000
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     host: str = "127.0.0.1"
     port: int = 9090
@@ -191,6 +203,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     drain_timeout: float = 10.0
     workers: int = 1  # processes sharing the listeners (SO_REUSEPORT); worker i serves the admin on port + i
+    http2: H2Config = field(default_factory=H2Config)
     source: str | None = None  # the file it came from
 
     def cluster(self, name: str) -> ClusterConfig:

@@ -20,7 +20,7 @@ from typing import Any, Protocol, cast
 
 import httptools
 
-from raftlb.config.model import LimitsConfig
+from raftlb.config.model import H2Config, LimitsConfig
 from raftlb.errors import (
     BadRequest,
     ExpectationFailed,
@@ -43,6 +43,7 @@ from raftlb.http.exchange import (
     Exchange,
     status_line,
 )
+from raftlb.http.h2server import PREFACE, H2ServerConnection
 
 __all__ = [
     "FRAMING_CHUNKED", "FRAMING_CLOSE", "FRAMING_LENGTH", "FRAMING_NONE", "Exchange", "HttpConnection",
@@ -118,6 +119,11 @@ class HttpConnection(asyncio.Protocol):
         self.peer_bytes = self.peer_host.encode()
         transport.set_write_buffer_limits(high=self.limits.write_buffer_high)
         server = self.server
+        if server.ssl is not None:  # (h2 chosen by ALPN: the listener's TLS context offered it)
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                self._become_h2(b"")
+                return
         server.connections.add(self)
         self._set_deadline(DL_IDLE, self.limits.header_timeout)
         if len(server.connections) > server.max_connections:
@@ -174,6 +180,8 @@ class HttpConnection(asyncio.Protocol):
                 if data:
                     continue
             except httptools.HttpParserError as exc:
+                if self._h2_preface(data, exc):
+                    return
                 if not self.stopped:  # after a refusal, what follows is not parsed, let alone answered
                     self._protocol_error(BadRequest(_parser_error_detail(exc)))
             else:
@@ -196,6 +204,34 @@ class HttpConnection(asyncio.Protocol):
                     self.server.handler.on_request(ex)
                 else:
                     self._activate(ex)
+
+    def _h2_preface(self, data: bytes, exc: Exception) -> bool:
+        """llhttp stops at HTTP/2's client preface (`PRI * HTTP/2.0`, "Pause on PRI/Upgrade"): a client
+        that speaks HTTP/2 with prior knowledge (h2c). At the start of the connection, it is handed over to
+        an `H2ServerConnection` with what it has sent (True). (Only here, where llhttp raises: nothing is
+        added to the per-request path.)"""
+        ex = self.parsing
+        if self.queue or ex is None or ex.target != b"*" or "PRI" not in str(exc):
+            return False
+        if not self.server.h2.enabled:
+            return False
+        # All the bytes of the connection so far (no request came before): the preface, then frames.
+        extra = self._header_bytes - len(PREFACE)
+        if extra < 0 or extra > len(data):
+            return False
+        tail = data[:len(data) - extra]  # (the end of the preface that came in this read)
+        if not PREFACE.endswith(tail):
+            return False
+        self._become_h2(PREFACE + data[len(data) - extra:])
+        return True
+
+    def _become_h2(self, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        self.closed = self.stopped = True  # (this object is done: the transport has a new protocol)
+        self.deadline_kind = DL_NONE
+        self.server.connections.discard(self)
+        H2ServerConnection(self.server).adopt(transport, self.peer_host, data)
 
     def _ignore_upgrade(self) -> None:
         """llhttp stopped after a request that asked to switch protocols (`Connection: upgrade` + `Upgrade`,
@@ -634,12 +670,13 @@ class HttpServer:
     """A listening socket and its connections. Lifecycle: `start()` → serve → `drain()` → `close()`."""
 
     def __init__(self, handler: RequestHandler, limits: LimitsConfig, max_connections: int = 10000,
-                 name: str = "http") -> None:
+                 name: str = "http", h2: H2Config | None = None) -> None:
         self.handler = handler
         self.limits = limits
+        self.h2 = h2 or H2Config()  # (HTTP/2 beside HTTP/1.1: see raftlb.http.h2server)
         self.max_connections = max_connections
         self.name = name
-        self.connections: set[HttpConnection] = set()
+        self.connections: set[HttpConnection | H2ServerConnection] = set()
         self.requests = 0
         self.rejected_connections = 0
         self.send_timeouts = 0  # connections cut because the client stopped reading (limits.send_timeout)

@@ -195,6 +195,8 @@ class Reloader:
                 listener.limits = new.limits
                 for conn in list(listener.connections):
                     conn.limits = new.limits
+        for listener in kept:
+            listener.h2 = new.http2  # (new connections; ALPN h2 on TLS listeners changes at a restart)
         if plan.logging_changed:
             _apply_logging(new)
         if rt.admin is not None:

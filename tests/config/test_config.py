@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from raftlb.config.load import check_main, load_config, parse_config
-from raftlb.config.model import Config
+from raftlb.config.model import Config, H2Config
 from raftlb.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -60,6 +60,14 @@ def test_admin_allowed_hosts_and_max_connections() -> None:
     assert cfg.admin.allowed_hosts == ("raftlb", "raftlb.default.svc", ".svc.cluster.local", "*")
     assert cfg.admin.max_connections == 50
     assert (parse(GOOD).admin.allowed_hosts, parse(GOOD).admin.max_connections) == ((), 10000)
+
+
+def test_http2_settings() -> None:
+    assert parse(GOOD).http2 == H2Config()
+    cfg = parse(GOOD + "http2: {enabled: false, max_concurrent_streams: 8, initial_window_size: 1MiB, "
+                       "max_resets_per_second: 5, max_control_frames_per_second: 50}\n")
+    assert cfg.http2 == H2Config(enabled=False, max_concurrent_streams=8, initial_window_size=1 << 20,
+                                 max_resets_per_second=5, max_control_frames_per_second=50)
 
 
 def test_full_cluster_settings_are_converted() -> None:
@@ -209,6 +217,18 @@ BAD = [
     ),
     pytest.param(
         GOOD + "limits: {max_headers: 0}\n", "limits.max_headers: must be at least 1, got 0", id="min"
+    ),
+    pytest.param(
+        GOOD + "http2: {max_concurrent_streams: 0}\n",
+        "http2.max_concurrent_streams: must be at least 1, got 0",
+        id="h2-streams",
+    ),
+    pytest.param(
+        GOOD + "http2: {initial_window_size: 4GiB}\n", "http2.initial_window_size: at most 2147483647 bytes",
+        id="h2-window",
+    ),
+    pytest.param(
+        GOOD + "http2: {max_streams: 5}\n", "http2.max_streams: unknown key", id="h2-unknown-key",
     ),
     pytest.param(
         GOOD + "    max_resends: !!python/int 3\n", "max_resends: could not determine a constructor", id="tag"
@@ -532,7 +552,7 @@ def test_every_error_is_reported_in_file_order() -> None:
         "(did you mean read?)",
         "test.yaml:17: logging.level: must be one of debug, info, warning, error, got 'verbose'",
         "test.yaml:18: bogus: unknown key (expected one of: listeners, admin, clusters, limits, logging, "
-        "drain_timeout, workers)",
+        "drain_timeout, workers, http2)",
     ]
     assert (exc.path, exc.line) == ("listeners[0].cluster", 3)  # the first one
 

@@ -558,7 +558,9 @@ async def test_a_slow_but_steady_reader_is_not_cut_off() -> None:
 async def _only_connection(srv: Server) -> HttpConnection:
     while len(srv.listeners[0].connections) != 1:
         await asyncio.sleep(0.005)
-    return next(iter(srv.listeners[0].connections))
+    conn = next(iter(srv.listeners[0].connections))
+    assert isinstance(conn, HttpConnection)
+    return conn
 
 
 async def test_a_pipelining_client_that_never_reads_costs_one_bounded_buffer() -> None:
