@@ -63,6 +63,30 @@ async def read_events(url: str, events: list[tuple[float, dict[str, Any]]], done
     done.set()
 
 
+async def test_a_change_is_pushed_at_once_not_at_the_next_tick() -> None:
+    """With a tick of a minute, the change still reaches the stream within the wait (10 s): it was pushed
+    when the sidecar saw it, not at the next tick."""
+    members = [await FakeMember(f"n{i}", str(500 + i)).start() for i in (1, 2)]
+    for m in members:
+        m.members = [{"ID": o.member_id, "name": o.name, "clientURLs": [o.url]} for o in members]
+    lead(members, members[1], 4)
+    try:
+        async with sidecar(etcd_cluster(members), "n1", tick=60.0) as (announcer, url):
+            await wait_for(lambda: announcer.current is not None and announcer.current.leader == "n2")
+            events: list[tuple[float, dict[str, Any]]] = []
+            ended = asyncio.Event()
+            reader = asyncio.create_task(read_events(url, events, ended))
+            await wait_for(lambda: len(events) >= 1, timeout=5)  # the current state, at once
+            lead(members, members[0], 5)
+            await wait_for(lambda: any(e["role"] == "leader" for _, e in events), timeout=10)
+            assert [(e["role"], e["term"]) for _, e in events] == [("follower", 4), ("leader", 5)]
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+    finally:
+        for m in members:
+            await m.stop()
+
+
 async def test_stream_sends_at_once_on_change_and_every_tick_otherwise() -> None:
     members = [await FakeMember(f"n{i}", str(500 + i)).start() for i in (1, 2)]
     for m in members:
@@ -80,12 +104,11 @@ async def test_stream_sends_at_once_on_change_and_every_tick_otherwise() -> None
             reader = asyncio.create_task(read_events(url, events, ended))
             await wait_for(lambda: len(events) >= 3, timeout=3)  # at once, then one per 0.2 s tick
             gaps = [b[0] - a[0] for a, b in zip(events, events[1:], strict=False)]
-            assert all(0.1 < g < 0.4 for g in gaps[:2]), gaps
+            # Ticks, not a flood (a loaded machine can only make them later: no upper bound asserted).
+            assert all(g > 0.1 for g in gaps[:2]), gaps
             lead(members, members[0], 5)  # n1 itself takes over at term 5
-            changed, count = time.monotonic(), len(events)
-            await wait_for(lambda: any(e[1]["role"] == "leader" for e in events[count:]), timeout=2)
-            seen = next(t for t, e in events[count:] if e["role"] == "leader")
-            assert seen - changed < 0.1  # pushed at the change, not at the next tick
+            count = len(events)
+            await wait_for(lambda: any(e[1]["role"] == "leader" for e in events[count:]), timeout=5)
             leader_event = next(e for _, e in events[count:] if e["role"] == "leader")
             assert (leader_event["term"], leader_event["leader"]) == (5, "n1")
             assert leader_event["has_quorum"] is True
