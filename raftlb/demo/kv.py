@@ -337,6 +337,11 @@ class RaftKV:
         st = self.status
         return f"<RaftKV {self.node_id} term={st.term} {st.role} leader={st.leader} at={st.applied_index}>"
 
+    def raft_transport(self) -> Any:
+        """PySyncObj's message transport (its `send` and `_onMessageReceivedCallback`), for the demo's
+        partition hook (raftlb.demo.node). PySyncObj keeps it private (name-mangled): tests only."""
+        return getattr(self._sync, "_SyncObj__transport")  # noqa: B009
+
     def wait_bound(self) -> bool:
         """Block until the Raft port is bound; False when binding failed (blocking: call in a thread)."""
         with contextlib.suppress(SyncObjException):

@@ -160,8 +160,7 @@ class PartitionControl:
         self.claim_quorum = False  # announce has_quorum: true as a leader, whatever the node knows
         self._addr_of = {p.id: p.raft for p in peers}
         self._blocked: frozenset[str] = frozenset()  # raft addresses; swapped whole, read on the tick thread
-        # PySyncObj keeps its transport private (name-mangled); this hook exists for tests only.
-        transport: Any = getattr(raft._sync, "_SyncObj__transport")  # noqa: B009
+        transport: Any = raft.raft_transport()  # (PySyncObj's, private to it: this hook exists for tests)
         send, deliver = transport.send, transport._onMessageReceivedCallback
 
         def filtered_send(node: Any, message: Any) -> bool:
