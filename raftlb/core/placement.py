@@ -103,7 +103,10 @@ def place(req: Placeable, table: LeaderTable, now: float, follower_wait: float,
     if policy == "linearizable" and req.read_index is None:
         return Wait.READ_INDEX
     floor = req.floor
-    cands = eligible_nodes(table, route, floor, now, caught_up_at)
+    if floor > 0 and (policy == "fenced" or policy == "linearizable"):
+        cands = table.applied_at_least(floor, now)  # (eligible_nodes' rule for these, without the call)
+    else:
+        cands = eligible_nodes(table, route, floor, now, caught_up_at)
     if not cands:
         if policy == "any":
             return Wait.HOLD
@@ -127,7 +130,8 @@ def place(req: Placeable, table: LeaderTable, now: float, follower_wait: float,
         if avoid is not None and len(cands) > 1 and avoid in cands:
             cands = [n for n in cands if n != avoid]
     coming: list[str] = []
-    patience = min(follower_wait, route.fence_wait / 4)
+    quarter = route.fence_wait / 4
+    patience = follower_wait if follower_wait < quarter else quarter  # (not min(): per read, and slower)
     if (patience > 0 and floor > 0 and policy in ("fenced", "linearizable")
             and len(at_index) < len(table.nodes)):
         # Live nodes that will very likely reach the index within moments: caught up with the leader's

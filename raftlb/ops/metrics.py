@@ -323,6 +323,9 @@ class Metrics:
         # into metric families at scrape time by RequestCollector.
         self.request_counts: dict[tuple[str, str, str, str, str], list[int]] = {}
         self.request_durations: dict[tuple[str, str, str], _Buckets] = {}
+        # The two cells a request's outcome lands in, by (cluster, node, kind, policy, status class): one
+        # lookup per request instead of building both keys (filled by `observe_request` on first use).
+        self._cells: dict[tuple[str, str | None, str, str, int], tuple[list[int], _Buckets]] = {}
         self._failovers: dict[str, _Failover] = {}
         self._gap_start: dict[str, float] = {}  # cluster -> monotonic start of its leaderless gap
         self._gap_total: dict[str, float] = {}
@@ -369,7 +372,23 @@ class Metrics:
         """The proxy's per-request hook: one call when a request's response is complete or failed. Also
         writes the access log line, when `logging.access_log` is on."""
         seconds = time.monotonic() - ex.started_at
-        self.observe_request(cluster, route.kind, route.policy, node, ex.status, seconds)
+        status = ex.status
+        kind = route.kind
+        cls = status // 100 if status > 0 else 0  # (as observe_request reads it: 0 is "none")
+        key = (cluster, node, kind, route.policy, cls if cls < 5 else 5)
+        cells = self._cells.get(key)
+        if cells is None:
+            self.observe_request(cluster, kind, route.policy, node, status, seconds)
+            code = _CODES[key[4]]
+            self._cells[key] = (self.request_counts[(cluster, node or "none", kind, route.policy, code)],
+                                self.request_durations[(cluster, kind, route.policy)])
+        else:
+            cells[0][0] += 1
+            hist = cells[1]
+            hist.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+            hist.sum += seconds
+            if kind == "write" and self._failovers:
+                self._failover_answered(cluster, node, status)
         if not access_log.disabled and access_enabled():  # (the first test alone when it is off, the default)
             log_access(cluster, node, ex, seconds)
 
@@ -388,7 +407,13 @@ class Metrics:
             hist = self.request_durations[hkey] = _Buckets(DURATION_BUCKETS)
         hist.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
         hist.sum += seconds
-        if kind == "write" and self._failovers and 200 <= status < 500:
+        if kind == "write" and self._failovers:
+            self._failover_answered(cluster, node, status)
+
+    def _failover_answered(self, cluster: str, node: str | None, status: int) -> None:
+        """A write answered by `node`: the end of a failover this cluster is timing, when `node` is its new
+        leader and the answer is not a failure."""
+        if 200 <= status < 500:
             pending = self._failovers.get(cluster)
             if pending is not None and pending.target is not None and node == pending.target:
                 del self._failovers[cluster]

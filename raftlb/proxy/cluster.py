@@ -129,7 +129,16 @@ class ClusterProxy:
                 if conn is not None:
                     req.start(conn, now)
                 return
-        self.dispatch(req, now)
+        # `dispatch` and `_send`, inlined: per request.
+        where = place(req, self.table, now, self.follower_wait, self.caught_up_at, self.load,
+                      self.cluster.leader_read_margin)
+        if isinstance(where, str):
+            req.node = where
+            conn = self.pools[where].assign(req)
+            if conn is not None:
+                req.start(conn, now)
+        else:
+            self._wait(req, where, now)
 
     def dispatch(self, req: ProxyRequest, now: float) -> None:
         """Route a request now, as `raftlb.core.placement.place` says: to its node, the hold queue, the fence

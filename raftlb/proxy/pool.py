@@ -22,7 +22,15 @@ log = logging.getLogger("raftlb.proxy.pool")
 
 MAX_RESPONSE_HEAD = 256 * 1024  # a node's status line and headers; beyond this it is not a sane answer
 
-_FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
+# Answer headers never relayed to the client: hop-by-hop (RFC 9110 §7.6.1), the framing that is redone, and
+# those raftlb sets itself (docs/headers.md).
+RELAY_DROP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"proxy-authenticate", b"content-length", b"x-raft-node", b"x-raft-consistency",
+})
+# Relayed answer headers raftlb also reads (the listener gets them apart: `on_upstream_head`).
+NOTED = frozenset({b"x-raft-index", b"x-raft-term", b"x-raft-leader"})
+_READ = RELAY_DROP | NOTED
 
 # Content-Length values read so far, and their numbers: a node's answers repeat their sizes, and `int()` on
 # bytes costs more than a lookup. Bounded: once full, new sizes are parsed each time.
@@ -34,8 +42,10 @@ class UpstreamListener(Protocol):
     finished: bool  # the request no longer needs a connection (its client went away)
 
     def on_upstream_ready(self, conn: UpstreamConn) -> None: ...
+    # `noted`: the answer's NOTED headers (lowered names), in order; the lines relayed to the client (all
+    # but RELAY_DROP, in order, lowered names) are `conn.relay`. (One pass over the answer's headers.)
     def on_upstream_head(self, conn: UpstreamConn, status: int,
-                         headers: list[tuple[bytes, bytes]]) -> None: ...
+                         noted: list[tuple[bytes, bytes]]) -> None: ...
     def on_upstream_body(self, data: bytes) -> None: ...
     def on_upstream_done(self) -> None: ...
     # `timeout`: the node did not answer, or its answer stalled, in time (504; other failures are 502).
@@ -49,7 +59,7 @@ class UpstreamConn(asyncio.Protocol):
 
     __slots__ = (
         "closed", "completed", "deadline", "extra", "feeding", "head_bytes", "head_only", "head_received",
-        "headers", "idle_since", "informational", "keep_alive", "listener", "parser", "paused", "pool",
+        "noted", "relay", "idle_since", "informational", "keep_alive", "listener", "parser", "paused", "pool",
         "requests", "resp_chunked", "resp_length", "stream", "transport", "until_close", "written",
         "_cl", "_te",
     )
@@ -59,7 +69,8 @@ class UpstreamConn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.listener: UpstreamListener | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.noted: list[tuple[bytes, bytes]] = []  # the answer's NOTED headers
+        self.relay: list[bytes] = []  # ... and its lines for the client, as parts (name, ": ", value, CRLF)
         self.written = False
         self.head_received = False
         self.head_only = False
@@ -148,21 +159,31 @@ class UpstreamConn(asyncio.Protocol):
     # -- parser callbacks ---------------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.headers = []
+        self.noted = []
+        self.relay = []
         self._cl = self._te = None
         if self.listener is None:
             self.extra = True  # a message nobody asked for
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
-        self.headers.append((name, value))
-        if name in _FRAMING_HEADERS:  # (noted here: no second pass over the headers for them)
-            if name == b"content-length":
+        if name in _READ:  # (one pass: the listener walks no headers but these)
+            if name in NOTED:
+                self.noted.append((name, value))
+                if name == b"x-raft-index":
+                    value = value.strip()  # (relayed as it is read: the number alone)
+            elif name == b"content-length":
                 self._cl = value
-            elif self._te is None:
-                self._te = [value]
+                return
+            elif name == b"transfer-encoding":
+                if self._te is None:
+                    self._te = [value]
+                else:
+                    self._te.append(value)
+                return
             else:
-                self._te.append(value)
+                return  # hop-by-hop, or set by raftlb: not relayed
+        self.relay += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -197,7 +218,7 @@ class UpstreamConn(asyncio.Protocol):
         self.until_close = not chunked and length is None and status not in (204, 304) and not self.head_only
         listener = self.listener
         if listener is not None:
-            listener.on_upstream_head(self, status, self.headers)
+            listener.on_upstream_head(self, status, self.noted)
         if self.head_only and self.listener is not None:
             # llhttp does not know the request was HEAD and would wait for a body: finish here and give
             # the connection a fresh parser.

@@ -43,13 +43,10 @@ from raftlb.proxy.stats import ProxyStats, RequestObserver
 
 log = logging.getLogger("raftlb.proxy.cluster")
 
-RESPONSE_DROP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-    b"proxy-authenticate", b"content-length", b"x-raft-node", b"x-raft-consistency",
-})
+# (The answer headers not relayed, and those read on the way, are raftlb.proxy.pool's RELAY_DROP and NOTED:
+# the pool sorts them as it parses, in one pass.)
 # On every read's answer: the policy that served it (the route's, or the client's X-Raft-Consistency).
 POLICY_HEADERS = {p: b"x-raft-consistency: " + p.encode() + b"\r\n" for p in READ_POLICIES}
-RESPONSE_WATCH = RESPONSE_DROP | {b"x-raft-index", b"x-raft-term"}
 
 MAX_INDEX = 1 << 64  # Raft indexes are uint64: an X-Raft-Index at or above this is not one
 
@@ -321,32 +318,30 @@ class ProxyRequest(RequestState):
         else:
             conn.write(data)
 
-    def on_upstream_head(self, conn: UpstreamConn, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def on_upstream_head(self, conn: UpstreamConn, status: int, noted: list[tuple[bytes, bytes]]) -> None:
         proxy = self.proxy
         proxy.inflight.discard(self)
-        if status == 421 and self._misdirected(conn, headers):
+        if status == 421 and self._misdirected(conn, noted):
             return
-        # One pass over the node's headers: the client's head is built, X-Raft-Index/-Term noted on the way.
+        # The client's head: the node's header lines as the pool sorted them (hop-by-hop ones and framing
+        # dropped), X-Raft-Index/-Term read from the few it noted.
         parts = [STATUS_LINES.get(status) or status_line(status)]
+        parts += conn.relay
         index = -1
         seen_index = has_term = False
-        for k, v in headers:
-            if k in RESPONSE_WATCH:
-                if k == b"x-raft-index":
-                    # The index decides whether the answer passes the client's fence: one that cannot be
-                    # read as one number (two headers, a list, not a uint64) is a malformed answer.
-                    v = v.strip()
-                    index = int(v) if not seen_index and len(v) <= 20 and v.isdigit() else MAX_INDEX
-                    if index >= MAX_INDEX:
-                        what = "two X-Raft-Index headers" if seen_index else f"X-Raft-Index {v[:40]!r}"
-                        conn.reject(f"malformed response from node: {what}")
-                        return
-                    seen_index = True
-                elif k == b"x-raft-term":
-                    has_term = True
-                else:
-                    continue  # hop-by-hop, or framing that is redone
-            parts += (k, b": ", v, b"\r\n")
+        for k, v in noted:
+            if k == b"x-raft-index":
+                # The index decides whether the answer passes the client's fence: one that cannot be read
+                # as one number (two headers, a list, not a uint64) is a malformed answer.
+                v = v.strip()
+                index = int(v) if not seen_index and len(v) <= 20 and v.isdigit() else MAX_INDEX
+                if index >= MAX_INDEX:
+                    what = "two X-Raft-Index headers" if seen_index else f"X-Raft-Index {v[:40]!r}"
+                    conn.reject(f"malformed response from node: {what}")
+                    return
+                seen_index = True
+            elif k == b"x-raft-term":
+                has_term = True
         if index >= 0 and status < 500 and self.node is not None:
             proxy.learned_index(self.node, index)
         length = conn.resp_length
@@ -372,7 +367,7 @@ class ProxyRequest(RequestState):
         if self.ex.conn.writing_paused:
             conn.pause_reading()
 
-    def _misdirected(self, conn: UpstreamConn, headers: list[tuple[bytes, bytes]]) -> bool:
+    def _misdirected(self, conn: UpstreamConn, noted: list[tuple[bytes, bytes]]) -> bool:
         """A 421: the node did not apply the request. True: re-sent (the table learnt the hint); False: the
         421 goes to the client (the re-send rule says so)."""
         proxy = self.proxy
@@ -381,7 +376,7 @@ class ProxyRequest(RequestState):
             return False
         hint: str | None = None
         term: int | None = None
-        for k, v in headers:
+        for k, v in noted:  # (the pool notes X-Raft-Leader and X-Raft-Term)
             if k == b"x-raft-leader":
                 hint = v.decode("latin-1").strip() or None
             elif k == b"x-raft-term" and v.strip().isdigit():

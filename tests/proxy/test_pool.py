@@ -90,12 +90,16 @@ class Request:
         self.status = 0
         self.body = bytearray()
         self.error: tuple[str, bool, bool] | None = None
+        self.noted: list[tuple[bytes, bytes]] = []
+        self.relay = b""
 
     def on_upstream_ready(self, conn: UpstreamConn) -> None:
         self.ready.set_result(conn)
 
-    def on_upstream_head(self, conn: UpstreamConn, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def on_upstream_head(self, conn: UpstreamConn, status: int, noted: list[tuple[bytes, bytes]]) -> None:
         self.status = status
+        self.noted = list(noted)
+        self.relay = b"".join(conn.relay)
 
     def on_upstream_body(self, data: bytes) -> None:
         self.body += data
@@ -180,6 +184,19 @@ async def test_a_connection_is_reused_only_after_a_whole_keep_alive_answer(
         assert second.ended.result() == "done" and bytes(second.body) == b"ok"
         assert (conn2 is conn) is reused
         assert n.connections == (1 if reused else 2)
+
+
+async def test_the_answer_headers_are_sorted_in_one_pass_relayed_in_order_and_the_read_ones_noted() -> None:
+    answer = (b"HTTP/1.1 200 OK\r\nServer: n\r\nX-Raft-Index:  12 \r\nConnection: keep-alive\r\n"
+              b"X-Raft-Term: 3\r\nKeep-Alive: timeout=5\r\nX-Raft-Node: n9\r\nETag: \"a\"\r\n"
+              b"X-Raft-Leader: n1\r\nX-Raft-Consistency: any\r\nContent-Length: 2\r\n\r\nok")
+    async with node((answer, "keep")) as n, pool_for(n) as pool:
+        req, _ = await send(pool)
+        assert req.ended.result() == "done" and bytes(req.body) == b"ok"
+        # Hop-by-hop, framing and the headers raftlb sets are not relayed; X-Raft-Index as read (stripped).
+        assert req.relay == (b"server: n\r\nx-raft-index: 12\r\nx-raft-term: 3\r\netag: \"a\"\r\n"
+                             b"x-raft-leader: n1\r\n")
+        assert req.noted == [(b"x-raft-index", b"12 "), (b"x-raft-term", b"3"), (b"x-raft-leader", b"n1")]
 
 
 async def test_acquire_and_release_move_a_connection_between_busy_and_idle() -> None:
