@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -52,6 +53,13 @@ class Recorder:
                 await changed.wait()
 
 
+def silent_for(reason: str) -> float:
+    """The silence a down report names ("silent for 0.31s; ..."), in seconds."""
+    found = re.search(r"silent for ([0-9.]+)s", reason)
+    assert found is not None, reason
+    return float(found.group(1))
+
+
 @asynccontextmanager
 async def subscribed(
     nodes: list[FakeNode], **kw: Any
@@ -86,16 +94,14 @@ async def test_stream_events_reach_on_announcement_in_order() -> None:
 
 
 async def test_set_is_pushed_at_once_not_at_the_next_tick() -> None:
-    # A 10 s tick: only the push on set() can deliver the change in time.
+    # A one-minute tick: only the push on set() can deliver the change within the 10 s wait.
     async with (
-        FakeNode("n1", tick=10.0) as node,
-        subscribed([node], liveness_timeout=30.0) as (_, rec, _),
+        FakeNode("n1", tick=60.0) as node,
+        subscribed([node], liveness_timeout=120.0) as (_, rec, _),
     ):
         await rec.wait_for(lambda: len(rec.of("n1")) >= 1)
-        started = time.monotonic()
         node.set(term=2, role="leader")
-        await rec.wait_for(lambda: rec.of("n1")[-1].term == 2)
-        assert time.monotonic() - started < 0.5
+        await rec.wait_for(lambda: rec.of("n1")[-1].term == 2, timeout=10)
         assert rec.of("n1")[-1].role == "leader"
 
 
@@ -118,7 +124,7 @@ async def test_node_restart_reported_down_then_up_again() -> None:
     ):
         await rec.wait_for(lambda: len(rec.of("n1")) >= 1)
         await node.stop()
-        await rec.wait_for(lambda: len(rec.downs) == 1, timeout=2.0)
+        await rec.wait_for(lambda: len(rec.downs) == 1, timeout=10.0)
         assert s.nodes["n1"].up is False
         node.set(term=5)
         await node.start()  # same port
@@ -131,19 +137,18 @@ async def test_silent_stream_reported_down_once_per_transition() -> None:
     async with FakeNode("n1") as node, subscribed([node], liveness_timeout=liveness) as (subs, rec, _):
         await rec.wait_for(lambda: len(rec.of("n1")) >= 1)
         node.silence()
-        silenced = time.monotonic()
-        await rec.wait_for(lambda: len(rec.downs) == 1, timeout=2.0)
+        await rec.wait_for(lambda: len(rec.downs) == 1, timeout=10.0)
         assert rec.downs[0][0] == "n1"
-        assert rec.downs[0][2] - silenced < liveness * 2
-        assert "silent for" in rec.downs[0][1]
+        # Reported by the liveness check, once the node was silent for the liveness timeout.
+        assert silent_for(rec.downs[0][1]) >= liveness
         # Still silent across several reconnects: no second report.
         opens = node.stream_opens
-        await node.wait_until(lambda: node.stream_opens >= opens + 2, timeout=3.0)
+        await node.wait_until(lambda: node.stream_opens >= opens + 2, timeout=10.0)
         assert len(rec.downs) == 1
         node.resume()
         await rec.wait_for(lambda: subs.nodes["n1"].up is True)
         node.silence()
-        await rec.wait_for(lambda: len(rec.downs) == 2, timeout=2.0)
+        await rec.wait_for(lambda: len(rec.downs) == 2, timeout=10.0)
 
 
 async def test_unreachable_node_is_reported_down_once() -> None:
@@ -151,9 +156,9 @@ async def test_unreachable_node_is_reported_down_once() -> None:
     await node.start()
     await node.stop()  # a port nobody listens on
     async with subscribed([node], liveness_timeout=0.2, reconnect_max=0.05) as (subs, rec, _):
-        await rec.wait_for(lambda: len(rec.downs) == 1, timeout=2.0)
+        await rec.wait_for(lambda: len(rec.downs) == 1, timeout=10.0)
         assert rec.downs[0][1].startswith("never heard; announce stream: ")
-        await rec.wait_for(lambda: subs.nodes["n1"]._failures >= 5, timeout=3.0)
+        await rec.wait_for(lambda: subs.nodes["n1"]._failures >= 5, timeout=10.0)
         assert len(rec.downs) == 1
 
 
@@ -164,7 +169,7 @@ async def test_a_node_that_comes_up_keeps_no_error_from_before() -> None:
     await node.start()
     await node.stop()  # nobody listens on its port yet
     async with subscribed([node], liveness_timeout=0.2, reconnect_max=0.05) as (subs, rec, _):
-        await rec.wait_for(lambda: len(rec.downs) == 1, timeout=2.0)
+        await rec.wait_for(lambda: len(rec.downs) == 1, timeout=10.0)
         assert "announce stream: " in subs.nodes["n1"].last_error
         await node.start()  # same port
         try:
@@ -199,9 +204,10 @@ async def test_polled_node_that_hangs_is_reported_down() -> None:
     ):
         await rec.wait_for(lambda: len(rec.of("n1")) >= 1)
         node.silence()  # /raft/status now hangs
-        silenced = time.monotonic()
-        await rec.wait_for(lambda: len(rec.downs) == 1, timeout=2.0)
-        assert rec.downs[0][2] - silenced < 0.6
+        await rec.wait_for(lambda: len(rec.downs) == 1, timeout=10.0)
+        # Cut by the liveness timeout, though the poll never answers: reported after 0.3 s of silence.
+        assert "no announcement within the liveness timeout" in rec.downs[0][1], rec.downs
+        assert silent_for(rec.downs[0][1]) >= 0.3
         node.resume()
         seen = len(rec.announcements)
         await rec.wait_for(lambda: len(rec.announcements) > seen)

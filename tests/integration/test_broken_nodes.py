@@ -81,13 +81,17 @@ async def test_reads_on_a_node_that_never_answers_time_out_and_are_resent_elsewh
             cfg = config_with_urls(fc, urls, routes=READS_ANY, response_timeout=0.25)
             async with running(cfg) as srv, httpx.AsyncClient(base_url=url_of(srv), timeout=5) as c:
                 await wait_for(lambda: len(srv.proxies["c1"].table.live_nodes(time.monotonic())) == 3)
-                t0 = time.monotonic()
                 results = await asyncio.gather(*(c.get(f"/r/{i}") for i in range(30)))
                 assert [r.status_code for r in results] == [200] * 30
                 assert {r.headers["x-raft-node"] for r in results} <= {"n1", "n3"}
                 stats = srv.proxies["c1"].stats
-                assert stats.resends.get("idempotent_retry", 0) >= 1  # some were sent to n2 first
-                assert time.monotonic() - t0 < 3.0  # one timeout, then another node: bounded
+                # Some were sent to n2 first; each of those timed out once and was re-sent elsewhere (never
+                # to n2 again: at most one re-send per read). Every answer came well inside the client's 5 s
+                # timeout (which would have raised), so no read waited on n2 longer than its response timeout.
+                assert 1 <= stats.resends.get("idempotent_retry", 0) <= 30
+                assert stats.resends.keys() == {"idempotent_retry"}
+                if how == "handler":
+                    assert len(fc["n2"].requests) == stats.resends["idempotent_retry"]
 
 
 @pytest.mark.parametrize("how", ["handler", "blackhole"])
@@ -124,7 +128,9 @@ async def test_a_keyed_write_whose_first_try_hangs_succeeds_on_the_resend() -> N
             t0 = time.monotonic()
             r = await c.post("/kv/k", content=b"v", headers={"Idempotency-Key": "once"})
             assert r.status_code == 200 and r.headers["x-raft-node"] == "n1"
-            assert 0.2 <= time.monotonic() - t0 < 2.0
+            assert time.monotonic() - t0 >= 0.2  # not before the response timeout
+            # Re-sent once, by the response timeout (the client's 5 s timeout would have raised otherwise).
+            assert srv.proxies["c1"].stats.resends == {"idempotent_retry": 1}
             assert [q.header("idempotency-key") for q in fc["n1"].requests] == ["once", "once"]
 
 
@@ -292,7 +298,7 @@ async def test_a_node_sending_endless_response_headers_is_cut_off() -> None:
 
     async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # (What the node writes piles up in kernel buffers too, so `sent` cannot show what the proxy read;
-        # the time to a 502, well inside the response timeout, can.)
+        # a 502 while the response timeout is a minute away can.)
         writer.write(b"HTTP/1.1 200 OK\r\n")
         while raw.sent < cap:
             writer.write(b"X-Junk: " + b"y" * 1000 + b"\r\n")
@@ -301,14 +307,13 @@ async def test_a_node_sending_endless_response_headers_is_cut_off() -> None:
         await asyncio.sleep(30)
 
     async with FakeNode("n1", role="leader") as announcer, RawNode(endless) as raw:
-        cfg = raw_config(raw, announcer, routes=READS_LEADER, response_timeout=3.0, max_resends=0)
-        async with running(cfg) as srv, httpx.AsyncClient(base_url=url_of(srv), timeout=5) as c:
+        # A one-minute response timeout against the client's 10 s: only the cut-off on the header size can
+        # answer in time (without it: every byte read and kept as a header, then a 504 a minute later).
+        cfg = raw_config(raw, announcer, routes=READS_LEADER, response_timeout=60.0, max_resends=0)
+        async with running(cfg) as srv, httpx.AsyncClient(base_url=url_of(srv), timeout=10) as c:
             await wait_for(lambda: leader_of(srv) == "n1")
-            t0 = time.monotonic()
             r = await c.get("/r")
-            # Today: 504 after the 3 s response timeout, every byte read and kept as a header meanwhile.
             assert r.status_code == 502 and r.json()["error"] == "upstream_failed"
-            assert time.monotonic() - t0 < 1.0
 
 
 async def test_a_second_answer_to_one_request_never_reaches_another_request() -> None:
@@ -545,7 +550,7 @@ async def test_status_poll_answering_nonsense_is_rejected_and_the_node_stays_dow
             bad.set(role="leader", term=fc.term + 5)
             await wait_for(lambda: subs.rejected.get("wrong_node", 0) >= 3)
             table = srv.proxies["c1"].table
-            await wait_for(lambda: "n3" not in table.live_nodes(time.monotonic()), timeout=3)
+            await wait_for(lambda: "n3" not in table.live_nodes(time.monotonic()), timeout=10)
             assert leader_of(srv) == "n1" and srv.proxies["c1"].table.term == fc["n1"].term
             assert (await c.post("/kv/x", content=b"v")).headers["x-raft-node"] == "n1"
             bad.id = "n3"

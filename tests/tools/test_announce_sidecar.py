@@ -102,7 +102,7 @@ async def test_stream_sends_at_once_on_change_and_every_tick_otherwise() -> None
             events: list[tuple[float, dict[str, Any]]] = []
             ended = asyncio.Event()
             reader = asyncio.create_task(read_events(url, events, ended))
-            await wait_for(lambda: len(events) >= 3, timeout=3)  # at once, then one per 0.2 s tick
+            await wait_for(lambda: len(events) >= 3, timeout=10)  # at once, then one per 0.2 s tick
             gaps = [b[0] - a[0] for a, b in zip(events, events[1:], strict=False)]
             # Ticks, not a flood (a loaded machine can only make them later: no upper bound asserted).
             assert all(g > 0.1 for g in gaps[:2]), gaps
@@ -116,7 +116,7 @@ async def test_stream_sends_at_once_on_change_and_every_tick_otherwise() -> None
             assert seqs == list(range(1, len(seqs) + 1))
             # The member stops answering: the stream ends and both endpoints say 503 until it is back.
             await members[0].stop()
-            await asyncio.wait_for(ended.wait(), timeout=2)
+            await asyncio.wait_for(ended.wait(), timeout=10)
             await reader
             async with httpx.AsyncClient() as c:
                 for path in ("/raft/status", "/raft/announce"):
@@ -136,12 +136,13 @@ async def test_raftlb_subscribes_to_sidecars_and_follows_a_leader_change() -> No
     lead(members, members[0], 2)
     cluster = etcd_cluster(members)
     try:
-        async with sidecar(cluster, "n1") as (_, u1), sidecar(cluster, "n2") as (_, u2), \
-                sidecar(cluster, "n3") as (_, u3):
+        # One-minute ticks: only the sidecars' push at the change can deliver it within the 10 s wait.
+        async with sidecar(cluster, "n1", tick=60.0) as (_, u1), \
+                sidecar(cluster, "n2", tick=60.0) as (_, u2), sidecar(cluster, "n3", tick=60.0) as (_, u3):
             urls = {"n1": u1, "n2": u2, "n3": u3}
             nodes = tuple(NodeConfig(n.id, n.url, urls[n.id], n.host, n.port) for n in cluster.nodes)
             followed = ClusterConfig(name="etcd", kind="etcd", nodes=nodes, routes=(), sidecar=True,
-                                     liveness_timeout=1.0)
+                                     liveness_timeout=120.0)
             rec, tasks = Recorder(), TaskSet("raftlb")
             subs = ClusterSubscriptions(followed, rec.on_announcement, rec.on_down, tasks)
             subs.start()
@@ -149,9 +150,7 @@ async def test_raftlb_subscribes_to_sidecars_and_follows_a_leader_change() -> No
                 await wait_for(lambda: all((a := rec.last(n)) is not None and a.leader == "n1" for n in urls))
                 assert all(s.mode == "stream" for s in subs.nodes.values())
                 lead(members, members[2], 3)
-                changed = time.monotonic()
-                await wait_for(lambda: (a := rec.last("n3")) is not None and a.role == "leader", timeout=2)
-                assert time.monotonic() - changed < 0.1
+                await wait_for(lambda: (a := rec.last("n3")) is not None and a.role == "leader", timeout=10)
             finally:
                 await subs.stop()
                 await tasks.close()
