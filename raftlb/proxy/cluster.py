@@ -199,8 +199,10 @@ class ClusterProxy:
         else:
             self.stats.reads_follower += 1
 
-    def _recheck_fenced(self, now: float) -> None:
-        """An announcement arrived: fenced reads waiting for an index may have a node now."""
+    def _recheck_fenced(self, now: float, settle: bool = False) -> None:
+        """Place the reads on the fence wait list again: an announcement arrived (a node may be at their
+        index now), or the sweep (`settle`: placement depends on time too — a short wait for an idle node,
+        waits that are over — and the sweep also acts on the other answers: fall back, hold)."""
         waiting, self.fence_waiting = self.fence_waiting, []
         for req in waiting:
             if req.finished:
@@ -209,8 +211,10 @@ class ClusterProxy:
                           self.cluster.leader_read_margin)
             if isinstance(where, str):
                 self._send(req, where, now)
+            elif not settle or where in _WAITING:
+                self.fence_waiting.append(req)  # (without `settle`, the sweep ends waits that are over)
             else:
-                self.fence_waiting.append(req)  # (the sweep ends waits that are over)
+                self._wait(req, where, now)
 
     def hold(self, req: ProxyRequest, now: float) -> None:
         """Park a request until a leader (for reads: any live node) is there; bounded in count and bytes."""
@@ -390,19 +394,7 @@ class ClusterProxy:
             if self.held:
                 self._release(now)
         if self.fence_waiting:
-            waiting, self.fence_waiting = self.fence_waiting, []
-            for req in waiting:
-                if req.finished:
-                    continue
-                # Placement depends on time too (a short wait for an idle node, waits that are over).
-                where = place(req, self.table, now, self.follower_wait, self.caught_up_at, self.load,
-                              self.cluster.leader_read_margin)
-                if isinstance(where, str):
-                    self._send(req, where, now)
-                elif where in _WAITING:
-                    self.fence_waiting.append(req)
-                else:
-                    self._wait(req, where, now)
+            self._recheck_fenced(now, settle=True)
         for req in self.sessions.expired(now):
             self.stats.session_gaps += 1
             req.session = None

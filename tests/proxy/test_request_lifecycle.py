@@ -5,7 +5,6 @@ nodes."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from typing import Any
@@ -15,47 +14,7 @@ from raftlb.core.leader_table import Announcement
 from raftlb.http.server import HttpConnection, HttpServer
 from raftlb.proxy.cluster import ClusterProxy
 from raftlb.proxy.pool import UpstreamConn
-
-
-class Wire(asyncio.Transport):
-    """An in-memory transport: what is written to it is kept in `out`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out = bytearray()
-        self.closed = False
-
-    def write(self, data: Any) -> None:
-        self.out += data
-
-    def writelines(self, parts: Any) -> None:
-        for p in parts:
-            self.out += p
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 5555) if name == "peername" else default
-
+from tests.support.transport import MockTransport
 
 READS = RouteConfig(methods=frozenset({"GET"}), path=re.compile("^/kv"), kind="read", policy="fenced",
                     idempotent=False)
@@ -79,19 +38,19 @@ def announce(proxy: ClusterProxy, node: str, term: int, leader: str, applied: in
                                              has_quorum=True if role == "leader" else None))
 
 
-def node_conn(proxy: ClusterProxy, node: str) -> tuple[UpstreamConn, Wire]:
+def node_conn(proxy: ClusterProxy, node: str) -> tuple[UpstreamConn, MockTransport]:
     """An open keep-alive connection to `node`, idle in its pool: the next request to it takes it."""
     pool = proxy.pools[node]
     conn = UpstreamConn(pool)
-    wire = Wire()
+    wire = MockTransport()
     conn.connection_made(wire)
     pool.idle.append(conn)
     return conn, wire
 
 
-def client(proxy: ClusterProxy, raw: bytes) -> Wire:
+def client(proxy: ClusterProxy, raw: bytes) -> MockTransport:
     conn = HttpConnection(HttpServer(proxy, LimitsConfig()))
-    wire = Wire()
+    wire = MockTransport()
     conn.connection_made(wire)
     conn.data_received(raw)
     return wire
