@@ -4,12 +4,9 @@
 from __future__ import annotations
 
 import os
-import queue
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,43 +15,12 @@ import pytest
 import yaml
 
 from raftlb.demo.scenario import DEMO_CONFIG
+from tests.support.output import Output
 from tests.support.tools import demo_node_ports, free_port
 
 pytestmark = pytest.mark.integration
 
 PACKAGE_CONFIG = Path(__file__).resolve().parents[2] / "raftlb" / "demo" / DEMO_CONFIG
-
-
-class Lines:
-    """The demo's stdout, line by line, from a thread; `wait` returns the first line matching a pattern."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        assert proc.stdout is not None
-        stdout = proc.stdout
-
-        def pump() -> None:
-            for line in stdout:
-                self.lines.put(line.rstrip("\n"))
-            self.lines.put(None)
-
-        self.thread = threading.Thread(target=pump, daemon=True)
-        self.thread.start()
-
-    def wait(self, pattern: str, timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            self.seen.append(line)
-            if m := re.search(pattern, line):
-                return m
-        raise AssertionError(f"no line matching {pattern!r}; output:\n" + "\n".join(self.seen[-60:]))
 
 
 @pytest.mark.timeout(240)
@@ -71,7 +37,8 @@ def test_keep_shows_where_to_look_and_restarts_a_killed_node(tmp_path: Path) -> 
     proc = subprocess.Popen([sys.executable, "-m", "raftlb", "demo", "--keep", "--duration", "3", "--config",
                              str(config)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
-    out = Lines(proc)
+    assert proc.stdout is not None
+    out = Output(proc.stdout)
     try:
         # The report counts reads of acknowledged keys: every one found (each carries its write's index).
         found = int(out.wait(r"^ +found \(200\) +(\d+)$", 150)[1])

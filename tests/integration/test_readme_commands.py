@@ -24,14 +24,13 @@ import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.support.output import Output
 from tests.support.tools import demo_node_ports, free_port
 
 pytestmark = pytest.mark.integration
@@ -144,40 +143,6 @@ def test_every_shell_command_of_the_docs_is_run_or_excluded_with_a_reason() -> N
             assert shows_status or "f" in flags, f"{c.file}:{c.line}: its status cannot be checked: {c.text}"
 
 
-class Output:
-    """A process's output, line by line, from a thread."""
-
-    def __init__(self, stream: object) -> None:
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-
-        def pump() -> None:
-            for line in stream:  # type: ignore[attr-defined]
-                self.lines.put(line.rstrip("\n"))
-            self.lines.put(None)
-
-        self.thread = threading.Thread(target=pump, daemon=True)
-        self.thread.start()
-
-    def until(self, pattern: str, timeout: float) -> tuple[re.Match[str], list[str]]:
-        """Lines up to the first matching `pattern` (which is returned with them)."""
-        got: list[str] = []
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            self.seen.append(line)
-            if m := re.search(pattern, line):
-                return m, got
-            got.append(line)
-        raise AssertionError(f"no line matching {pattern!r} within {timeout} s; output:\n" +
-                             "\n".join(self.seen[-60:]))
-
-
 def stop(proc: subprocess.Popen[str], out: Output | None, grace: float = 30) -> None:
     """SIGTERM the process group this test started (its leader's pid), then SIGKILL; bounded waits."""
     if proc.poll() is None:
@@ -237,6 +202,7 @@ def test_readme_and_docs_commands_run_against_raftlb_demo_keep(tmp_path: Path) -
     demo = subprocess.Popen([sys.executable, "-m", "raftlb", "demo", "--keep", "--duration", "3", "--config",
                              str(config)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env, cwd=ROOT)
+    assert demo.stdout is not None
     demo_out = Output(demo.stdout)
     shell: subprocess.Popen[str] | None = None
     shell_out: Output | None = None
@@ -249,6 +215,7 @@ def test_readme_and_docs_commands_run_against_raftlb_demo_keep(tmp_path: Path) -
         shell = subprocess.Popen(["bash", "--noprofile", "--norc"], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  start_new_session=True, env=env, cwd=ROOT)
+        assert shell.stdout is not None
         shell_out = Output(shell.stdout)
         assert shell.stdin is not None
         shell.stdin.write("set -o pipefail\n")
@@ -288,6 +255,7 @@ def run_streaming(text: str, where: str, env: dict[str, str]) -> list[str]:
     proc = subprocess.Popen(["bash", "-o", "pipefail", "-c", text], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=env, cwd=ROOT)
+    assert proc.stdout is not None
     out = Output(proc.stdout)
     try:
         proc.wait(STREAM_SECONDS)
