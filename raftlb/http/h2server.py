@@ -43,6 +43,7 @@ from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
 from raftlb.config.model import H2Config, LimitsConfig
+from raftlb.core import grpc
 from raftlb.errors import (
     BadRequest,
     HeadersTooLarge,
@@ -126,6 +127,26 @@ class H2Exchange(Exchange):
     def send_body(self, data: bytes) -> None:
         if not self.finished and data:
             self.stream.send_data(data)
+
+    def respond_error(self, err: ProxyError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """One of raftlb's errors: for a gRPC call, the gRPC status it maps to (Trailers-Only, or trailers
+        when the answer has started), which is what a gRPC client reads; else the HTTP error."""
+        if not grpc.is_grpc(self.header(b"content-type")):
+            super().respond_error(err, headers)
+            return
+        if self.finished:
+            return
+        self.error = err
+        self.status = self.status or 200
+        stream = self.stream
+        if self.response_started:
+            stream.trailers = grpc.error_answer(err, headers_sent=True)
+            self.end()
+            return
+        self.response_started = True
+        self.finished = True
+        stream.send_head(grpc.error_answer(err), True)
+        stream.response_done(self)
 
     def end(self) -> None:
         if self.finished:
