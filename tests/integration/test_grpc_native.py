@@ -12,6 +12,7 @@ a test needs a header grpcio does not let a caller set (`grpc-timeout`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,9 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from raftlb.config.model import HoldConfig, RouteConfig
 from raftlb.core import grpc as grpcwire
@@ -126,14 +129,32 @@ async def test_calls_are_held_through_an_election_and_released_to_the_new_leader
         assert nodes.calls == [("/kv.KV/Put", "n3")] and proxy.stats.released == 1
 
 
-async def test_no_leader_in_time_ends_the_call_unavailable_naming_the_raftlb_error(nodes: Nodes) -> None:
+async def test_no_leader_in_time_ends_the_call_unavailable_naming_the_raftlb_error(
+        nodes: Nodes, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logging.getLogger("raftlb.access"), "disabled", False)
+    caplog.set_level(logging.INFO, logger="raftlb.access")
     nodes.fc.no_leader()
-    async with running(grpc_cluster_config(nodes.grpc, hold=HoldConfig(timeout=0.3))) as srv:
+    async with running(grpc_cluster_config(nodes.grpc, hold=HoldConfig(timeout=0.3)), admin=True) as srv:
         with pytest.raises(grpc.RpcError) as info:
             await call(srv, "/kv.KV/Put", b"x")
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert info.value.details().startswith("raftlb no_leader")
         assert nodes.calls == []
+        nodes.fc.elect("n1")
+        await wait_for(leader_is(srv, "n1"), timeout=10)
+        await call(srv, "/kv.KV/Put", b"y")
+        assert srv.admin is not None
+        async with httpx.AsyncClient() as c:
+            scrape = (await c.get(f"http://127.0.0.1:{srv.admin.port}/metrics")).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(scrape) for s in fam.samples}
+    calls = {dict(k[1])["status"]: v for k, v in samples.items() if k[0] == "raftlb_grpc_calls_total"}
+    assert calls == {"OK": 1, "UNAVAILABLE": 1}
+    assert samples[("raftlb_requests_by_protocol_total", (("cluster", "c1"), ("protocol", "grpc")))] == 2
+    # The access log tells a failed call from a good one (both are HTTP 200).
+    lines = [r.getMessage() for r in caplog.records if r.name == "raftlb.access"]
+    assert len(lines) == 2 and all('"POST /kv.KV/Put" 200' in line for line in lines)
+    assert lines[0].endswith(" grpc-status=14") and lines[1].endswith(" grpc-status=0")
 
 
 class RawCall:
