@@ -146,6 +146,10 @@ async def test_no_leader_in_time_ends_the_call_unavailable_naming_the_raftlb_err
         assert srv.admin is not None
         async with httpx.AsyncClient() as c:
             scrape = (await c.get(f"http://127.0.0.1:{srv.admin.port}/metrics")).text
+            stats = (await c.get(f"http://127.0.0.1:{srv.admin.port}/v1/clusters")).json()["clusters"]["c1"]["stats"]
+        # (what the status page shows)
+        assert stats["protocols"] == {"http1": 0, "http2": 0, "grpc": 2}
+        assert stats["grpc"] == {"OK": 1, "UNAVAILABLE": 1}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families(scrape) for s in fam.samples}
     calls = {dict(k[1])["status"]: v for k, v in samples.items() if k[0] == "raftlb_grpc_calls_total"}
