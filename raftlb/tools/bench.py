@@ -26,7 +26,8 @@ Load generator and consistency checker for a Raft cluster behind raftlb.
 N clients each write their own keys with increasing integer values (PUT) and read them back (GET), sending
 the highest X-Raft-Index they have seen as X-Raft-Min-Index. Every read is checked: read-your-writes,
 monotonic reads, the index against the token; after the load every key is read back from the leader
-(nothing acknowledged may be lost).
+(nothing acknowledged may be lost). HTTP/1.1 by default; --http2 speaks HTTP/2 (h2c with prior knowledge on
+http:// URLs, ALPN h2 on https:// URLs), and --streams runs several request loops per connection.
 """
 
 EPILOG = """\
@@ -40,6 +41,8 @@ examples (against `raftlb demo --keep`, which serves http://127.0.0.1:8080):
   raftlb bench --url http://127.0.0.1:8080 --url http://127.0.0.1:8081 --consistency fenced
   # a control run: unfenced reads, no token, each client reading right after its own writes: expect violations
   raftlb bench --url http://127.0.0.1:8080 --consistency any --no-token --keys-per-client 1 --read-ratio 0.5
+  # HTTP/2 with prior knowledge: 8 connections, each carrying 4 concurrent streams (32 request loops)
+  raftlb bench --url http://127.0.0.1:8080 --http2 --clients 8 --streams 4
 """
 
 
@@ -50,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="raftlb base URL, e.g. http://127.0.0.1:8080; repeat it and each client alternates "
                         "between the URLs request by request (its token goes along)")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients, one connection each (16)")
+    p.add_argument("--http2", action="store_true",
+                   help="speak HTTP/2: with prior knowledge (h2c) on http:// URLs, ALPN h2 on https:// URLs")
+    p.add_argument("--streams", type=int, default=1, metavar="K",
+                   help="with --http2: K concurrent request loops on each client's connection, one stream "
+                        "each and each with its own keys and token (1)")
+    p.add_argument("--cacert", metavar="FILE",
+                   help="for https:// URLs: trust the CA certificates in FILE (default: the system's)")
     stop = p.add_argument_group("length (whichever ends first; neither: 10 s)")
     stop.add_argument("--duration", type=float, metavar="S", help="seconds of load")
     stop.add_argument("--requests", type=int, metavar="N", help="total requests over all clients")
@@ -75,7 +85,8 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
         urls=tuple(args.url), clients=args.clients, duration=args.duration, requests=args.requests,
         read_ratio=args.read_ratio, keys_per_client=args.keys_per_client, consistency=args.consistency,
         send_token=not args.no_token, path_prefix=args.path_prefix, timeout=args.timeout,
-        max_error_rate=args.max_error_rate, verify=not args.no_verify, seed=args.seed)
+        max_error_rate=args.max_error_rate, verify=not args.no_verify, seed=args.seed, http2=args.http2,
+        streams=args.streams, cafile=args.cacert)
 
 
 class ProgressLine:
@@ -119,9 +130,14 @@ def format_report(r: BenchReport) -> str:
 
     target = ", ".join(r.urls)
     mode = f"consistency {r.consistency or '(route policy)'}, token {'on' if r.token else 'off'}"
+    loops = f"{r.clients} clients" + (f" x {r.streams} streams" if r.streams > 1 else "")
+    protocol = "http2 (HTTP/2)" if r.protocol == "http2" else "http1 (HTTP/1.1)"
+    if r.protocol == "http2":
+        protocol += f", {r.streams} stream{'s' if r.streams > 1 else ''} per connection"
     rows: list[tuple[str, str]] = [
         ("target", target),
-        ("mode", f"{r.clients} clients, {mode}"),
+        ("protocol", protocol),
+        ("mode", f"{loops}, {mode}"),
         ("duration", f"{r.duration_s:.2f} s" + (" (interrupted)" if r.interrupted else "")),
         ("requests", f"{r.requests} ({r.reads} reads, {r.writes} writes)"),
         ("throughput", f"{r.throughput:.0f} req/s"),

@@ -155,6 +155,8 @@ class BenchReport:
     clients: int
     consistency: str | None
     token: bool
+    protocol: str = "http1"  # "http1" or "http2"
+    streams: int = 1  # request loops (streams) per connection
     duration_s: float = 0.0
     requests: int = 0
     reads: int = 0

@@ -7,6 +7,10 @@ back (`GET`). It remembers the highest `X-Raft-Index` any response carried and s
 token travels with the client and not with a proxy. Every read is judged by the client's `ClientChecker`
 (bench_check.py: the rules); after the load, every key is read back from the leader.
 
+With `http2`, each connection is HTTP/2 (bench_http.Http2Connection) and carries `streams` request loops at
+once, one stream each; every loop is a client of its own to the checker (its own keys and token), so
+`clients * streams` loops share `clients` connections per URL.
+
     report = await run_bench(BenchOptions(urls=("http://127.0.0.1:8080",), duration=5))
     print(report.violations, report.throughput, report.exit_code)
 """
@@ -17,6 +21,7 @@ import asyncio
 import contextlib
 import random
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,7 +36,15 @@ from raftlb.tools.bench_check import (
     Violation,
     latency_summary,
 )
-from raftlb.tools.bench_http import HttpConnection, HttpResponse, Target, TransportError
+from raftlb.tools.bench_http import (
+    BenchConnection,
+    Http2Connection,
+    HttpConnection,
+    HttpResponse,
+    Target,
+    TransportError,
+    client_tls,
+)
 
 __all__ = ["VIOLATION_KINDS", "BenchOptions", "BenchProgress", "BenchReport", "ClientChecker", "Violation",
            "run_bench", "unreachable", "CONSISTENCY_LEVELS"]
@@ -60,6 +73,9 @@ class BenchOptions:
     verify: bool = True
     run_id: str = ""
     seed: int | None = None
+    http2: bool = False
+    streams: int = 1  # request loops per connection: concurrent streams, HTTP/2 only
+    cafile: str | None = None  # trust only this CA for https:// URLs (default: the system's store)
 
     def validate(self) -> None:
         """Raise ValueError naming the option at fault."""
@@ -78,12 +94,31 @@ class BenchOptions:
             (self.path_prefix.startswith("/"),
              f"--path-prefix: must start with '/', got {self.path_prefix!r}"),
             (self.timeout > 0, f"--timeout: must be > 0, got {self.timeout}"),
+            (self.streams >= 1, f"--streams: must be >= 1, got {self.streams}"),
+            (self.streams == 1 or self.http2,
+             f"--streams {self.streams} needs --http2 (an HTTP/1.1 connection carries one request at a "
+             "time)"),
             (0.0 <= self.max_error_rate <= 1.0,
              f"--max-error-rate: must be within [0, 1], got {self.max_error_rate}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def protocol(self) -> str:
+        return "http2" if self.http2 else "http1"
+
+    def connection(self, target: Target, tls: ssl.SSLContext | None = None) -> BenchConnection:
+        """A new (not yet open) connection to `target` in this run's protocol; `tls` for https:// URLs
+        (default: one made from `cafile`)."""
+        if target.tls and tls is None:
+            tls = self.tls()
+        return Http2Connection(target, tls) if self.http2 else HttpConnection(target, tls)
+
+    def tls(self) -> ssl.SSLContext:
+        """The TLS context for https:// URLs, offering this run's protocol by ALPN."""
+        return client_tls(self.cafile, "h2" if self.http2 else "http/1.1")
 
     def time_limit(self) -> float:
         if self.duration is not None:
@@ -111,11 +146,13 @@ class Bench:
         self.tickets = options.requests
         self.t0 = 0.0
         keys = range(options.keys_per_client)
-        self.checkers = [ClientChecker(i, [key_name(self.run_id, i, j) for j in keys])
-                         for i in range(options.clients)]
-        self.connections = [[HttpConnection(t) for t in self.targets] for _ in range(options.clients)]
+        loops = options.clients * options.streams  # each a client to the checker
+        self.checkers = [ClientChecker(i, [key_name(self.run_id, i, j) for j in keys]) for i in range(loops)]
+        tls = options.tls() if any(t.tls for t in self.targets) else None
+        self.connections = [[options.connection(t, tls) for t in self.targets]
+                            for _ in range(options.clients)]
         seed = options.seed if options.seed is not None else secrets.randbits(32)
-        self.rngs = [random.Random(f"{seed}-{i}") for i in range(options.clients)]
+        self.rngs = [random.Random(f"{seed}-{i}") for i in range(loops)]
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -131,7 +168,8 @@ class Bench:
         return True
 
     async def client(self, i: int) -> None:
-        checker, rng, conns = self.checkers[i], self.rngs[i], self.connections[i]
+        """Request loop `i`: on stream `i % streams` of client `i // streams`'s connections."""
+        checker, rng, conns = self.checkers[i], self.rngs[i], self.connections[i // self.options.streams]
         keys = list(checker.keys)
         n = i  # clients start on different URLs
         try:
@@ -160,7 +198,7 @@ class Bench:
             headers.append(("X-Raft-Consistency", consistency))
         return headers, token
 
-    async def _exchange(self, conn: HttpConnection, method: str, key: str, headers: list[tuple[str, str]],
+    async def _exchange(self, conn: BenchConnection, method: str, key: str, headers: list[tuple[str, str]],
                         body: bytes = b"") -> HttpResponse | str:
         """One request: the response, or the kind of transport failure (`timeout`, `connection_reset`...)."""
         try:
@@ -171,7 +209,7 @@ class Bench:
         except TimeoutError:
             return "timeout"
 
-    async def read(self, checker: ClientChecker, conn: HttpConnection, key: str) -> bool:
+    async def read(self, checker: ClientChecker, conn: BenchConnection, key: str) -> bool:
         headers, token = self._headers(checker, self.options.consistency)
         start = time.monotonic()
         r = await self._exchange(conn, "GET", key, headers)
@@ -190,7 +228,7 @@ class Bench:
             self.tally.violation(v)
         return True
 
-    async def write(self, checker: ClientChecker, conn: HttpConnection, key: str) -> bool:
+    async def write(self, checker: ClientChecker, conn: BenchConnection, key: str) -> bool:
         headers, _ = self._headers(checker, None)
         value = checker.next_write(key)
         start = time.monotonic()
@@ -209,7 +247,7 @@ class Bench:
     async def verify_client(self, i: int) -> None:
         """Read every key this client wrote back from the leader (an acknowledged value must be there),
         counting them in `verified_keys`. Each key gets two tries."""
-        checker, conn = self.checkers[i], self.connections[i][0]
+        checker, conn = self.checkers[i], self.connections[i // self.options.streams][0]
         for key, state in checker.keys.items():
             if state.attempted == 0:
                 continue
@@ -283,7 +321,8 @@ class Bench:
         errors = {op: dict(sorted(t.errors[op].items())) for op in ("read", "write")}
         report = BenchReport(
             run_id=self.run_id, urls=list(o.urls), clients=o.clients, consistency=o.consistency,
-            token=o.send_token, duration_s=round(duration, 3), requests=t.requests,
+            token=o.send_token, protocol=o.protocol, streams=o.streams, duration_s=round(duration, 3),
+            requests=t.requests,
             reads=len(t.latencies["read"]) + sum(errors["read"].values()),
             writes=len(t.latencies["write"]) + sum(errors["write"].values()),
             throughput=round(t.requests / duration, 1) if duration > 0 else 0.0,
@@ -302,19 +341,20 @@ class Bench:
 
 async def unreachable(options: BenchOptions) -> list[str]:
     """Connect once to each URL before the load: `URL: reason` for each that cannot be reached (refused,
-    unknown host, no answer within the timeout). A run against a dead URL would only count errors."""
+    unknown host, no answer within the timeout, a TLS failure; with `http2`, a server that does not answer
+    the HTTP/2 preface with its SETTINGS). A run against a dead URL would only count errors."""
 
     async def probe(target: Target) -> str | None:
+        conn = options.connection(target)
         try:
             async with asyncio.timeout(options.timeout):
-                _, writer = await asyncio.open_connection(target.host, target.port)
+                await conn.connect()
         except TimeoutError:
             return f"{target.url}: no connection within {options.timeout:g} s"
-        except OSError as exc:
-            return f"{target.url}: {exc.strerror or exc}"
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        except TransportError as exc:
+            return f"{target.url}: {exc.detail or exc.kind}"
+        finally:
+            conn.close()
         return None
 
     problems = await asyncio.gather(*(probe(Target.parse(u)) for u in options.urls))

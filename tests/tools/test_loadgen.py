@@ -227,7 +227,7 @@ def test_the_table_shows_every_section() -> None:
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"urls": ()}, "--url"),
-    ({"urls": ("https://x:1",)}, "--url"),
+    ({"urls": ("ftp://x:1",)}, "--url"),
     ({"urls": ("http://x:notaport",)}, "--url: bad port"),
     ({"clients": 0}, "--clients"),
     ({"duration": 0.0}, "--duration"),
@@ -238,6 +238,8 @@ def test_the_table_shows_every_section() -> None:
     ({"path_prefix": "kv/"}, "--path-prefix"),
     ({"timeout": 0.0}, "--timeout"),
     ({"max_error_rate": -1.0}, "--max-error-rate"),
+    ({"streams": 0, "http2": True}, "--streams: must be >= 1"),
+    ({"streams": 2}, "--streams 2 needs --http2"),
 ])
 def test_option_errors_name_the_option(change: dict[str, Any], message: str) -> None:
     base: dict[str, Any] = {"urls": ("http://127.0.0.1:1",)}
