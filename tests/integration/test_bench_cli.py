@@ -1,4 +1,5 @@
-"""`raftlb bench` against raftlb in front of the real demo cluster (PySyncObj Raft, three processes)."""
+"""`raftlb bench` against raftlb in front of the real demo cluster (PySyncObj Raft, three processes), over
+HTTP/1.1 and over HTTP/2 (`--http2 --streams 4`, counted by raftlb's metrics as HTTP/2 requests)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from raftlb.demo.cluster import DemoCluster
 from raftlb.server import Server
@@ -95,3 +98,69 @@ async def test_the_cli_prints_the_table_and_writes_json(demo_cluster: DemoCluste
     doc = json.loads(out.read_text())
     assert doc["passed"] is True and doc["requests"] > 0 and doc["violation_count"] == 0
     assert sum(doc["reads_by_node"].values()) == doc["latency_ms"]["read"]["count"]
+
+
+async def bench_cli(*args: str) -> tuple[int, str, str]:
+    """Run `raftlb bench ARGS` as a process; its exit status, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "raftlb", "bench", *args,
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_the_cli_over_http2_with_four_streams_per_connection(demo_cluster: DemoCluster,
+                                                                   tmp_path: Path) -> None:
+    """Each of 4 connections carries 4 request loops; raftlb's metrics count every request as HTTP/2."""
+    out = tmp_path / "bench.json"
+    async with running(demo_cluster_config(demo_cluster), admin=True) as srv:
+        proxy = srv.proxies["demo"]
+        await wait_for(lambda: proxy.table.leader(time.monotonic()) is not None, timeout=10)
+        code, text, err = await bench_cli("--url", url_of(srv), "--http2", "--streams", "4", "--clients", "4",
+                                          "--duration", "2", "--json", str(out))
+        assert srv.admin is not None
+        async with httpx.AsyncClient(timeout=10) as c:
+            scrape = (await c.get(f"http://127.0.0.1:{srv.admin.port}/metrics")).text
+    assert code == 0, text + err
+    for needle in ("http2 (HTTP/2), 4 streams per connection", "4 clients x 4 streams",
+                   "PASS: no violations"):
+        assert needle in text, needle
+    doc = json.loads(out.read_text())
+    assert doc["protocol"] == "http2" and doc["streams"] == 4 and doc["clients"] == 4
+    assert doc["violation_count"] == 0 and doc["violations"]["lost"] == 0 and doc["requests"] > 0
+    assert doc["verified_keys"] > 0 and doc["unverified_keys"] == 0
+    assert doc["errors"] == {"read": {}, "write": {}}
+    by_protocol = {s.labels["protocol"]: s.value for fam in text_string_to_metric_families(scrape)
+                   for s in fam.samples if s.name == "raftlb_requests_by_protocol_total"}
+    # The load and the read-back (each key read once, twice at most), nothing over HTTP/1 or gRPC.
+    assert by_protocol["http1"] == 0 and by_protocol["grpc"] == 0
+    assert doc["requests"] + doc["verified_keys"] <= by_protocol["http2"]
+    assert by_protocol["http2"] <= doc["requests"] + 2 * doc["verified_keys"]
+
+
+async def test_the_cli_refuses_streams_without_http2_and_a_listener_without_http2(tmp_path: Path) -> None:
+    code, _, err = await bench_cli("--url", "http://127.0.0.1:1", "--streams", "4")
+    assert code == 2 and "--streams 4 needs --http2" in err
+
+    async def http1_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(24)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(http1_only, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        code, text, err = await bench_cli("--url", url, "--http2", "--duration", "1")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert code == 2 and text == "", text
+    assert f"raftlb bench: cannot connect to {url}: the server answered the HTTP/2 connection preface with " \
+           "HTTP/1 ('HTTP/1.1 400 Bad Request')" in err, err
