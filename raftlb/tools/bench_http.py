@@ -33,6 +33,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes, Settings
+from hpack import NeverIndexedHeaderTuple
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,9 @@ class _H2Session:
     def __init__(self, target: Target, tls: ssl.SSLContext | None) -> None:
         self.target = target
         self.tls = tls
-        config = H2Configuration(client_side=True, header_encoding=None)
+        # Our own request headers are built well-formed (lower-case names): h2 need not check them again.
+        config = H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False,
+                                 normalize_outbound_headers=False)
         self.h2 = H2Connection(config=config)
         self.h2.state_machine = _GoawayKeepsStreams()
         self.h2.local_settings = Settings(client=True, initial_values={SettingCodes.ENABLE_PUSH: 0})
@@ -356,9 +359,15 @@ class _H2Session:
         if not self.usable:
             raise TransportError("connection_closed", "the connection is closing")
         assert self._writer is not None
-        fields = [(b":method", method.encode("latin-1")), (b":scheme", self._scheme),
-                  (b":authority", self._authority), (b":path", path.encode("latin-1"))]
-        fields += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+        # The path and the caller's headers (a token that rises with every write) change from request to
+        # request: sent never-indexed, they stay out of HPACK's dynamic table, which the encoder searches
+        # entry by entry for every header it sends.
+        fields: list[tuple[bytes, bytes]] = [
+            (b":method", method.encode("latin-1")), (b":scheme", self._scheme),
+            (b":authority", self._authority),
+            NeverIndexedHeaderTuple(b":path", path.encode("latin-1"))]
+        fields += [NeverIndexedHeaderTuple(name.lower().encode("latin-1"), value.encode("latin-1"))
+                   for name, value in headers]
         if body or method in ("PUT", "POST"):
             fields.append((b"content-length", b"%d" % len(body)))
         try:
@@ -371,10 +380,13 @@ class _H2Session:
         response = self._streams[stream_id] = _H2Response()
         try:
             if body:
-                await self._send_body(stream_id, body)
+                try:
+                    await self._send_body(stream_id, body)
+                except ProtocolError as exc:  # the stream was reset or closed under the body
+                    raise TransportError("bad_request", str(exc)) from exc
             self._flush()
             return await response.done
-        except BaseException:  # cancelled or timed out: end the stream, not the connection
+        except BaseException:  # failed, cancelled or timed out: end the stream, not the connection
             if self._streams.pop(stream_id, None) is not None and not self.closed:
                 with contextlib.suppress(ProtocolError):
                     self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)

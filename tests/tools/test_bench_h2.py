@@ -21,6 +21,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import DataReceived, RequestReceived, StreamEnded, StreamReset
 from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
 from raftlb.http.app import Request, Response, json_response, serve
@@ -39,11 +40,13 @@ class TinyH2:
     answer carries X-Raft-Index (the number of writes) and X-Raft-Node n1. GET /reset is answered with
     RST_STREAM, GET /hang never. `goaway_every` n: the (n+1)-th request of a connection gets a GOAWAY and the
     connection ends; `graceful`: the GOAWAY names that request's stream (it is still answered), else the one
-    before it (it is not processed). `goaway_at_once`: SETTINGS, then GOAWAY before any stream."""
+    before it (it is not processed). `goaway_at_once`: SETTINGS, then GOAWAY before any stream. `window`:
+    the stream flow-control window it grants (a request body larger than that waits for WINDOW_UPDATE)."""
 
     goaway_every: int | None = None
     graceful: bool = False
     goaway_at_once: bool = False
+    window: int | None = None
     store: dict[str, bytes] = field(default_factory=dict)
     index: int = 0
     connections: int = 0
@@ -56,6 +59,9 @@ class TinyH2:
         streams: list[int] = []
         self.streams.append(streams)
         conn = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
+        if self.window is not None:
+            conn.local_settings = Settings(client=False,
+                                           initial_values={SettingCodes.INITIAL_WINDOW_SIZE: self.window})
         conn.initiate_connection()
         if self.goaway_at_once:
             conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
@@ -264,6 +270,17 @@ async def test_a_cancelled_request_resets_its_stream_and_the_connection_carries_
         assert (await conn.request("PUT", "/kv/y", body=b"1")).status == 200
         await asyncio.wait_for(_until(lambda: server.resets_received == [1]), 10)
         assert conn.connects == 1 and server.connections == 1
+        conn.close()
+
+
+async def test_a_body_larger_than_the_servers_window_waits_for_its_window_updates() -> None:
+    server = TinyH2(window=8)
+    async with listening(server.handle) as url:
+        conn = h2(url)
+        body = bytes(range(48, 48 + 50))
+        rs = await asyncio.gather(*(conn.request("PUT", f"/kv/w{i}", body=body) for i in range(3)))
+        assert [r.status for r in rs] == [200] * 3
+        assert [server.store[f"w{i}"] for i in range(3)] == [body] * 3
         conn.close()
 
 
