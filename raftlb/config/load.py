@@ -41,6 +41,7 @@ from raftlb.config.model import (
     MAX_WORKERS,
     READ_POLICIES,
     ROLES,
+    UPSTREAM_PROTOCOLS,
     WILDCARD_HOSTS,
     AdminConfig,
     ClusterConfig,
@@ -174,6 +175,7 @@ _CLUSTER: dict[str, Conv] = {
     "fence_wait": lambda c: c.duration(allow_zero=True), "index_cookie": Cursor.boolean,
     "follower_wait": lambda c: c.duration(allow_zero=True),
     "leader_read_margin": lambda c: _margin(c),
+    "upstream_protocol": lambda c: c.choice(UPSTREAM_PROTOCOLS),
     "read_index_path": lambda c: _abs_path(c), "session_gap_wait": lambda c: c.duration(allow_zero=True),
     "max_sessions": at_least_one,
 }

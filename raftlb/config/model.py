@@ -15,6 +15,7 @@ ClusterKind = Literal["native", "etcd", "json"]
 RouteKind = Literal["read", "write"]
 ReadPolicy = Literal["leader", "any", "fenced", "bounded", "linearizable"]
 READ_POLICIES: tuple[str, ...] = ("leader", "any", "fenced", "bounded", "linearizable")
+UPSTREAM_PROTOCOLS: tuple[str, ...] = ("http1", "http2")  # how HTTP/2 clients' requests reach the nodes
 # The roles of raft-announce/1 (docs/protocol.md): what a node announces, what a `json` status maps to.
 ROLES: tuple[str, ...] = ("leader", "follower", "candidate", "learner")
 
@@ -110,6 +111,9 @@ class ClusterConfig:
     # Reads preferring followers: the leader takes one only when every follower at the index has at least this
     # many more requests outstanding than it (None: never, while a follower is at the index).
     leader_read_margin: int | None = 16
+    # How requests from HTTP/2 clients reach the nodes: `http1` (HTTP/1.1) or `http2` (h2c, or TLS with ALPN
+    # h2: multiplexed connections). gRPC calls always go over HTTP/2; HTTP/1.1 clients over HTTP/1.1.
+    upstream_protocol: str = "http1"
     index_cookie: bool = False  # every route sets and honours the raftlb-index cookie (routes may override)
     read_index_path: str = "/raft/read_index"  # where the leader hands out read indexes (linearizable)
     session_gap_wait: float = 1.0  # a session write waits this long for the seq before it to arrive

@@ -89,6 +89,15 @@ STATUS_FOR_HTTP: dict[int, Status] = {
 }
 
 
+def status_name(code: int) -> str:
+    """A status code's name (UNAVAILABLE), or `CODE_<n>` for one outside the 17 gRPC defines (a bounded
+    label: a node cannot make up new values beyond 0..999)."""
+    try:
+        return Status(code).name
+    except ValueError:
+        return f"CODE_{code}"
+
+
 class MalformedMessage(ValueError):
     """A gRPC body that breaks the framing rules. `status` is what the call ends with: INTERNAL for bad
     framing (gRPC's code for an unparsable request), RESOURCE_EXHAUSTED for a message over the limit."""

@@ -30,3 +30,9 @@ def held_outcome_unknown(reached_node: bool) -> bool:
     hold_queue_full), except a write an earlier attempt reached: it may have been applied, and the client
     is told so (502 outcome_unknown)."""
     return reached_node
+
+
+def deadline_passed(deadline: float, now: float) -> bool:
+    """A call with a deadline (gRPC's `grpc-timeout`, from its arrival; 0.0: none) that is still waiting
+    (held, fenced, for a read index or a stream) at its deadline ends then: its client has given up."""
+    return 0.0 < deadline <= now

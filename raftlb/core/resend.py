@@ -108,10 +108,12 @@ def deposed_by(needs_leader: bool, node: str | None, sent_term: int, new_leader:
     return needs_leader and node != new_leader and sent_term < new_term
 
 
-def preempted_by_node_down(safe: bool) -> bool:
+def preempted_by_node_down(safe: bool, streaming: bool = False) -> bool:
     """When a node is marked down (paused, partitioned), requests that are safe to repeat stop waiting on it
-    and go elsewhere now; the others keep waiting for their answer (it may still come)."""
-    return safe
+    and go elsewhere now; the others keep waiting for their answer (it may still come). A call already
+    streaming its answer from it (a gRPC Watch or keep-alive) is ended, whatever it is: it is not re-sent
+    (its answer has started), its client opens it again through raftlb, to a live node."""
+    return safe or streaming
 
 
 def give_up_read_index(failed_rounds: int) -> bool:

@@ -107,6 +107,15 @@ class Router:
             decision = self._with_consistency(decision, consistency)
         return decision
 
+    def call_reads_message(self, path: str) -> bool:
+        """Whether a gRPC call to `path` is routed by a field of its first message: some route with a
+        `proto_flag` matches the path (the call waits for its first message before it is placed)."""
+        for route, _ in self._call_table:
+            if route.proto_flag is not None and (route.methods is None or "POST" in route.methods) \
+                    and (route.path is None or route.path.search(path) is not None):
+                return True
+        return False
+
     def _with_consistency(self, decision: RouteDecision, consistency: str) -> RouteDecision:
         """A read's decision with the client's consistency override applied (see `classify`)."""
         key = (decision, consistency)

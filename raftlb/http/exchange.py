@@ -95,6 +95,8 @@ class Exchange:
         "response_started", "finished", "close_after", "_framing", "started_at", "status",
     )
 
+    http2 = False  # an HTTP/2 stream's exchange (raftlb.http.h2server.H2Exchange)
+
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.method = ""

@@ -43,6 +43,7 @@ from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
 from raftlb.config.model import H2Config, LimitsConfig
+from raftlb.core import grpc
 from raftlb.errors import (
     BadRequest,
     HeadersTooLarge,
@@ -103,6 +104,8 @@ class H2Exchange(Exchange):
 
     __slots__ = ("stream",)
 
+    http2 = True
+
     def __init__(self, stream: H2Stream) -> None:
         super().__init__(stream)
         self.stream = stream
@@ -124,6 +127,26 @@ class H2Exchange(Exchange):
     def send_body(self, data: bytes) -> None:
         if not self.finished and data:
             self.stream.send_data(data)
+
+    def respond_error(self, err: ProxyError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """One of raftlb's errors: for a gRPC call, the gRPC status it maps to (Trailers-Only, or trailers
+        when the answer has started), which is what a gRPC client reads; else the HTTP error."""
+        if not grpc.is_grpc(self.header(b"content-type")):
+            super().respond_error(err, headers)
+            return
+        if self.finished:
+            return
+        self.error = err
+        self.status = self.status or 200
+        stream = self.stream
+        if self.response_started:
+            stream.trailers = grpc.error_answer(err, headers_sent=True)
+            self.end()
+            return
+        self.response_started = True
+        self.finished = True
+        stream.send_head(grpc.error_answer(err), True)
+        stream.response_done(self)
 
     def end(self) -> None:
         if self.finished:
@@ -166,8 +189,8 @@ class H2Stream:
 
     __slots__ = (
         "body_at", "closed", "closing", "conn", "ex", "head_sent", "paused", "peer_bytes", "peer_host",
-        "pending", "pending_bytes", "pending_end", "scheme", "stalled_at", "stream_id", "transport",
-        "unacked", "writing_paused",
+        "pending", "pending_bytes", "pending_end", "scheme", "stalled_at", "stream_id", "trailers",
+        "transport", "unacked", "writing_paused",
     )
 
     def __init__(self, conn: H2ServerConnection, stream_id: int) -> None:
@@ -188,6 +211,7 @@ class H2Stream:
         self.head_sent = False
         self.body_at = 0.0  # the request body's last progress (monotonic), while it is still coming
         self.stalled_at = 0.0  # since when the client's window has held the answer back (0.0: it has not)
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # sent after the answer's body, to end it
         self.ex = H2Exchange(self)
 
     def __repr__(self) -> str:
@@ -553,13 +577,15 @@ class H2ServerConnection(asyncio.Protocol):
                     pending[0] = chunk[window:]
                     chunk = chunk[:window]
                 stream.pending_bytes -= len(chunk)
-                ended = not pending and stream.pending_end
+                ended = not pending and stream.pending_end and stream.trailers is None
                 h2.send_data(sid, chunk, end_stream=ended)
             if not pending and stream.pending_end and not ended:
-                if stream.head_sent:
+                if not stream.head_sent:
+                    h2.send_headers(sid, [(b":status", b"200")], end_stream=stream.trailers is None)
+                if stream.trailers is not None:
+                    h2.send_headers(sid, stream.trailers, end_stream=True)  # (gRPC's status)
+                elif stream.head_sent:
                     h2.end_stream(sid)
-                else:
-                    h2.send_headers(sid, [(b":status", b"200")], end_stream=True)
                 ended = True
         except ProtocolError:
             ended = True  # (the stream is gone: reset by the client meanwhile)

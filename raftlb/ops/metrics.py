@@ -28,6 +28,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from raftlb import __version__
+from raftlb.core.grpc import status_name as grpc_status_name
 from raftlb.core.leader_table import ROLES, LeaderChange, LeaderTable
 from raftlb.core.router import RouteDecision
 from raftlb.http.exchange import Exchange
@@ -95,6 +96,10 @@ SPECS: dict[str, MetricSpec] = {s.name: s for s in (
     MetricSpec("raftlb_request_duration_seconds", "histogram", (*_C, "kind", "policy"), "From the request "
                "head to the end of the response, holds and re-sends included"),
     # -- requests (scrape time)
+    MetricSpec("raftlb_requests_by_protocol_total", "counter", (*_C, "protocol"), "Requests received, by the "
+               "client's protocol: http1, http2 (HTTP/2, not gRPC), grpc"),
+    MetricSpec("raftlb_grpc_calls_total", "counter", (*_C, "status"), "Calls over gRPC ended, by the status "
+               "they ended with (the node's, or raftlb's own: docs/protocol.md)"),
     MetricSpec("raftlb_reads_total", "counter", (*_C, "served_by"), "Reads sent to a node, by who served "
                "them: leader or follower"),
     MetricSpec("raftlb_fenced_reads_total", "counter", (*_C, "outcome"), "Index-fenced reads that did not go "
@@ -218,6 +223,11 @@ class RuntimeCollector(Collector):
         fams["raftlb_misdirected_total"].add_metric(c, stats.misdirected)
         fams["raftlb_preempted_total"].add_metric(c, stats.preempted)
         fams["raftlb_outcome_unknown_total"].add_metric(c, stats.outcome_unknown)
+        for proto, n in (("http1", stats.requests - stats.h2_requests - stats.grpc_calls),
+                         ("http2", stats.h2_requests), ("grpc", stats.grpc_calls)):
+            fams["raftlb_requests_by_protocol_total"].add_metric([name, proto], n)
+        for code, n in sorted(stats.grpc_status.items()):
+            fams["raftlb_grpc_calls_total"].add_metric([name, grpc_status_name(code)], n)
         fams["raftlb_reads_total"].add_metric([name, "leader"], stats.reads_leader)
         fams["raftlb_reads_total"].add_metric([name, "follower"], stats.reads_follower)
         for outcome, n in (("waited", stats.fence_waited), ("leader_fallback", stats.fence_fallback),

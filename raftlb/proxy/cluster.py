@@ -6,7 +6,9 @@ hold queue (no leader yet), the fence wait list (no node at the client's index y
 held requests wait in a deque, not in tasks. It decides nothing itself: where a request goes is
 `raftlb.core.placement.place`, the hold queue's budgets `raftlb.core.hold`, preemption and re-sends
 `raftlb.core.resend`; this module feeds them the table, the load and `now`, and acts on the answer. The
-per-request HTTP/1 relay is `raftlb.proxy.request`.
+per-request HTTP/1 relay is `raftlb.proxy.request`; requests that reach their node over HTTP/2 (gRPC
+calls, and HTTP/2 clients' requests to a cluster with `upstream_protocol: http2`) are
+`raftlb.proxy.stream_request`'s.
 """
 
 from __future__ import annotations
@@ -19,19 +21,24 @@ from ssl import SSLContext
 
 from raftlb.burstlog import BurstLog
 from raftlb.config.model import ClusterConfig, TlsConfig
+from raftlb.core import grpc
 from raftlb.core.dialects import dialect_for
-from raftlb.core.hold import hold_admits, hold_expired, hold_over_bytes
+from raftlb.core.hold import deadline_passed, hold_admits, hold_expired, hold_over_bytes
 from raftlb.core.leader_table import Announcement, LeaderChange, LeaderTable
 from raftlb.core.placement import Target, Wait, is_caught_up, place, wait_budget
 from raftlb.core.resend import deposed_by, preempted_by_node_down
 from raftlb.core.router import Router
 from raftlb.core.sessions import SessionOrder
-from raftlb.errors import HoldQueueFull, NoLeader, SessionGap
+from raftlb.errors import HoldQueueFull, NoLeader, RequestTimeout, SessionGap
+from raftlb.http.h2server import H2Exchange
 from raftlb.http.server import Exchange
+from raftlb.proxy import stream_request
+from raftlb.proxy.h2pool import H2NodePool
 from raftlb.proxy.pool import NodePool
-from raftlb.proxy.reads import ReadIndexBroker
+from raftlb.proxy.reads import ReadIndexBroker, Request
 from raftlb.proxy.request import ProxyRequest, accept
 from raftlb.proxy.stats import ProxyStats, RequestObserver
+from raftlb.proxy.stream_request import StreamRequest
 from raftlb.tls import client_context
 
 log = logging.getLogger("raftlb.proxy.cluster")
@@ -55,16 +62,20 @@ class ClusterProxy:
         self.router = Router(cluster.routes, index_cookie=cluster.index_cookie, fence_wait=cluster.fence_wait)
         self.dialect = dialect_for(cluster.kind)
         self._ssl: tuple[TlsConfig | None, SSLContext] | None = None
+        self._h2_ssl: tuple[TlsConfig | None, SSLContext] | None = None
         self.pools: dict[str, NodePool] = {}
+        self.h2pools: dict[str, H2NodePool] = {}  # HTTP/2 to the nodes (gRPC; `upstream_protocol: http2`)
+        self.authorities: dict[str, tuple[bytes, bytes]] = {}  # node -> (:scheme, :authority) for HTTP/2
         self.node_headers: dict[str, bytes] = {}
         self.node_hosts: dict[str, bytes] = {}  # node -> its `host:` line, for requests that came without one
-        self.held: deque[ProxyRequest] = deque()
+        self.held: deque[Request] = deque()
         self.held_bytes = 0
         self.inflight: set[ProxyRequest] = set()
-        self.fence_waiting: list[ProxyRequest] = []
+        self.streams: set[StreamRequest] = set()  # requests bound to a node over HTTP/2 (answering or not)
+        self.fence_waiting: list[Request] = []
         self.follower_wait = cluster.follower_wait
         self.caught_up_at: dict[str, float] = {}  # node -> last time its applied index reached the commit
-        self.sessions: SessionOrder[ProxyRequest] = SessionOrder(cluster.session_gap_wait,
+        self.sessions: SessionOrder[Request] = SessionOrder(cluster.session_gap_wait,
                                                                  cluster.max_sessions)
         self.broker = ReadIndexBroker(self, cluster.read_index_path)
         # Each node's load for placement: the pools' outstanding requests (one closure, made once).
@@ -83,7 +94,23 @@ class ClusterProxy:
         """Pools for the cluster's nodes: new ones for new or re-addressed nodes (all with `rebuild`)."""
         for node in cluster.nodes:
             self.node_headers[node.id] = b"x-raft-node: " + node.id.encode() + b"\r\n"
-            self.node_hosts[node.id] = b"host: " + node.url.partition("://")[2].encode("idna") + b"\r\n"
+            authority = node.url.partition("://")[2].encode("idna")
+            self.node_hosts[node.id] = b"host: " + authority + b"\r\n"
+            https = node.url.startswith("https:")
+            self.authorities[node.id] = (b"https" if https else b"http", authority)
+            h2pool = self.h2pools.get(node.id)
+            h2_ssl = self._client_h2_ssl(cluster) if https else None
+            if rebuild or h2pool is None or \
+                    (h2pool.host, h2pool.port, h2pool.ssl) != (node.host, node.port, h2_ssl):
+                if h2pool is not None:
+                    h2pool.close()
+                self.h2pools[node.id] = H2NodePool(
+                    node.id, node.host, node.port, connect_timeout=cluster.connect_timeout,
+                    idle_timeout=cluster.pool.idle_timeout, write_buffer_high=self.write_buffer_high,
+                    ssl=h2_ssl)
+            else:
+                h2pool.connect_timeout = cluster.connect_timeout
+                h2pool.idle_timeout = cluster.pool.idle_timeout
             pool = self.pools.get(node.id)
             ssl_ctx = self._client_ssl(cluster) if node.url.startswith("https:") else None
             if rebuild or pool is None or (pool.host, pool.port, pool.ssl) != (node.host, node.port, ssl_ctx):
@@ -105,12 +132,29 @@ class ClusterProxy:
             self._ssl = (cluster.tls, client_context(cluster.tls))
         return self._ssl[1]
 
+    def _client_h2_ssl(self, cluster: ClusterConfig) -> SSLContext:
+        """The client TLS context for HTTP/2 to nodes: the cluster's, offering ALPN `h2`."""
+        if self._h2_ssl is None or self._h2_ssl[0] != cluster.tls:
+            ctx = client_context(cluster.tls)
+            ctx.set_alpn_protocols(["h2"])
+            self._h2_ssl = (cluster.tls, ctx)
+        return self._h2_ssl[1]
+
     # -- the request path ---------------------------------------------------------------------------------
 
     def on_request(self, ex: Exchange) -> None:
         """An HTTP/1.1 request from a client (the RequestHandler of raftlb.http.server): its adapter reads it
         (raftlb.proxy.request.accept), then it is admitted and placed."""
         self.stats.requests += 1
+        if ex.http2:
+            is_call = grpc.is_grpc(ex.header(b"content-type"))
+            if is_call:
+                self.stats.grpc_calls += 1
+            else:
+                self.stats.h2_requests += 1
+            if is_call or self.cluster.upstream_protocol == "http2":
+                self._on_stream(ex, is_call)
+                return
         req = accept(self, ex)
         if req.finished:
             return
@@ -140,7 +184,42 @@ class ClusterProxy:
         else:
             self._wait(req, where, now)
 
-    def dispatch(self, req: ProxyRequest, now: float) -> None:
+    def _on_stream(self, ex: Exchange, is_call: bool) -> None:
+        """A request from an HTTP/2 client for a node over HTTP/2 (raftlb.proxy.stream_request): read, then
+        admitted and placed once it is classified (a call routed by its first message: when that is in)."""
+        assert isinstance(ex, H2Exchange)
+        req = stream_request.accept(self, ex, is_call)
+        if req.finished:
+            return
+        classified = req.classified
+        req.attach_body()
+        if classified and not req.finished:
+            self.admit(req)
+
+    def admit(self, req: Request) -> None:
+        """A request ready to be placed: its session's turn, then where it goes now."""
+        now = time.monotonic()
+        session = req.session
+        if session is not None and not self.sessions.admit(req, session[0], session[1], now):
+            self.stats.session_parked += 1
+            return
+        self.dispatch(req, now)
+
+    def node_authority(self, node: str) -> tuple[bytes, bytes]:
+        """(`:scheme`, `:authority`) of a node, for a request sent to it over HTTP/2 without a Host."""
+        return self.authorities[node]
+
+    def cancel_stream(self, node: str, req: StreamRequest) -> None:
+        """`req` no longer waits for a stream to `node`."""
+        pool = self.h2pools.get(node)
+        if pool is not None:
+            pool.cancel(req)
+
+    def term_value(self) -> bytes:
+        """The table's term as a header value."""
+        return b"%d" % self.table.term
+
+    def dispatch(self, req: Request, now: float) -> None:
         """Route a request now, as `raftlb.core.placement.place` says: to its node, the hold queue, the fence
         wait list or the read-index broker."""
         where = place(req, self.table, now, self.follower_wait, self.caught_up_at, self.load,
@@ -150,7 +229,7 @@ class ClusterProxy:
         else:
             self._wait(req, where, now)
 
-    def _wait(self, req: ProxyRequest, wait: Wait, now: float) -> None:
+    def _wait(self, req: Request, wait: Wait, now: float) -> None:
         """No node for `req` now: where it waits."""
         if wait is Wait.HOLD:
             self.hold(req, now)
@@ -172,8 +251,14 @@ class ClusterProxy:
                     return
             self.fence_waiting.append(req)
 
-    def _send(self, req: ProxyRequest, node: str, now: float) -> None:
+    def _send(self, req: Request, node: str, now: float) -> None:
         req.node = node
+        if isinstance(req, StreamRequest):
+            self.pools[node].outstanding += 1  # (the node's load, whatever the protocol: see `forget`)
+            req.waiting_stream = True
+            self.streams.add(req)
+            self.h2pools[node].open(req)
+            return
         conn = self.pools[node].assign(req)
         if conn is not None:
             req.start(conn, now)
@@ -192,7 +277,7 @@ class ClusterProxy:
             cached = self._term_header = (term, b"x-raft-term: %d\r\n" % term)
         return cached[1]
 
-    def count_read(self, req: ProxyRequest, node: str) -> None:
+    def count_read(self, req: Request, node: str) -> None:
         """Count a read answered by `node`: by the leader, or by a follower."""
         if req.target is _LEADER or node == self.table.leader(time.monotonic()):
             self.stats.reads_leader += 1
@@ -216,7 +301,7 @@ class ClusterProxy:
             else:
                 self._wait(req, where, now)
 
-    def hold(self, req: ProxyRequest, now: float) -> None:
+    def hold(self, req: Request, now: float) -> None:
         """Park a request until a leader (for reads: any live node) is there; bounded in count and bytes."""
         if not req.held_at:
             if not hold_admits(len(self.held), self.held_bytes, req.hold_size, self.cluster.hold):
@@ -229,7 +314,7 @@ class ClusterProxy:
         self.held.append(req)
         self.held_bytes += req.hold_size
 
-    def held_body_grew(self, req: ProxyRequest, n: int) -> None:
+    def held_body_grew(self, req: Request, n: int) -> None:
         """A held chunked request received more body: keep the byte budget honest."""
         if req not in self.held:
             return
@@ -244,7 +329,7 @@ class ClusterProxy:
         """Dispatch held requests that can go now, in arrival order."""
         if not self.held:
             return
-        waiting: deque[ProxyRequest] = deque()
+        waiting: deque[Request] = deque()
         held, self.held = self.held, waiting
         self.held_bytes = 0
         while held:
@@ -268,9 +353,12 @@ class ClusterProxy:
         if pool is not None:
             pool.unassign()
 
-    def forget(self, req: ProxyRequest) -> None:
+    def forget(self, req: Request) -> None:
         """`req` is over (answered, failed, abandoned): its node's load, and the next write of its session."""
-        self.inflight.discard(req)
+        if isinstance(req, StreamRequest):
+            self.streams.discard(req)
+        else:
+            self.inflight.discard(req)
         node = req.node
         if node is not None:
             pool = self.pools.get(node)
@@ -316,10 +404,18 @@ class ClusterProxy:
         for req in [r for r in self.inflight
                     if r.node == node_id and preempted_by_node_down(r.safe_to_repeat)]:
             req.preempt(f"node {node_id} down ({reason})")
+        # Calls streaming from it (a Watch, a keep-alive) end now, so that their clients open them again
+        # through raftlb, to a live node.
+        for sreq in [r for r in self.streams
+                     if r.node == node_id and preempted_by_node_down(r.safe_to_repeat, r.answered)]:
+            sreq.preempt(f"node {node_id} down ({reason})")
         # Answers it was sending that have stopped (a frozen node) are cut now, not at the response timeout.
         pool = self.pools.get(node_id)
         if pool is not None:
             pool.cut_stalled(now, self.cluster.liveness_timeout / 2, f"node {node_id} down")
+        h2pool = self.h2pools.get(node_id)
+        if h2pool is not None:
+            h2pool.cut_stalled(now, self.cluster.liveness_timeout / 2, f"node {node_id} down")
 
     def on_node_unreachable(self, node_id: str, reason: str) -> None:
         """The data path could not connect to a node: take it out of routing until it is heard again."""
@@ -363,8 +459,13 @@ class ClusterProxy:
                 for req in [r for r in self.inflight
                             if deposed_by(r.route.needs_leader, r.node, r.sent_term, new, term)]:
                     req.preempt(f"node {req.node} deposed by term {change.new_term}")
-            for req in self.held:
-                req.leader_appeared()
+            if self.streams:
+                term = change.new_term  # (a keep-alive stream on the old leader ends: re-opened on the new)
+                for sreq in [r for r in self.streams
+                             if deposed_by(r.route.needs_leader, r.node, r.sent_term, new, term)]:
+                    sreq.preempt(f"node {sreq.node} deposed by term {change.new_term}")
+            for held in self.held:
+                held.leader_appeared()
             self._release(now)
             self.broker.kick(now)
         if self.on_change is not None:
@@ -375,10 +476,11 @@ class ClusterProxy:
         change = self.table.expire(now)
         if change is not None:
             self._leader_changed(change, now)
+        self._deadlines(now)
         if self.held:
             timeout = self.cluster.hold.timeout
             if any(r.finished or hold_expired(r.held_at, r.held_for, timeout, now) for r in self.held):
-                keep: deque[ProxyRequest] = deque()
+                keep: deque[Request] = deque()
                 for req in self.held:
                     if req.finished:
                         continue
@@ -409,6 +511,20 @@ class ClusterProxy:
             self.broker.kick(now)
         for pool in self.pools.values():
             pool.sweep(now)
+        for h2pool in self.h2pools.values():
+            h2pool.sweep(now)
+
+    def _deadlines(self, now: float) -> None:
+        """gRPC calls whose deadline (`grpc-timeout`) passed while they waited (held, fenced, for a read
+        index, for a stream) end now, DEADLINE_EXCEEDED: their client has given up on them."""
+        if not self.streams and not self.held and not self.fence_waiting and not self.broker.pending:
+            return
+        waiting = [r for r in (*self.held, *self.fence_waiting, *self.broker.pending, *self.streams)
+                   if isinstance(r, StreamRequest) and r.stream is None and deadline_passed(r.deadline, now)]
+        for req in waiting:
+            if req in self.broker.pending:
+                self.broker.pending.remove(req)
+            req.fail(RequestTimeout("the call's deadline (grpc-timeout) passed before a node answered it"))
 
     def reconfigure(self, cluster: ClusterConfig) -> None:
         """Hot reload: new routes, timeouts and nodes; the table keeps what it knows of kept nodes."""
@@ -430,9 +546,14 @@ class ClusterProxy:
             pool = self.pools.pop(nid, None)
             if pool is not None:
                 pool.close()
+            h2pool = self.h2pools.pop(nid, None)
+            if h2pool is not None:
+                h2pool.close()
             if change is not None:
                 self._leader_changed(change, now)
 
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
+        for h2pool in self.h2pools.values():
+            h2pool.close()

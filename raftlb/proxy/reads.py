@@ -23,8 +23,11 @@ from raftlb.core.resend import MAX_ROUNDS_PER_READ, give_up_read_index
 from raftlb.errors import NoLeader
 from raftlb.proxy.pool import NodePool, UpstreamConn
 from raftlb.proxy.request import ProxyRequest
+from raftlb.proxy.stream_request import StreamRequest
 
 log = logging.getLogger("raftlb.proxy.reads")
+
+Request = ProxyRequest | StreamRequest  # (HTTP/1 to the node, HTTP/2 to the node)
 
 __all__ = ["ReadIndexBroker", "eligible_nodes"]
 
@@ -36,7 +39,7 @@ class BrokerOwner(Protocol):
     table: LeaderTable
     pools: dict[str, NodePool]
 
-    def dispatch(self, req: ProxyRequest, now: float) -> None:
+    def dispatch(self, req: Request, now: float) -> None:
         """Place a read that has its read index now."""
 
 
@@ -45,7 +48,7 @@ class _ReadIndexCall:
 
     __slots__ = ("broker", "node", "members", "status", "body", "conn", "finished")
 
-    def __init__(self, broker: ReadIndexBroker, node: str, members: list[ProxyRequest]) -> None:
+    def __init__(self, broker: ReadIndexBroker, node: str, members: list[Request]) -> None:
         self.broker = broker
         self.node = node
         self.members = members
@@ -108,7 +111,7 @@ class ReadIndexBroker:
     def __init__(self, proxy: BrokerOwner, path: str) -> None:
         self.proxy = proxy
         self.path = path.encode("latin-1")
-        self.pending: list[ProxyRequest] = []
+        self.pending: list[Request] = []
         self.round: _ReadIndexCall | None = None
         self.rounds = 0
         self.reads = 0
@@ -116,7 +119,7 @@ class ReadIndexBroker:
     def __repr__(self) -> str:
         return f"<ReadIndexBroker rounds={self.rounds} reads={self.reads} pending={len(self.pending)}>"
 
-    def submit(self, req: ProxyRequest, now: float) -> None:
+    def submit(self, req: Request, now: float) -> None:
         """A read that needs a read index. It joins the next round: one that starts after it arrived."""
         self.pending.append(req)
         if self.round is None:

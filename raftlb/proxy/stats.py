@@ -17,7 +17,7 @@ class ProxyStats:
                  "reads_leader", "reads_follower", "fence_waited", "fence_fallback", "fence_stale",
                  "follower_waited",
                  "session_parked",
-                 "session_gaps")
+                 "session_gaps", "h2_requests", "grpc_calls", "grpc_status")
 
     def __init__(self) -> None:
         self.requests = 0
@@ -39,6 +39,9 @@ class ProxyStats:
         self.follower_waited = 0  # reads that waited for a follower to catch up rather than load the leader
         self.session_parked = 0
         self.session_gaps = 0
+        self.h2_requests = 0  # of `requests`: from HTTP/2 clients, not gRPC (the rest came over HTTP/1.1)
+        self.grpc_calls = 0  # of `requests`: gRPC calls
+        self.grpc_status: dict[int, int] = {}  # gRPC calls ended, by the status they ended with
 
 
 class RequestObserver(Protocol):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from raftlb.config.model import HoldConfig
-from raftlb.core.hold import held_outcome_unknown, hold_admits, hold_expired, hold_over_bytes
+from raftlb.core.hold import deadline_passed, held_outcome_unknown, hold_admits, hold_expired, hold_over_bytes
 from raftlb.core.resend import (
     MAX_ROUNDS_PER_READ,
     Failure,
@@ -106,8 +106,25 @@ def test_deposed_by(rule: str, needs_leader: bool, node: str, sent_term: int, de
     assert deposed_by(needs_leader, node, sent_term, "n2", 3) == deposed, rule
 
 
-def test_a_node_marked_down_preempts_only_what_is_safe_to_repeat() -> None:
-    assert preempted_by_node_down(True) and not preempted_by_node_down(False)
+@pytest.mark.parametrize(("rule", "safe", "streaming", "preempted"), [
+    ("a request safe to repeat waiting on a node marked down goes elsewhere now", True, False, True),
+    ("... one that is not keeps waiting for its answer (it may still come)", False, False, False),
+    ("a call streaming its answer from it (a Watch) ends, to be opened again", False, True, True),
+    ("... a safe one too", True, True, True),
+])
+def test_a_node_marked_down_preempts_what_is_safe_to_repeat_and_open_streams(
+        rule: str, safe: bool, streaming: bool, preempted: bool) -> None:
+    assert preempted_by_node_down(safe, streaming) == preempted, rule
+
+
+@pytest.mark.parametrize(("rule", "deadline", "now", "passed"), [
+    ("a call without a deadline waits as long as the hold and fence rules let it", 0.0, 1e9, False),
+    ("a call waiting before its deadline keeps waiting", 10.0, 9.99, False),
+    ("a call still waiting at its deadline ends (its client has given up)", 10.0, 10.0, True),
+    ("... and after it", 10.0, 11.0, True),
+])
+def test_deadline_passed(rule: str, deadline: float, now: float, passed: bool) -> None:
+    assert deadline_passed(deadline, now) == passed, rule
 
 
 def test_backoff_doubles_from_50ms_up_to_half_a_second() -> None:

@@ -317,6 +317,19 @@ async def test_body_above_the_limit_is_answered_413() -> None:
     assert not c.transport.closed
 
 
+async def test_a_grpc_call_refused_by_a_limit_gets_a_grpc_status() -> None:
+    """A gRPC client reads the call's status, not the HTTP one: a body over the limit ends the call with
+    RESOURCE_EXHAUSTED (Trailers-Only, HTTP 200), naming raftlb's error code."""
+    handler = Handler(hold=True)
+    c = Client(handler, LimitsConfig(max_body_bytes=1000))
+    sid = c.request("/etcdserverpb.KV/Put", "POST", b"z" * 2000,
+                    headers=[("content-type", "application/grpc")])
+    head, body, ended = answers(await c.events())[sid]
+    assert head[b":status"] == b"200" and head[b"content-type"] == b"application/grpc"
+    assert head[b"grpc-status"] == b"8" and head[b"grpc-message"].startswith(b"raftlb payload_too_large")
+    assert body == b"" and ended and not c.transport.closed
+
+
 async def test_rapid_reset_is_bounded() -> None:
     handler = Handler(hold=True)
     c = Client(handler, h2=H2Config(max_resets_per_second=50))

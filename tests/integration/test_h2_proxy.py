@@ -1,5 +1,6 @@
-"""HTTP/2 clients through raftlb (h2c with prior knowledge, and TLS with ALPN h2), HTTP/1.1 to the nodes:
-the same rules as for HTTP/1 clients (writes to the leader, fenced reads, holds through a failover)."""
+"""HTTP/2 clients through raftlb (h2c with prior knowledge, and TLS with ALPN h2), to the nodes over HTTP/1.1
+or, with `upstream_protocol: http2`, over multiplexed HTTP/2 connections (the demo nodes speak both): the same
+rules as for HTTP/1 clients (writes to the leader, fenced reads, holds through a failover)."""
 
 from __future__ import annotations
 
@@ -29,9 +30,13 @@ def h2_client(url: str, **kw: object) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=url, http1=False, http2=True, timeout=20, **kw)  # type: ignore[arg-type]
 
 
+UPSTREAMS = pytest.mark.parametrize("upstream", ["http1", "http2"], ids=["to-nodes-http1", "to-nodes-http2"])
+
+
+@UPSTREAMS
 async def test_h2_writes_land_on_the_leader_and_fenced_reads_carry_the_index(
-        demo_cluster: DemoCluster) -> None:
-    async with running(demo_cluster_config(demo_cluster)) as srv:
+        demo_cluster: DemoCluster, upstream: str) -> None:
+    async with running(demo_cluster_config(demo_cluster, upstream_protocol=upstream)) as srv:
         proxy = srv.proxies["demo"]
         await wait_for(lambda: proxy.table.leader(time.monotonic()) is not None, timeout=10)
         leader = proxy.table.leader(time.monotonic())
@@ -53,14 +58,20 @@ async def test_h2_writes_land_on_the_leader_and_fenced_reads_carry_the_index(
             assert [r.content for r in rs] == [b"%d" % i for i in range(60)]
             h2conns = [x for x in srv.listeners[0].connections if isinstance(x, H2ServerConnection)]
             assert len(h2conns) == 1 and h2conns[0].requests >= 122
+            # Over HTTP/2 to the nodes: a few multiplexed connections carried them all.
+            h2pools = proxy.h2pools.values()
+            assert (sum(p.connections for p in h2pools) > 0) == (upstream == "http2")
+            assert sum(p.connections for p in h2pools) <= 3 * 4
         # HTTP/1.1 still served on the same port.
         async with httpx.AsyncClient(base_url=url_of(srv), timeout=10) as c:
             r = await c.get("/kv/m3")
             assert r.http_version == "HTTP/1.1" and r.content == b"3"
 
 
-async def test_h2_sigkill_leader_under_writes_loses_no_acknowledged_write(demo_cluster: DemoCluster) -> None:
-    cfg = demo_cluster_config(demo_cluster, hold=HoldConfig(timeout=8.0))
+@UPSTREAMS
+async def test_h2_sigkill_leader_under_writes_loses_no_acknowledged_write(demo_cluster: DemoCluster,
+                                                                         upstream: str) -> None:
+    cfg = demo_cluster_config(demo_cluster, hold=HoldConfig(timeout=8.0), upstream_protocol=upstream)
     async with running(cfg) as srv:
         proxy = srv.proxies["demo"]
         await wait_for(lambda: proxy.table.leader(time.monotonic()) is not None, timeout=10)
@@ -155,3 +166,6 @@ async def test_h2_requests_are_counted_in_the_metrics() -> None:
                for fam in text_string_to_metric_families(scrape) for s in fam.samples}
     assert samples[("raftlb_requests_total", (("cluster", "c1"), ("code", "2xx"), ("kind", "write"),
                                               ("node", "n1"), ("policy", "leader")))] == 7
+    by_protocol = {dict(k[1])["protocol"]: v for k, v in samples.items()
+                   if k[0] == "raftlb_requests_by_protocol_total"}
+    assert by_protocol == {"http1": 0, "http2": 7, "grpc": 0}
