@@ -10,7 +10,8 @@ shipped configs/etcd.yaml routes:
   ResponseHeader revision); serializable ranges fenced by `x-raft-min-index` (the last put's revision) are
   served by followers mostly and never answer below the token, while a follower is SIGSTOPped (writes go on,
   so it falls behind) and SIGCONTed;
-- a Watch whose member is SIGKILLed ends with UNAVAILABLE, and re-opened through raftlb it streams again.
+- a Watch whose member is SIGKILLed ends with UNAVAILABLE, and re-opened through raftlb it streams again;
+  so does a LeaseKeepAlive on a SIGKILLed leader, re-opened on the new leader.
 
 Blocking clients (etcdctl processes, grpcio's synchronous calls) run in threads: raftlb serves on the test's
 event loop.
@@ -33,17 +34,24 @@ from raftlb.core import etcdpb
 from raftlb.server import Server
 from tests.support.etcd_cluster import EtcdCluster, etcd_binary
 from tests.support.etcd_grpc import (
+    LEASE_GRANT,
+    LEASE_KEEP_ALIVE,
+    WATCH,
     Answer,
     Background,
     Etcdctl,
-    Watch,
+    Stream,
     channel,
     etcd_config,
     etcdctl_binary,
+    lease_answer,
+    lease_grant_request,
+    lease_keep_alive_request,
     min_index,
     range_kvs,
     unary,
     watch_create_request,
+    watch_message,
 )
 from tests.support.harness import running, wait_for
 
@@ -320,9 +328,9 @@ async def test_grpc_puts_on_the_leader_and_fenced_serializable_ranges_never_go_b
 async def test_a_watch_whose_member_dies_ends_unavailable_and_reopens_through_raftlb(
         etcd: EtcdCluster) -> None:
     async with running(etcd_config(etcd), drain_timeout=0.5) as srv:
-        await leader_known(etcd, srv)
+        leader = await leader_known(etcd, srv)
         ch = channel(target(srv))
-        watches: list[Watch] = []
+        streams: list[Stream] = []
         try:
 
             async def put(value: bytes) -> Answer:
@@ -331,10 +339,10 @@ async def test_a_watch_whose_member_dies_ends_unavailable_and_reopens_through_ra
                 assert a.ok, a
                 return a
 
-            async def open_watch() -> tuple[Watch, str]:
-                w = Watch(ch, watch_create_request(b"watched"))
-                watches.append(w)
-                created = await asyncio.to_thread(w.next, 20)
+            async def open_watch() -> tuple[Stream, str]:
+                w = Stream(ch, WATCH, watch_create_request(b"watched"))
+                streams.append(w)
+                created = watch_message(await asyncio.to_thread(w.next, 20))
                 assert created.created, created
                 initial = await asyncio.to_thread(w.wait_initial, 20)
                 node = initial.get("x-raft-node")
@@ -343,27 +351,80 @@ async def test_a_watch_whose_member_dies_ends_unavailable_and_reopens_through_ra
                 assert created.revision is not None and initial.get("x-raft-index") == str(created.revision)
                 return w, node
 
-            async def sees(w: Watch, value: bytes) -> None:
+            async def sees(w: Stream, value: bytes) -> None:
                 a = await put(value)
-                msg = await asyncio.to_thread(w.next, 20)
+                msg = watch_message(await asyncio.to_thread(w.next, 20))
                 assert [(kind, kv.key, kv.value) for kind, kv in msg.events] == [(0, b"watched", value)]
                 assert msg.revision == a.revision
 
             first, member = await open_watch()
+            assert member != leader  # a Watch goes to any member, followers first
             await sees(first, b"1")
 
             await asyncio.to_thread(etcd.kill, member)
             assert await asyncio.to_thread(first.ended.wait, 20), "the watch outlived its member"
             assert first.code == "UNAVAILABLE", (first.code, first.details)
-            print(f"\nwatch on {member} ended: {first.code} {first.details!r}")
+            print(f"\nwatch on {member} (leader {leader}) ended: {first.code} {first.details!r}")
 
-            await leader_known(etcd, srv, exclude=(member,))  # the killed member may have been the leader
             second, other = await open_watch()
             assert other != member
             await sees(second, b"2")
             assert not second.ended.is_set()
         finally:
-            for w in watches:
+            for w in streams:
                 await asyncio.to_thread(w.close)
             ch.close()
 
+
+@pytest.mark.parametrize("how", ["sigkill", "deposed"])
+async def test_a_lease_keep_alive_on_an_old_leader_ends_unavailable_and_reopens_on_the_new_one(
+        etcd: EtcdCluster, how: str) -> None:
+    """The leader SIGKILLed, or deposed while it lives on (etcd's MoveLeader hands leadership over): the
+    keep-alive stream on it is ended with UNAVAILABLE, and re-opened through raftlb it goes to the new
+    leader."""
+    async with running(etcd_config(etcd), drain_timeout=0.5) as srv:
+        leader = await leader_known(etcd, srv)
+        ch = channel(target(srv))
+        streams: list[Stream] = []
+        try:
+            grant = await asyncio.to_thread(unary, ch, LEASE_GRANT, lease_grant_request(30), timeout=20)
+            assert grant.ok and grant.node == leader, grant
+            assert grant.message is not None
+            lease, ttl = lease_answer(grant.message)
+            assert lease != 0 and ttl == 30
+
+            async def keep_alive() -> tuple[Stream, str]:
+                k = Stream(ch, LEASE_KEEP_ALIVE, lease_keep_alive_request(lease))
+                streams.append(k)
+                assert lease_answer(await asyncio.to_thread(k.next, 20)) == (lease, 30)
+                node = (await asyncio.to_thread(k.wait_initial, 20)).get("x-raft-node")
+                assert node is not None
+                return k, node
+
+            first, node = await keep_alive()
+            assert node == leader  # keep-alives go to the leader
+            if how == "sigkill":
+                await asyncio.to_thread(etcd.kill, leader)
+            else:
+                successor = next(m for m in etcd.members if m != leader)
+                status = etcd.status(successor)
+                assert status is not None
+                mover = Etcdctl(ctl_for(srv).binary, f"127.0.0.1:{etcd.members[leader].client_port}")
+                successor_id = f"{int(status['header']['member_id']):x}"  # etcdctl takes it in hex
+                out = await asyncio.to_thread(mover.ok, "move-leader", successor_id)
+                assert "Leadership transferred" in out, out
+            assert await asyncio.to_thread(first.ended.wait, 20), "the keep-alive outlived its leader"
+            assert first.code == "UNAVAILABLE", (first.code, first.details)
+            print(f"\nkeep-alive on {leader} ({how}) ended: {first.code} {first.details!r}")
+
+            # Re-opened at once, while the members may still be electing: raftlb holds the call for the new
+            # leader. The lease lives on.
+            second, node = await keep_alive()
+            new = await leader_known(etcd, srv, exclude=(leader,))
+            assert node == new
+            second.send(lease_keep_alive_request(lease))
+            assert lease_answer(await asyncio.to_thread(second.next, 20)) == (lease, 30)
+        finally:
+            for k in streams:
+                await asyncio.to_thread(k.close)
+            ch.close()

@@ -5,8 +5,8 @@
   thread reads line by line (tests/support/output.py).
 - Raw grpcio calls: request bytes in, answer bytes out (no generated stubs, as on raftlb's data path):
   `unary` returns the answer with its initial and trailing metadata (where raftlb puts `x-raft-node` and
-  `x-raft-index`), or the gRPC status it ended with; `Watch` keeps a bidirectional Watch call open and
-  collects its messages on a thread until it ends.
+  `x-raft-index`), or the gRPC status it ended with; `Stream` keeps a bidirectional call (Watch,
+  LeaseKeepAlive) open and collects its messages on a thread until it ends.
 - The few etcd messages the tests write or read beyond raftlb/core/etcdpb.py, by their field numbers in
   etcd's API definition (`api/etcdserverpb/rpc.proto` and `api/mvccpb/kv.proto` in etcd-io/etcd).
 - `etcd_config`: the shipped configs/etcd.yaml cluster (its routes and timings) pointed at an EtcdCluster.
@@ -19,7 +19,7 @@ import queue
 import subprocess
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,9 @@ from tests.support.output import Output
 ROOT = Path(__file__).resolve().parents[2]
 
 # Method paths beyond etcdpb's.
-KV_DELETE_RANGE = "/etcdserverpb.KV/DeleteRange"
 WATCH = "/etcdserverpb.Watch/Watch"
-CLUSTER_MEMBER_LIST = "/etcdserverpb.Cluster/MemberList"
+LEASE_GRANT = "/etcdserverpb.Lease/LeaseGrant"
+LEASE_KEEP_ALIVE = "/etcdserverpb.Lease/LeaseKeepAlive"
 
 # gRPC would honour http_proxy/grpc_proxy from the environment: the tests talk to loopback only.
 CHANNEL_OPTIONS = (("grpc.enable_http_proxy", 0),)
@@ -195,9 +195,25 @@ def min_index(token: int) -> tuple[tuple[str, str], ...]:
 # -- etcd messages ------------------------------------------------------------------------------------------
 
 
-def delete_range_request(key: bytes, range_end: bytes = b"") -> bytes:
-    """An encoded `DeleteRangeRequest`: key 1, range_end 2."""
-    return bytes_field(1, key) + (bytes_field(2, range_end) if range_end else b"")
+def lease_grant_request(ttl: int) -> bytes:
+    """An encoded `LeaseGrantRequest`: TTL 1 (seconds), ID 2 (0: the server picks)."""
+    return varint_field(1, ttl)
+
+
+def lease_keep_alive_request(lease_id: int) -> bytes:
+    """An encoded `LeaseKeepAliveRequest`: ID 1."""
+    return varint_field(1, lease_id)
+
+
+def lease_answer(message: bytes) -> tuple[int, int]:
+    """(ID 2, TTL 3) of a `LeaseGrantResponse` or a `LeaseKeepAliveResponse` (TTL <= 0: the lease is gone)."""
+    lease_id = ttl = 0
+    for number, wire, value, _ in fields(message):
+        if number == 2 and wire == VARINT:
+            lease_id = signed64(value)
+        elif number == 3 and wire == VARINT:
+            ttl = signed64(value)
+    return lease_id, ttl
 
 
 def watch_create_request(key: bytes, range_end: bytes = b"", *, start_revision: int = 0) -> bytes:
@@ -270,41 +286,42 @@ def watch_message(message: bytes) -> WatchMessage:
     return WatchMessage(etcdpb.response_revision(message), created, canceled, events)
 
 
-@dataclass
-class Watch:
-    """A Watch call (bidirectional stream) kept open: one create request sent, the call's messages collected
-    on a thread. `ended` is set when the call ends; `code` is then its status ("OK", "UNAVAILABLE", ...).
-    `close()` half-closes the sending side and cancels the call."""
+class Stream:
+    """A bidirectional call kept open (Watch, LeaseKeepAlive): `first` sent at once, more with `send`, the
+    call's messages collected on a thread. `ended` is set when the call ends; `code` is then its status
+    ("OK", "UNAVAILABLE", ...). `close()` half-closes the sending side and cancels the call."""
 
-    ch: grpc.Channel
-    request: bytes
-    metadata: Sequence[tuple[str, str]] = ()
-    messages: queue.Queue[WatchMessage] = field(default_factory=queue.Queue)
-    ended: threading.Event = field(default_factory=threading.Event)
-    code: str | None = None
-    details: str = ""
-    initial: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self._closing = threading.Event()
-        rpc = self.ch.stream_stream(WATCH, request_serializer=None, response_deserializer=None)
-        self._call = rpc(self._requests(), metadata=tuple(self.metadata))
+    def __init__(self, ch: grpc.Channel, method: str, first: bytes,
+                 metadata: Sequence[tuple[str, str]] = ()) -> None:
+        self.messages: queue.Queue[bytes] = queue.Queue()
+        self.ended = threading.Event()
+        self.code: str | None = None
+        self.details = ""
+        self.initial: dict[str, str] = {}
+        self._outgoing: queue.Queue[bytes | None] = queue.Queue()
+        self._outgoing.put(first)
+        rpc = ch.stream_stream(method, request_serializer=None, response_deserializer=None)
+        self._call = rpc(self._requests(), metadata=tuple(metadata))
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
     def _requests(self) -> Iterator[bytes]:
-        yield self.request
-        self._closing.wait()  # the sending side stays open for as long as the watch should
+        # The sending side stays open until close(): a watch or a keep-alive lives as long as it.
+        while (request := self._outgoing.get()) is not None:
+            yield request
 
     def _read(self) -> None:
         try:
             for message in self._call:
-                self.messages.put(watch_message(bytes(message)))
+                self.messages.put(bytes(message))
             self.code, self.details = "OK", ""
         except grpc.RpcError as exc:
             self.code, self.details = exc.code().name, exc.details() or ""
         finally:
             self.ended.set()
+
+    def send(self, request: bytes) -> None:
+        self._outgoing.put(request)
 
     def wait_initial(self, timeout: float) -> dict[str, str]:
         """The call's initial metadata (x-raft-node: the member it was sent to), within `timeout` seconds."""
@@ -321,14 +338,15 @@ class Watch:
         self.initial = got[0]
         return self.initial
 
-    def next(self, timeout: float) -> WatchMessage:
+    def next(self, timeout: float) -> bytes:
         """The next message, within `timeout` seconds (AssertionError otherwise)."""
         try:
             return self.messages.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError(f"no watch message within {timeout} s (ended: {self.code})") from None
+            raise AssertionError(f"no message within {timeout} s (ended: {self.code} {self.details!r})",
+                                 ) from None
 
     def close(self) -> None:
-        self._closing.set()
+        self._outgoing.put(None)
         self._call.cancel()
         self._thread.join(10.0)
