@@ -4,6 +4,8 @@ shipped configs/etcd.yaml routes:
 - etcdctl: put, get (linearizable and `--consistency=s`), txn, del, lease grant / keep-alive / revoke,
   watch, lock, elect (campaign and listen) and endpoint status all work through raftlb, their outputs as
   against a member;
+- an etcdctl watch whose member is SIGKILLed goes on (its client re-opens it through raftlb), no event lost
+  or repeated;
 - etcdctl putting in a loop while the leader is SIGKILLed: at most one put fails (the one in flight), and
   every acknowledged put reads back through raftlb;
 - raw grpcio calls: puts land on the leader (`x-raft-node`) and every answer carries `x-raft-index` (its
@@ -52,6 +54,7 @@ from tests.support.etcd_grpc import (
     unary,
     watch_create_request,
     watch_message,
+    watchers,
 )
 from tests.support.harness import running, wait_for
 
@@ -212,6 +215,43 @@ async def test_etcdctl_put_loop_through_a_leader_kill_loses_no_acknowledged_put(
         got = pairs(await asyncio.to_thread(ctl.ok, "get", "loop/", "--prefix"))
         want = {key: value for key, value, code, _ in results if code == 0}
         assert {key: got.get(key) for key in want} == want
+
+
+async def test_an_etcdctl_watch_survives_its_members_death(etcd: EtcdCluster) -> None:
+    """etcdctl's client re-opens a watch that raftlb ends with UNAVAILABLE (its member SIGKILLed), through
+    raftlb, from the revision after the last event it had: no event is lost or repeated."""
+    async with running(etcd_config(etcd), drain_timeout=0.5) as srv:
+        leader = await leader_known(etcd, srv)
+        ctl = ctl_for(srv)
+
+        async def put(key: str, value: str) -> None:
+            assert await asyncio.to_thread(ctl.ok, "put", key, value) == "OK\n"
+
+        status = json.loads(await asyncio.to_thread(ctl.ok, "endpoint", "status", "-w", "json"))
+        revision = int(status[0]["Status"]["header"]["revision"])
+        watcher = await asyncio.to_thread(ctl.start, "watch", "ew/", "--prefix", f"--rev={revision + 1}")
+        try:
+            await put("ew/1", "a")
+            await asyncio.to_thread(watcher.out.until, "^a$", 20)
+
+            def serving() -> str | None:
+                found = [m for m in etcd.members if watchers(etcd, m) > 0]
+                return found[0] if len(found) == 1 else None
+
+            member = await asyncio.to_thread(etcd.wait_for, serving, 20, "the member serving the watch")
+            assert member != leader  # a Watch goes to any member, followers first
+            await asyncio.to_thread(etcd.kill, member)
+            await put("ew/2", "b")
+            _, lines = await asyncio.to_thread(watcher.out.until, "^b$", 30)
+            assert lines == ["PUT", "ew/2"]
+            survivor = await asyncio.to_thread(etcd.wait_for, serving, 20, "the member serving it now")
+            assert survivor != member
+            await put("ew/3", "c")
+            await asyncio.to_thread(watcher.out.until, "^c$", 20)
+            events = watcher.out.seen
+        finally:
+            await asyncio.to_thread(watcher.stop)
+        assert events == ["PUT", "ew/1", "a", "PUT", "ew/2", "b", "PUT", "ew/3", "c"]
 
 
 # -- grpcio, raw calls --------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@
   LeaseKeepAlive) open and collects its messages on a thread until it ends.
 - The few etcd messages the tests write or read beyond raftlb/core/etcdpb.py, by their field numbers in
   etcd's API definition (`api/etcdserverpb/rpc.proto` and `api/mvccpb/kv.proto` in etcd-io/etcd).
-- `etcd_config`: the shipped configs/etcd.yaml cluster (its routes and timings) pointed at an EtcdCluster.
+- `etcd_config`: the shipped configs/etcd.yaml cluster (its routes and timings) pointed at an EtcdCluster;
+  `watchers`: how many watches a member serves (from its metrics).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 
 from raftlb.config.load import load_config
 from raftlb.config.model import ClusterConfig, NodeConfig
@@ -50,6 +52,19 @@ def etcd_config(cluster: EtcdCluster, announce_urls: dict[str, str] | None = Non
     nodes = tuple(NodeConfig(m.id, m.url, (announce_urls or {}).get(m.id, m.url), m.host, m.client_port)
                   for m in cluster.members.values())
     return replace(shipped, nodes=nodes, sidecar=announce_urls is not None, **kw)
+
+
+def watchers(cluster: EtcdCluster, member_id: str) -> int:
+    """How many watchers the member serves (its `etcd_debugging_mvcc_watcher_total` gauge): which member a
+    client's watch went to, when the client cannot say. 0 if it does not answer."""
+    try:
+        text = httpx.get(cluster.url(member_id) + "/metrics", timeout=2.0, trust_env=False).text
+    except httpx.HTTPError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("etcd_debugging_mvcc_watcher_total "):
+            return int(float(line.split()[1]))
+    return 0
 
 
 # -- etcdctl ------------------------------------------------------------------------------------------------
