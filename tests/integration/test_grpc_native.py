@@ -261,3 +261,21 @@ async def test_a_stream_on_a_deposed_leader_ends_unavailable_and_opens_again_on_
         assert md2["x-raft-node"] == "n2"
         nodes.fc.elect("n3")
         assert await asyncio.wait_for(reading, 20) == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_node_that_does_not_speak_http2_fails_the_call_clearly_and_applies_nothing(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A node reached over HTTP/2 that does not speak it (misconfigured: a plain HTTP/1.1 server, which
+    closes the connection on the preface): the call is not left hanging and the log says why. raftlb cannot
+    tell that from a node that died after reading the call, so a write ends UNKNOWN, not UNAVAILABLE."""
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        cfg = fc.config(hold=HoldConfig(timeout=0.5))
+        async with running(cfg) as srv:
+            await wait_for(leader_is(srv, "n1"), timeout=10)
+            with pytest.raises(grpc.RpcError) as info:
+                await call(srv, "/kv.KV/Put", b"x")
+            assert info.value.code() == grpc.StatusCode.UNKNOWN
+            assert "does it speak HTTP/2?" in info.value.details()
+        assert all(r.method != "POST" for n in fc.nodes for r in n.requests)
+    assert any("not speak HTTP/2" in r.getMessage() for r in caplog.records)
