@@ -40,7 +40,7 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes
+from h2.settings import SettingCodes, Settings
 
 log = logging.getLogger("raftlb.proxy.h2pool")
 
@@ -162,8 +162,10 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         pool = self.pool
         h2 = self.h2
-        h2.local_settings.update({SettingCodes.ENABLE_PUSH: 0,
-                                  SettingCodes.INITIAL_WINDOW_SIZE: pool.initial_window_size})
+        # In force from the first frame (as initial values: `update` would only queue them, and
+        # initiate_connection would announce the defaults).
+        h2.local_settings = Settings(client=True, initial_values={
+            SettingCodes.ENABLE_PUSH: 0, SettingCodes.INITIAL_WINDOW_SIZE: pool.initial_window_size})
         h2.initiate_connection()
         extra = pool.initial_window_size * 4 - 65535
         if extra > 0:
