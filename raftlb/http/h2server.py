@@ -102,13 +102,14 @@ class H2Host(Protocol):
 class H2Exchange(Exchange):
     """An `Exchange` whose answer goes out as HTTP/2 frames on its stream instead of HTTP/1 bytes."""
 
-    __slots__ = ("stream",)
+    __slots__ = ("stream", "grpc_status")
 
     http2 = True
 
     def __init__(self, stream: H2Stream) -> None:
         super().__init__(stream)
         self.stream = stream
+        self.grpc_status = -1  # a gRPC call's final status, once known (the access log's)
 
     def send_parts(self, parts: list[bytes], framing: int, length: int = 0, body: bytes = b"") -> None:
         if self.response_started or self.finished:
@@ -138,6 +139,7 @@ class H2Exchange(Exchange):
             return
         self.error = err
         self.status = self.status or 200
+        self.grpc_status = grpc.status_for(err)
         stream = self.stream
         if self.response_started:
             stream.trailers = grpc.error_answer(err, headers_sent=True)

@@ -42,6 +42,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from raftlb import __version__
+from raftlb.core.grpc import status_name as grpc_status_name
 from raftlb.http.app import EventStream, Request, Response, Send, json_response
 from raftlb.http.app import serve as serve_app
 from raftlb.http.server import HttpServer
@@ -235,6 +236,9 @@ class Admin:
             "misdirected": s.misdirected, "preempted": s.preempted, "leader_changes": s.leader_changes,
             "rejected_announcements": s.rejected_announcements,
             "responses": {f"{i}xx": n for i, n in enumerate(s.responses_by_class) if i and n},
+            "protocols": {"http1": s.requests - s.h2_requests - s.grpc_calls, "http2": s.h2_requests,
+                          "grpc": s.grpc_calls},
+            "grpc": {grpc_status_name(code): n for code, n in sorted(s.grpc_status.items())},
         }
         return snap
 

@@ -9,6 +9,7 @@ import time
 
 from raftlb.config.model import LoggingConfig
 from raftlb.http.exchange import Exchange
+from raftlb.http.h2server import H2Exchange
 
 access_log = logging.getLogger("raftlb.access")
 
@@ -62,7 +63,17 @@ def log_access(cluster: str, node: str | None, ex: Exchange, seconds: float) -> 
     the same as fields (`client`, `method`, `target`, `status`, `cluster`, `node`, `duration_ms`)."""
     target = ex.target.decode("latin-1")
     ms = round(seconds * 1000, 3)
-    fields = {"client": ex.client_addr, "method": ex.method, "target": target, "status": ex.status,
-              "cluster": cluster, "node": node, "duration_ms": ms}
-    access_log.info('%s "%s %s" %d %s/%s %.1fms', ex.client_addr, ex.method, target, ex.status, cluster,
-                    node or "-", ms, extra={"access": fields})
+    fields: dict[str, object] = {"client": ex.client_addr, "method": ex.method, "target": target,
+                                 "status": ex.status, "cluster": cluster, "node": node, "duration_ms": ms,
+                                 "protocol": "http1"}
+    suffix = ""
+    if isinstance(ex, H2Exchange):
+        if ex.grpc_status >= 0:
+            fields["protocol"] = "grpc"
+            fields["grpc_status"] = ex.grpc_status
+            suffix = f" grpc-status={ex.grpc_status}"
+        else:
+            fields["protocol"] = "http2"
+            suffix = " h2"
+    access_log.info('%s "%s %s" %d %s/%s %.1fms%s', ex.client_addr, ex.method, target, ex.status, cluster,
+                    node or "-", ms, suffix, extra={"access": fields})

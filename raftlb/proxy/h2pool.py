@@ -32,6 +32,7 @@ from h2.events import (
     ConnectionTerminated,
     DataReceived,
     InformationalResponseReceived,
+    RemoteSettingsChanged,
     ResponseReceived,
     StreamEnded,
     StreamReset,
@@ -39,7 +40,7 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes
+from h2.settings import SettingCodes, Settings
 
 log = logging.getLogger("raftlb.proxy.h2pool")
 
@@ -140,6 +141,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.connected = False
         self.closed = False
         self.goaway = False  # the node said GOAWAY: no new streams
+        self.settled = False  # the node's SETTINGS came: it speaks HTTP/2 (until then nothing it read counts)
         self.writing_paused = False
         self.idle_since = time.monotonic()
         self.opened_at = time.monotonic()
@@ -160,8 +162,10 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         pool = self.pool
         h2 = self.h2
-        h2.local_settings.update({SettingCodes.ENABLE_PUSH: 0,
-                                  SettingCodes.INITIAL_WINDOW_SIZE: pool.initial_window_size})
+        # In force from the first frame (as initial values: `update` would only queue them, and
+        # initiate_connection would announce the defaults).
+        h2.local_settings = Settings(client=True, initial_values={
+            SettingCodes.ENABLE_PUSH: 0, SettingCodes.INITIAL_WINDOW_SIZE: pool.initial_window_size})
         h2.initiate_connection()
         extra = pool.initial_window_size * 4 - 65535
         if extra > 0:
@@ -170,7 +174,14 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.connected = True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
         reason = f"connection to node {self.pool.node_id} lost" + (f": {exc}" if exc else "")
+        if not self.settled:
+            # (Still counted as written: a node may have read a request and died before its SETTINGS came.)
+            log.warning("node %s closed the connection before its HTTP/2 SETTINGS: is it down, or does it "
+                        "not speak HTTP/2 (h2c with prior knowledge)?", self.pool.node_id)
+            reason += " before its HTTP/2 SETTINGS (does it speak HTTP/2?)"
         self.fail_all(reason)
 
     def pause_writing(self) -> None:
@@ -189,6 +200,13 @@ class H2UpstreamConnection(asyncio.Protocol):
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as exc:
+            if not self.settled:
+                # Not HTTP/2 at all (an HTTP/1-only server answers the preface with an error): the node
+                # cannot have taken any request of this connection as one.
+                log.warning("node %s does not speak HTTP/2 (h2c with prior knowledge): %s", self.pool.node_id,
+                            exc)
+                self.fail_all(f"node {self.pool.node_id} does not speak HTTP/2", written=False)
+                return
             log.warning("node %s: HTTP/2 protocol error: %s", self.pool.node_id, exc)
             self._flush()
             self.fail_all(f"HTTP/2 protocol error from node {self.pool.node_id}: {exc}")
@@ -239,6 +257,8 @@ class H2UpstreamConnection(asyncio.Protocol):
                             self.pump(s)
             elif isinstance(event, ConnectionTerminated):
                 self._on_goaway(event)
+            elif isinstance(event, RemoteSettingsChanged):
+                self.settled = True
             elif isinstance(event, InformationalResponseReceived):
                 pass
             if self.closed:
@@ -347,7 +367,8 @@ class H2UpstreamConnection(asyncio.Protocol):
         if not self.streams:
             self.close()
 
-    def fail_all(self, reason: str) -> None:
+    def fail_all(self, reason: str, written: bool = True) -> None:
+        """The connection is over: every stream on it fails (`written`: as far as each was sent)."""
         self.closed = True
         self.connected = False
         streams = list(self.streams.values())
@@ -355,7 +376,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         for stream in streams:
             if not stream.closed:
                 stream.closed = True
-                stream.listener.on_stream_error(reason, stream.written)
+                stream.listener.on_stream_error(reason, stream.written and written)
         if self.transport is not None:
             self.transport.abort()
         self.pool.connection_gone(self)

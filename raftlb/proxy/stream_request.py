@@ -156,9 +156,11 @@ class StreamRequest(RequestState):
     def on_client_body(self, data: bytes) -> None:
         self.body_len += len(data)
         limit = self.owner.cluster.resend_body_limit
-        if self.retain and self.body_len > limit and self.classified:
-            self.retain = False
         stream = self.stream
+        if self.retain and self.body_len > limit and self.classified:
+            self.retain = False  # (too much to re-send: what is kept for that is let go)
+            if stream is not None:
+                self.chunks.clear()
         if stream is not None:
             stream.send_data(data)
             if self.retain:
@@ -410,7 +412,10 @@ class StreamRequest(RequestState):
             try:
                 messages = reader.feed(data)
             except grpc.MalformedMessage as exc:
-                self._bad_answer(f"malformed gRPC answer: {exc}")
+                if exc.status is grpc.Status.RESOURCE_EXHAUSTED:
+                    self._release_body(-1)  # (a first message too big to hold: relayed without its index)
+                else:
+                    self._bad_answer(f"malformed gRPC answer: {exc}")
                 return
             if messages:
                 self._first_message(messages[0])
@@ -519,7 +524,8 @@ class StreamRequest(RequestState):
         written = self.stream is not None and self.stream.written
         self._drop_upstream()
         self.owner.stats.preempted += 1
-        self._attempt_failed(Failure.PREEMPTED if written else Failure.CONNECT_FAILED, reason)
+        self._attempt_failed(Failure.PREEMPTED if written else Failure.CONNECT_FAILED, reason,
+                             unreachable=False)
 
     # -- the re-send rule, applied --------------------------------------------------------------------------
 
@@ -529,7 +535,9 @@ class StreamRequest(RequestState):
                               max_resends=self.owner.cluster.max_resends, on_leader=self.target is _LEADER,
                               answer_started=self.answered)
 
-    def _attempt_failed(self, failure: Failure, reason: str) -> None:
+    def _attempt_failed(self, failure: Failure, reason: str, unreachable: bool = True) -> None:
+        """An attempt failed (`unreachable`: the node could not be reached, rather than taken back from it
+        by the table): do what `resend_verdict` says."""
         owner = self.owner
         verdict = self._verdict(failure)
         node = self.node
@@ -539,7 +547,7 @@ class StreamRequest(RequestState):
         if verdict.resend:
             self.avoid = node
             if failure is Failure.CONNECT_FAILED:
-                if node is not None and "down" not in reason and "deposed" not in reason:
+                if node is not None and unreachable:
                     owner.on_node_unreachable(node, reason)
                 self._resend("connect_failed", verdict, time.monotonic())
             else:
@@ -650,6 +658,7 @@ class StreamRequest(RequestState):
         if self.call is not None:
             code = self.grpc_status if self.grpc_status >= 0 else grpc.Status.CANCELLED
             stats.grpc_status[code] = stats.grpc_status.get(code, 0) + 1
+            ex.grpc_status = code
         observer = owner.observer
         if observer is not None:
             observer.request_done(owner.cluster.name, self.route, node, ex)

@@ -151,3 +151,13 @@ def test_shipped_etcd_gateway_routes_are_unchanged(etcd_router: Router, path: st
                                                    stream: bool) -> None:
     d = etcd_router.classify("POST", path)
     assert (d.kind, d.policy, d.stream) == (kind, policy, stream)
+
+
+@pytest.mark.parametrize(("path", "waits"), [
+    ("/etcdserverpb.KV/Range", True),  # a flag route matches the path: the call waits for its first message
+    ("/etcdserverpb.KV/Put", False),
+    ("/etcdserverpb.Watch/Watch", False),  # (a stream is placed at once: its first message may come late)
+])
+def test_only_calls_a_flag_route_may_match_wait_for_their_first_message(etcd_router: Router, path: str,
+                                                                      waits: bool) -> None:
+    assert etcd_router.call_reads_message(path) == waits
