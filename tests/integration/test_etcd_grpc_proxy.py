@@ -13,7 +13,7 @@ shipped configs/etcd.yaml routes:
   served by followers mostly and never answer below the token, while a follower is SIGSTOPped (writes go on,
   so it falls behind) and SIGCONTed;
 - a Watch whose member is SIGKILLed ends with UNAVAILABLE, and re-opened through raftlb it streams again;
-  so does a LeaseKeepAlive on a SIGKILLed leader, re-opened on the new leader.
+  so does a LeaseKeepAlive on a leader SIGKILLed or deposed (MoveLeader), re-opened on the new leader.
 
 Blocking clients (etcdctl processes, grpcio's synchronous calls) run in threads: raftlb serves on the test's
 event loop.
