@@ -266,8 +266,9 @@ async def test_a_stream_on_a_deposed_leader_ends_unavailable_and_opens_again_on_
 async def test_a_node_that_does_not_speak_http2_fails_the_call_clearly_and_applies_nothing(
         caplog: pytest.LogCaptureFixture) -> None:
     """A node reached over HTTP/2 that does not speak it (misconfigured: a plain HTTP/1.1 server, which
-    closes the connection on the preface): the call is not left hanging and the log says why. raftlb cannot
-    tell that from a node that died after reading the call, so a write ends UNKNOWN, not UNAVAILABLE."""
+    closes the connection on the preface): no call is sent before the node's SETTINGS, so nothing can have
+    been applied; the node is routed around (no leader: the call ends UNAVAILABLE at the hold timeout) and
+    the log says why."""
     async with FakeCluster(3) as fc:
         fc.elect("n1")
         cfg = fc.config(hold=HoldConfig(timeout=0.5))
@@ -275,8 +276,7 @@ async def test_a_node_that_does_not_speak_http2_fails_the_call_clearly_and_appli
             await wait_for(leader_is(srv, "n1"), timeout=10)
             with pytest.raises(grpc.RpcError) as info:
                 await call(srv, "/kv.KV/Put", b"x")
-            assert info.value.code() == grpc.StatusCode.UNKNOWN
-            assert "does it speak HTTP/2?" in info.value.details()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert all(r.method != "POST" for n in fc.nodes for r in n.requests)
     assert any("not speak HTTP/2" in r.getMessage() for r in caplog.records)
 
