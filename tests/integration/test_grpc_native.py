@@ -261,3 +261,80 @@ async def test_a_stream_on_a_deposed_leader_ends_unavailable_and_opens_again_on_
         assert md2["x-raft-node"] == "n2"
         nodes.fc.elect("n3")
         assert await asyncio.wait_for(reading, 20) == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_node_that_does_not_speak_http2_fails_the_call_clearly_and_applies_nothing(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A node reached over HTTP/2 that does not speak it (misconfigured: a plain HTTP/1.1 server, which
+    closes the connection on the preface): no call is sent before the node's SETTINGS, so nothing can have
+    been applied; the node is routed around (no leader: the call ends UNAVAILABLE at the hold timeout) and
+    the log says why."""
+    async with FakeCluster(3) as fc:
+        fc.elect("n1")
+        cfg = fc.config(hold=HoldConfig(timeout=0.5))
+        async with running(cfg) as srv:
+            await wait_for(leader_is(srv, "n1"), timeout=10)
+            with pytest.raises(grpc.RpcError) as info:
+                await call(srv, "/kv.KV/Put", b"x")
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert all(r.method != "POST" for n in fc.nodes for r in n.requests)
+    assert any("not speak HTTP/2" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_server_stream_to_a_client_that_does_not_read_is_held_back_at_the_node(nodes: Nodes) -> None:
+    """Backpressure through raftlb: a client that reads nothing of a fast server stream keeps its window
+    shut, raftlb stops reading the node's stream (it does not buffer the stream), and the node's gRPC server
+    blocks; once the client reads, the stream flows again, every message in order."""
+    nodes.fc.elect("n1")
+    leader = nodes["n1"]
+    leader.tick = 0.0
+    pad = 16 * 1024
+    leader.stream_padding = pad
+    async with running(grpc_cluster_config(nodes.grpc, routes=(STREAM_ROUTE,))) as srv:
+        await wait_for(leader_is(srv, "n1"), timeout=10)
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.listeners[0].port)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        conn.initiate_connection()
+        conn.send_headers(1, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"raftlb"),
+                              (b":path", b"/kv.KV/Stream"), (b"content-type", b"application/grpc"),
+                              (b"te", b"trailers")])
+        conn.send_data(1, grpcwire.frame(b"s"), end_stream=True)
+        writer.write(conn.data_to_send())
+        messages = grpcwire.MessageReader(max_message=1 << 20)
+        numbers: list[int] = []
+        got = 0
+        acking = False
+
+        async def pump() -> None:
+            nonlocal got
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.DataReceived) and ev.data is not None:
+                        got += len(ev.data)
+                        numbers.extend(int(m.payload[1:-pad]) for m in messages.feed(ev.data))
+                        if acking:
+                            conn.acknowledge_received_data(ev.flow_controlled_length or 0, 1)
+                writer.write(conn.data_to_send())  # (acks of SETTINGS and PING; WINDOW_UPDATEs once acking)
+
+        pumping = asyncio.ensure_future(pump())
+        try:
+            await wait_for(lambda: got > 0, timeout=10)
+            # The node's output stops growing while the client takes nothing more.
+            last = -1
+            while leader.streamed != last:
+                last = leader.streamed
+                await asyncio.sleep(0.3)
+            assert got <= 65535  # (the client's own window)
+            held = (last - len(numbers)) * pad
+            assert held < 16 * 1024 * 1024, f"{held} bytes streamed by the node and not read by the client"
+            acking = True
+            conn.acknowledge_received_data(got, 1)  # (what was received before: the window opens)
+            writer.write(conn.data_to_send())
+            await wait_for(lambda: len(numbers) > last + 50, timeout=20)
+            assert numbers == list(range(1, len(numbers) + 1))
+        finally:
+            pumping.cancel()
+            writer.close()

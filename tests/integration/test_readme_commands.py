@@ -52,6 +52,8 @@ NOT_RUN: dict[str, str] = {
     "raftlb run -c configs/etcd.yaml": "needs a 3-member etcd cluster",
     "curl -si localhost:8379/": "needs the etcd cluster behind configs/etcd.yaml",
     "raftlb announce ": "a sidecar for an etcd member: needs etcd",
+    "etcdctl ": "needs the etcd cluster behind configs/etcd.yaml (tests/integration/test_etcd_grpc_proxy.py "
+                "runs etcdctl through raftlb against a real etcd)",
     "raftlb bench --url http://127.0.0.1:8080 --consistency fenced --duration 30":
         "30 s of load; the README's tour runs the same check for 5 s",
     "raftlb bench --url http://127.0.0.1:8080 --consistency any --no-token":

@@ -44,6 +44,8 @@ class GrpcNode:
         self.server: Any = None
         self.port = 0
         self.streaming = threading.Event()  # a server stream is open on this node
+        self.stream_padding = 0  # bytes added to each streamed message
+        self.streamed = 0  # messages handed to grpcio by server streams (it blocks when the window is shut)
 
     @property
     def id(self) -> str:
@@ -100,10 +102,13 @@ class GrpcNode:
         self.streaming.set()
         try:
             n = 0
+            pad = b"p" * self.stream_padding
             while context.is_active():
                 n += 1
-                yield request + b"%d" % n
-                time.sleep(self.tick)
+                self.streamed += 1
+                yield request + b"%d" % n + pad
+                if self.tick:
+                    time.sleep(self.tick)
         finally:
             self.streaming.clear()
 
