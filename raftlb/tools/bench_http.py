@@ -309,7 +309,7 @@ class _H2Session:
         # Our own request headers are built well-formed (lower-case names): h2 need not check them again.
         config = H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False,
                                  normalize_outbound_headers=False)
-        self.h2 = H2Connection(config=config)
+        self.h2 = _ClientConnection(config=config)
         self.h2.state_machine = _GoawayKeepsStreams()
         self.h2.local_settings = Settings(client=True, initial_values={SettingCodes.ENABLE_PUSH: 0})
         self._scheme = b"https" if target.tls else b"http"
@@ -508,6 +508,14 @@ class _GoawayKeepsStreams(H2ConnectionStateMachine):
         if input_ is ConnectionInputs.RECV_GOAWAY and self.state is ConnectionState.CLIENT_OPEN:
             return []
         return super().process_input(input_)
+
+
+class _ClientConnection(H2Connection):
+    """h2's connection, except that what is queued to send is kept when a GOAWAY arrives (h2 drops it, taking
+    the connection for over): the streams that go on still need their WINDOW_UPDATEs."""
+
+    def clear_outbound_data_buffer(self) -> None:
+        pass
 
 
 class _H2Response:
