@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from raftlb.demo.cluster import DemoCluster
 from raftlb.server import Server
-from raftlb.tools.loadgen import BenchOptions, run_bench
-from tests.support.harness import demo_cluster_config, running, url_of, wait_for
+from raftlb.tools.loadgen import BenchOptions, BenchProgress, run_bench
+from tests.support.harness import demo_cluster_config, make_config, running, url_of, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -164,3 +164,35 @@ async def test_the_cli_refuses_streams_without_http2_and_a_listener_without_http
     assert code == 2 and text == "", text
     assert f"raftlb bench: cannot connect to {url}: the server answered the HTTP/2 connection preface with " \
            "HTTP/1 ('HTTP/1.1 400 Bad Request')" in err, err
+
+
+async def test_raftlb_draining_under_http2_load_ends_streams_cleanly(demo_cluster: DemoCluster) -> None:
+    """raftlb stopping (GOAWAY to each HTTP/2 client, the streams it took still answered) in the middle of an
+    HTTP/2 run: the bench sees transport errors of the expected kinds only, and no violation."""
+    srv = Server(make_config(demo_cluster_config(demo_cluster)))
+    await srv.start()
+    stopped = False
+    try:
+        proxy = srv.proxies["demo"]
+        await wait_for(lambda: proxy.table.leader(time.monotonic()) is not None, timeout=10)
+        loaded, stop = asyncio.Event(), asyncio.Event()
+
+        def on_progress(p: BenchProgress) -> None:
+            if p.requests >= 300:
+                loaded.set()
+
+        run = asyncio.create_task(run_bench(
+            bench([url_of(srv)], http2=True, streams=4, clients=4, duration=60.0, max_error_rate=1.0),
+            stop=stop, on_progress=on_progress))
+        await asyncio.wait_for(loaded.wait(), 30)
+        await srv.stop()
+        stopped = True
+        stop.set()
+        report = await asyncio.wait_for(run, 30)
+    finally:
+        if not stopped:
+            await srv.stop()
+    assert report.interrupted and report.requests >= 300
+    assert report.violation_count == 0, report.examples
+    kinds = set(report.errors["read"]) | set(report.errors["write"])
+    assert kinds <= {"goaway", "connection_refused", "connection_closed", "connection_reset"}, report.errors
