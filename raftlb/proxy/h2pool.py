@@ -16,7 +16,7 @@ body the node's windows do not take yet is buffered on its stream, and its liste
 `write_buffer_high`.
 
 A GOAWAY from the node stops new streams on its connection: the streams it did not take (above its last
-stream id) fail as never seen; the others finish (h2 alone would end them all, see `_GoawayKeepsStreams`),
+stream id) fail as never seen; the others finish (h2 alone would end them all, see raftlb.http.h2client),
 and the connection closes once they have. A connection that is lost fails its streams as possibly seen.
 
 The owner's periodic `sweep` enforces each stream's deadline (set by the owner: the stream fails with
@@ -34,12 +34,10 @@ from ssl import SSLContext
 from typing import Protocol, cast
 
 from h2.config import H2Configuration
-from h2.connection import ConnectionInputs, H2Connection, H2ConnectionStateMachine
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
-    Event,
     InformationalResponseReceived,
     RemoteSettingsChanged,
     ResponseReceived,
@@ -51,6 +49,7 @@ from h2.events import (
 from h2.exceptions import NoAvailableStreamIDError, ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes, Settings
 
+from raftlb.http.h2client import client_connection
 from raftlb.proxy.pool import MAX_RESPONSE_HEAD
 
 log = logging.getLogger("raftlb.proxy.h2pool")
@@ -167,26 +166,6 @@ class UpstreamStream:
         self.listener.on_stream_error(reason, written, timeout)
 
 
-class _GoawayKeepsStreams(H2ConnectionStateMachine):
-    """h2 takes a GOAWAY it receives for the end of the connection: any frame after it is a protocol error.
-    But the node goes on with the streams up to the GOAWAY's last stream id and answers them (RFC 9113 §6.8,
-    what etcd's gRPC server does when it stops): the connection stays open here, and the connection object
-    itself opens no more streams on it."""
-
-    def process_input(self, input_: ConnectionInputs) -> list[Event]:
-        if input_ is ConnectionInputs.RECV_GOAWAY:
-            return []
-        return super().process_input(input_)
-
-
-class _ClientConnection(H2Connection):
-    """h2's client connection, but what is queued to send is kept when a GOAWAY arrives (h2 drops it,
-    taking the connection for over): the streams that go on still need their frames."""
-
-    def clear_outbound_data_buffer(self) -> None:
-        pass
-
-
 def _split_head(raw: list[tuple[bytes, bytes]]) -> tuple[int, list[tuple[bytes, bytes]]]:
     """`:status` and the other headers of a response HEADERS frame (h2 has checked its pseudo-headers)."""
     status = 0
@@ -211,8 +190,7 @@ class H2UpstreamConn(asyncio.Protocol):
     def __init__(self, pool: H2NodePool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.h2 = _ClientConnection(H2Configuration(client_side=True, header_encoding=None))
-        self.h2.state_machine = _GoawayKeepsStreams()
+        self.h2 = client_connection(H2Configuration(client_side=True, header_encoding=None))
         self.streams: dict[int, UpstreamStream] = {}  # streams whose HEADERS are sent, by id
         self.reserved: list[UpstreamStream] = []  # streams handed out, HEADERS not sent yet
         self.ready = False  # the node's SETTINGS have arrived: streams may open

@@ -16,11 +16,10 @@ import json
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from h2.config import H2Configuration
-from h2.connection import ConnectionInputs, ConnectionState, H2Connection, H2ConnectionStateMachine
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -34,6 +33,8 @@ from h2.events import (
 from h2.exceptions import ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes, Settings
 from hpack import NeverIndexedHeaderTuple
+
+from raftlb.http.h2client import client_connection
 
 
 @dataclass(frozen=True)
@@ -309,8 +310,7 @@ class _H2Session:
         # Our own request headers are built well-formed (lower-case names): h2 need not check them again.
         config = H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False,
                                  normalize_outbound_headers=False)
-        self.h2 = _ClientConnection(config=config)
-        self.h2.state_machine = _GoawayKeepsStreams()
+        self.h2 = client_connection(config)
         self.h2.local_settings = Settings(client=True, initial_values={SettingCodes.ENABLE_PUSH: 0})
         self._scheme = b"https" if target.tls else b"http"
         self._authority = target.authority.encode("latin-1")
@@ -496,26 +496,6 @@ class _H2Session:
         self._window.set()
         if self._writer is not None:
             self._writer.close()
-
-
-class _GoawayKeepsStreams(H2ConnectionStateMachine):
-    """h2's connection state machine, except that a GOAWAY received while open leaves it open. h2 closes the
-    whole connection on a received GOAWAY and then rejects the frames of the streams the GOAWAY let finish
-    (RFC 9113 §6.8: those up to its last stream id), which a server's graceful drain still answers. The
-    session opens no new stream once it has seen a GOAWAY (`going_away`)."""
-
-    def process_input(self, input_: ConnectionInputs) -> list[Any]:
-        if input_ is ConnectionInputs.RECV_GOAWAY and self.state is ConnectionState.CLIENT_OPEN:
-            return []
-        return super().process_input(input_)
-
-
-class _ClientConnection(H2Connection):
-    """h2's connection, except that what is queued to send is kept when a GOAWAY arrives (h2 drops it, taking
-    the connection for over): the streams that go on still need their WINDOW_UPDATEs."""
-
-    def clear_outbound_data_buffer(self) -> None:
-        pass
 
 
 class _H2Response:
