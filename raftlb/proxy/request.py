@@ -20,24 +20,20 @@ from typing import Protocol
 
 from raftlb.config.model import READ_POLICIES, ClusterConfig
 from raftlb.core.dialects import BODY_INDEX_LIMIT, Dialect
-from raftlb.core.hold import held_outcome_unknown
 from raftlb.core.leader_table import LeaderTable
-from raftlb.core.lifecycle import RequestState
 from raftlb.core.placement import Target, below_fence, leader_moved
-from raftlb.core.resend import Failure, Verdict, resend_verdict, safe_to_resend
+from raftlb.core.resend import Failure, safe_to_resend
 from raftlb.core.router import RouteDecision, Router
 from raftlb.errors import (
     BadConsistency,
     BadMinIndex,
     BadRequest,
     IndexNotReached,
-    OutcomeUnknown,
     ProxyError,
-    UpstreamFailed,
-    UpstreamTimeout,
 )
 from raftlb.http.exchange import STATUS_LINES
 from raftlb.http.server import FRAMING_CHUNKED, FRAMING_LENGTH, FRAMING_NONE, Exchange, status_line
+from raftlb.proxy.attempt import ProxiedRequest
 from raftlb.proxy.pool import UpstreamConn
 from raftlb.proxy.stats import ProxyStats, RequestObserver
 
@@ -164,7 +160,7 @@ class RequestOwner(Protocol):
         """The data path could not connect to a node."""
 
 
-class ProxyRequest(RequestState):
+class ProxyRequest(ProxiedRequest):
     """One proxied HTTP/1.1 request: the retained body, the relay of the answer, the upstream callbacks."""
 
     __slots__ = (
@@ -172,6 +168,7 @@ class ProxyRequest(RequestState):
         "sent_body", "deferred", "answer", "body", "add_host",
     )
 
+    proxy: RequestOwner
     deferred: Deferral | None  # the answer's head is held back until its body is in (why)
     answer: tuple[int, list[bytes], bool, int]  # ... (status, head parts, has X-Raft-Term, index)
     body: list[bytes]  # ... and its body so far
@@ -371,7 +368,7 @@ class ProxyRequest(RequestState):
         """A 421: the node did not apply the request. True: re-sent (the table learnt the hint); False: the
         421 goes to the client (the re-send rule says so)."""
         proxy = self.proxy
-        verdict = self._verdict(Failure.MISDIRECTED)
+        verdict = self.verdict(Failure.MISDIRECTED)
         if not verdict.resend:
             return False
         hint: str | None = None
@@ -385,7 +382,7 @@ class ProxyRequest(RequestState):
         self.conn = None
         proxy.stats.misdirected += 1
         proxy.on_misdirected(self.node or "", hint, term)
-        self._resend("misdirected", verdict, time.monotonic())
+        self.resend("misdirected", verdict, time.monotonic())
         return True
 
     def _stale(self, conn: UpstreamConn | None, status: int, index: int) -> bool:
@@ -398,9 +395,9 @@ class ProxyRequest(RequestState):
             conn.abandon()
         self.conn = None
         proxy.stats.fence_stale += 1
-        verdict = self._verdict(Failure.STALE_INDEX)
+        verdict = self.verdict(Failure.STALE_INDEX)
         if verdict.resend:
-            self._resend("fence_stale", verdict, time.monotonic())
+            self.resend("fence_stale", verdict, time.monotonic())
         else:
             self.fail(IndexNotReached(f"no node served index {self.floor} in time", index=self.floor))
         return True
@@ -485,7 +482,7 @@ class ProxyRequest(RequestState):
             return
         failure = Failure.CONNECT_FAILED if not written else Failure.TIMED_OUT if timeout \
             else Failure.FAILED_AFTER_SEND
-        self._attempt_failed(failure, reason)
+        self.attempt_failed(failure, reason)
 
     def preempt(self, reason: str) -> None:
         """The node this request waits on was deposed or went down: stop waiting for it and apply the
@@ -499,73 +496,30 @@ class ProxyRequest(RequestState):
         self.conn = None
         self.proxy.inflight.discard(self)
         if not self.finished:
-            self._attempt_failed(Failure.PREEMPTED if written else Failure.CONNECT_FAILED, reason)
+            self.attempt_failed(Failure.PREEMPTED if written else Failure.CONNECT_FAILED, reason)
 
-    # -- the re-send rule, applied --------------------------------------------------------------------------
+    # -- what the re-send rule's verdicts need of this adapter (raftlb.proxy.attempt) -----------------------
 
-    def _verdict(self, failure: Failure) -> Verdict:
-        return resend_verdict(failure, write=self.route.kind == "write", safe=self.safe_to_repeat,
-                              body_kept=self.retain, attempts=self.attempts,
-                              max_resends=self.proxy.cluster.max_resends, on_leader=self.target is _LEADER,
-                              answer_started=self.ex.response_started)
+    @property
+    def answer_started(self) -> bool:
+        return self.ex.response_started
 
-    def _attempt_failed(self, failure: Failure, reason: str) -> None:
-        """An attempt failed at the connection (before or after the request was written): do what
-        `resend_verdict` says."""
-        proxy = self.proxy
-        verdict = self._verdict(failure)
-        node = self.node
-        if verdict is Verdict.CUT_CLIENT:
-            log.warning("node %s failed mid-response (%s): cutting the client connection", node, reason)
-            self.ex.abort(reason)
-            self._finish()
-            return
-        if verdict.resend:
-            self.avoid = node
-            if failure is Failure.CONNECT_FAILED:
-                # A node that refuses connections is down for routing now, not after its announcements go
-                # quiet.
-                if node is not None:
-                    proxy.on_node_unreachable(node, reason)
-                self._resend("connect_failed", verdict, time.monotonic())
-            else:
-                if self.route.kind == "write":
-                    self.maybe_applied = node
-                self._resend("idempotent_retry", verdict, time.monotonic())
-            return
-        if verdict is Verdict.FAIL_OUTCOME_UNKNOWN:
-            proxy.stats.outcome_unknown += 1
-            self.fail(OutcomeUnknown(f"node {node}: {reason}; the write may or may not have been applied",
-                                     node=node))
-        elif verdict is Verdict.FAIL_TIMEOUT:
-            self.fail(UpstreamTimeout(f"node {node}: {reason}"))
-        else:
-            self.fail(UpstreamFailed(f"node {node}: {reason}"))
-
-    def _resend(self, reason: str, verdict: Verdict, now: float) -> None:
-        proxy = self.proxy
-        proxy.stats.resends[reason] = proxy.stats.resends.get(reason, 0) + 1
-        if self.node is not None:
-            proxy.release_node(self.node)
-        self.will_resend(verdict, now)
+    def reset_attempt(self) -> None:
         self.sent_body = 0
         self.deferred = None  # an answer held back from the failed attempt is not this one's
-        if verdict.immediate:
-            proxy.dispatch(self, now)
-        else:
-            proxy.hold(self, now)
+
+    def cut(self, reason: str) -> None:
+        log.warning("%s failed mid-response: cutting the client connection", reason)
+        self.ex.abort(reason)
+        self._finish()
+
+    def send_again(self, now: float) -> None:
+        self.proxy.dispatch(self, now)
+
+    def hold_again(self, now: float) -> None:
+        self.proxy.hold(self, now)
 
     # -- the outcome ----------------------------------------------------------------------------------------
-
-    def fail_held(self, err: ProxyError) -> None:
-        """Give up on a held request with `err` (no leader in time, hold budget), unless it is a write that
-        reached a node before: then the truth is that it may have been applied (502 outcome_unknown)."""
-        node = self.maybe_applied
-        if held_outcome_unknown(node is not None):
-            self.proxy.stats.outcome_unknown += 1
-            err = OutcomeUnknown(f"node {node} did not answer, then {err.detail}; the write may or may not "
-                                 "have been applied", node=node)
-        self.fail(err)
 
     def fail(self, err: ProxyError) -> None:
         """Answer the client with `err`; the request is over."""

@@ -29,24 +29,21 @@ from raftlb.config.model import ClusterConfig
 from raftlb.core import grpc
 from raftlb.core.dialects import BODY_INDEX_LIMIT, Dialect
 from raftlb.core.etcdpb import refused_for_no_leader
-from raftlb.core.hold import held_outcome_unknown
 from raftlb.core.leader_table import LeaderTable
-from raftlb.core.lifecycle import RequestState
 from raftlb.core.placement import Target, below_fence, leader_moved
 from raftlb.core.protowire import ProtoError
-from raftlb.core.resend import Failure, Verdict, resend_verdict, safe_to_resend
+from raftlb.core.resend import Failure, safe_to_resend
 from raftlb.core.router import RouteDecision, Router
 from raftlb.errors import (
     BadConsistency,
     BadMinIndex,
     IndexNotReached,
-    OutcomeUnknown,
     ProxyError,
     RequestTimeout,
     UpstreamFailed,
-    UpstreamTimeout,
 )
 from raftlb.http.h2server import H2Exchange
+from raftlb.proxy.attempt import ProxiedRequest
 from raftlb.proxy.h2pool import UpstreamStream
 from raftlb.proxy.stats import ProxyStats, RequestObserver
 
@@ -97,15 +94,15 @@ class StreamOwner(Protocol):
     def cancel_stream(self, node: str, req: StreamRequest) -> None: ...
 
 
-class StreamRequest(RequestState):
+class StreamRequest(ProxiedRequest):
     """One request from an HTTP/2 client to a node over HTTP/2 (a gRPC call or a plain request)."""
 
-    upstream_h2 = True
+    proxy: StreamOwner
 
     def __init__(self, owner: StreamOwner, ex: H2Exchange, route: RouteDecision, call: grpc.CallHead | None,
                  headers: list[tuple[bytes, bytes]]) -> None:
         super().__init__(route, ex.started_at)
-        self.owner = owner
+        self.proxy = owner
         self.ex = ex
         self.call = call  # None: not a gRPC call
         self.headers = headers  # the request headers for the node, without pseudo-headers
@@ -155,7 +152,7 @@ class StreamRequest(RequestState):
 
     def on_client_body(self, data: bytes) -> None:
         self.body_len += len(data)
-        limit = self.owner.cluster.resend_body_limit
+        limit = self.proxy.cluster.resend_body_limit
         stream = self.stream
         if self.retain and self.body_len > limit and self.classified:
             self.retain = False  # (too much to re-send: what is kept for that is let go)
@@ -192,7 +189,7 @@ class StreamRequest(RequestState):
             return
         self.finished = True
         self._drop_upstream()
-        self.owner.forget(self)
+        self.proxy.forget(self)
 
     def on_client_pause(self) -> None:
         if self.stream is not None:
@@ -204,7 +201,7 @@ class StreamRequest(RequestState):
 
     def _classify(self, message: grpc.Message | None) -> None:
         """The first request message is in (None: the call had none): the call's route, then its place."""
-        owner = self.owner
+        owner = self.proxy
         self.reader = None
         self.classified = True
         call = self.call
@@ -236,7 +233,7 @@ class StreamRequest(RequestState):
     def on_stream_ready(self, stream: UpstreamStream) -> None:
         """A stream on a connection to `self.node` is this request's: send the request on it."""
         self.waiting_stream = False
-        owner = self.owner
+        owner = self.proxy
         node = self.node
         if self.finished or node is None:
             stream.reset(ErrorCodes.CANCEL)
@@ -312,8 +309,8 @@ class StreamRequest(RequestState):
                 return
         self.head = headers
         if index >= 0 and status < 500 and self.node is not None:
-            self.owner.learned_index(self.node, index)
-        owner = self.owner
+            self.proxy.learned_index(self.node, index)
+        owner = self.proxy
         if index < 0 and status == 200:
             if self.call is not None and grpc_status is None and owner.dialect.index_from_message is not None:
                 self.deferred = _FIRST_MESSAGE
@@ -340,15 +337,15 @@ class StreamRequest(RequestState):
         return False
 
     def _refused(self, hint: str | None, term: int | None, tell_table: bool = True) -> bool:
-        verdict = self._verdict(Failure.MISDIRECTED)
+        verdict = self.verdict(Failure.MISDIRECTED)
         if not verdict.resend:
             return False
         node = self.node or ""
         self._drop_upstream()
-        self.owner.stats.misdirected += 1
+        self.proxy.stats.misdirected += 1
         if tell_table:
-            self.owner.on_misdirected(node, hint, term)
-        self._resend("misdirected", verdict, time.monotonic())
+            self.proxy.on_misdirected(node, hint, term)
+        self.resend("misdirected", verdict, time.monotonic())
         return True
 
     def _stale(self, status: int, index: int) -> bool:
@@ -356,17 +353,17 @@ class StreamRequest(RequestState):
         if not below_fence(self.route, status, index, self.floor):
             return False
         self._drop_upstream()
-        self.owner.stats.fence_stale += 1
-        verdict = self._verdict(Failure.STALE_INDEX)
+        self.proxy.stats.fence_stale += 1
+        verdict = self.verdict(Failure.STALE_INDEX)
         if verdict.resend:
-            self._resend("fence_stale", verdict, time.monotonic())
+            self.resend("fence_stale", verdict, time.monotonic())
         else:
             self.fail(IndexNotReached(f"no node served index {self.floor} in time", index=self.floor))
         return True
 
     def _answer_head(self, index: int, end: bool) -> None:
         """The answer's head to the client, with raftlb's metadata; `end`: it is the whole answer."""
-        owner = self.owner
+        owner = self.proxy
         node = self.node
         assert node is not None
         out = [(b":status", b"%d" % self.head_status)]
@@ -423,7 +420,7 @@ class StreamRequest(RequestState):
             self._release_body(-1)
 
     def _first_message(self, message: grpc.Message) -> None:
-        owner = self.owner
+        owner = self.proxy
         index = -1
         extract = owner.dialect.index_from_message
         if extract is not None:
@@ -470,10 +467,10 @@ class StreamRequest(RequestState):
         if not self.answered:
             if self.deferred == _BODY:
                 body = b"".join(self.body)
-                extract = self.owner.dialect.index_from_body
+                extract = self.proxy.dialect.index_from_body
                 found = extract(body) if extract is not None else None
                 if found is not None and self.node is not None:
-                    self.owner.learned_index(self.node, found)
+                    self.proxy.learned_index(self.node, found)
                 self._release_body(found if found is not None else -1)
             else:
                 self._release_body(-1)
@@ -495,7 +492,7 @@ class StreamRequest(RequestState):
             return
         failure = Failure.CONNECT_FAILED if not written else Failure.TIMED_OUT if timeout \
             else Failure.FAILED_AFTER_SEND
-        self._attempt_failed(failure, reason)
+        self.attempt_failed(failure, reason)
 
     def _bad_answer(self, why: str) -> None:
         node = self.node
@@ -509,7 +506,7 @@ class StreamRequest(RequestState):
             stream.reset(ErrorCodes.CANCEL)
         if self.waiting_stream and self.node is not None:
             self.waiting_stream = False
-            self.owner.cancel_stream(self.node, self)
+            self.proxy.cancel_stream(self.node, self)
         self.deferred = 0
         self.body = []
         self.body_size = 0
@@ -523,48 +520,26 @@ class StreamRequest(RequestState):
             return
         written = self.stream is not None and self.stream.written
         self._drop_upstream()
-        self.owner.stats.preempted += 1
-        self._attempt_failed(Failure.PREEMPTED if written else Failure.CONNECT_FAILED, reason,
+        self.proxy.stats.preempted += 1
+        self.attempt_failed(Failure.PREEMPTED if written else Failure.CONNECT_FAILED, reason,
                              unreachable=False)
 
-    # -- the re-send rule, applied --------------------------------------------------------------------------
+    # -- what the re-send rule's verdicts need of this adapter (raftlb.proxy.attempt) -----------------------
 
-    def _verdict(self, failure: Failure) -> Verdict:
-        return resend_verdict(failure, write=self.route.kind == "write", safe=self.safe_to_repeat,
-                              body_kept=self.retain, attempts=self.attempts,
-                              max_resends=self.owner.cluster.max_resends, on_leader=self.target is _LEADER,
-                              answer_started=self.answered)
+    @property
+    def answer_started(self) -> bool:
+        return self.answered
 
-    def _attempt_failed(self, failure: Failure, reason: str, unreachable: bool = True) -> None:
-        """An attempt failed (`unreachable`: the node could not be reached, rather than taken back from it
-        by the table): do what `resend_verdict` says."""
-        owner = self.owner
-        verdict = self._verdict(failure)
-        node = self.node
-        if verdict is Verdict.CUT_CLIENT:
-            self._cut(f"node {node}: {reason}")
-            return
-        if verdict.resend:
-            self.avoid = node
-            if failure is Failure.CONNECT_FAILED:
-                if node is not None and unreachable:
-                    owner.on_node_unreachable(node, reason)
-                self._resend("connect_failed", verdict, time.monotonic())
-            else:
-                if self.route.kind == "write":
-                    self.maybe_applied = node
-                self._resend("idempotent_retry", verdict, time.monotonic())
-            return
-        if verdict is Verdict.FAIL_OUTCOME_UNKNOWN:
-            owner.stats.outcome_unknown += 1
-            self.fail(OutcomeUnknown(f"node {node}: {reason}; the write may or may not have been applied",
-                                     node=node))
-        elif verdict is Verdict.FAIL_TIMEOUT:
-            self.fail(UpstreamTimeout(f"node {node}: {reason}"))
-        else:
-            self.fail(UpstreamFailed(f"node {node}: {reason}"))
+    def reset_attempt(self) -> None:
+        self.deferred = 0  # (an answer held back from the failed attempt is not this one's)
 
-    def _cut(self, reason: str) -> None:
+    def send_again(self, now: float) -> None:
+        self.proxy.dispatch(self, now)
+
+    def hold_again(self, now: float) -> None:
+        self.proxy.hold(self, now)
+
+    def cut(self, reason: str) -> None:
         """The answer has started and its node is gone: a gRPC call ends with a status that says whether it
         may be repeated (UNAVAILABLE for reads and long-lived calls, which clients open again; UNKNOWN for a
         unary write, which may have been applied); a plain answer is reset."""
@@ -578,31 +553,11 @@ class StreamRequest(RequestState):
                 message = f"raftlb outcome_unknown: {reason}; the write may or may not have been applied"
             self.end_call(status, message)
             return
-        log.warning("%s failed mid-response (%s): resetting the client's stream", self.node, reason)
+        log.warning("%s: the answer was under way, resetting the client's stream", reason)
         self.ex.abort(reason)
         self._done()
 
-    def _resend(self, reason: str, verdict: Verdict, now: float) -> None:
-        owner = self.owner
-        owner.stats.resends[reason] = owner.stats.resends.get(reason, 0) + 1
-        if self.node is not None:
-            owner.release_node(self.node)
-        self.will_resend(verdict, now)
-        self.deferred = 0
-        if verdict.immediate:
-            owner.dispatch(self, now)
-        else:
-            owner.hold(self, now)
-
     # -- the outcome ----------------------------------------------------------------------------------------
-
-    def fail_held(self, err: ProxyError) -> None:
-        node = self.maybe_applied
-        if held_outcome_unknown(node is not None):
-            self.owner.stats.outcome_unknown += 1
-            err = OutcomeUnknown(f"node {node} did not answer, then {err.detail}; the write may or may not "
-                                 "have been applied", node=node)
-        self.fail(err)
 
     def fail(self, err: ProxyError) -> None:
         """End the request with one of raftlb's errors: a gRPC status for a call, an HTTP error otherwise."""
@@ -649,7 +604,7 @@ class StreamRequest(RequestState):
         ex = self.ex
         ex.finished = True
         ex.drop_callbacks()
-        owner = self.owner
+        owner = self.proxy
         node = self.node
         owner.forget(self)
         cls = ex.status // 100
