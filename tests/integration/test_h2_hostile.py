@@ -405,27 +405,34 @@ async def connection_window_shut(lb: Raftlb) -> list[str]:
     return await _streams_reset(probe, sids, ErrorCodes.CANCEL)
 
 
-async def socket_never_read(lb: Raftlb) -> list[str]:
-    """Windows wide open but the socket never read: the kernel's buffers fill, raftlb's writing pauses, and
-    after send_timeout the connection is cut."""
-    probe = await H2Probe.open(lb.port, {SettingCodes.INITIAL_WINDOW_SIZE: (1 << 31) - 1})
-    assert probe.transport is not None
-    probe.send(window_update(0, (1 << 31) - 1 - 65535))
-    probe.transport.pause_reading()
-    for _ in range(MAX_STREAMS):
-        probe.request("/kv/big")
-    # Nothing is read until raftlb has cut the connection (the only one it can cut meanwhile: the healthy
-    # clients read); then what is buffered is read (the kernel's buffers), and the connection must be over.
+async def socket_never_read(lb: Raftlb, connections: int = 4) -> list[str]:
+    """Windows wide open but the socket never read, on a few connections: the kernel's buffers fill,
+    raftlb's writing pauses, and after send_timeout each connection is cut."""
     cut = await asyncio.to_thread(lb.metric, "raftlb_downstream_send_timeouts_total")
+    probes = [await H2Probe.open(lb.port, {SettingCodes.INITIAL_WINDOW_SIZE: (1 << 31) - 1})
+              for _ in range(connections)]
+    for probe in probes:
+        assert probe.transport is not None
+        probe.send(window_update(0, (1 << 31) - 1 - 65535))
+        probe.transport.pause_reading()
+        for _ in range(MAX_STREAMS):
+            probe.request("/kv/big")
+    # Nothing is read until raftlb has cut them all (the only connections it can cut meanwhile: the healthy
+    # clients read); then what is buffered is read (the kernel's buffers), and each must be over. (Reading
+    # one before all are cut would let it drain, and its answers complete.)
     deadline = time.monotonic() + WAIT + SEND_TIMEOUT
-    while await asyncio.to_thread(lb.metric, "raftlb_downstream_send_timeouts_total") <= cut:
+    while await asyncio.to_thread(lb.metric, "raftlb_downstream_send_timeouts_total") < cut + connections:
         if time.monotonic() > deadline:
-            return ["raftlb never cut the connection"]
+            return ["raftlb did not cut them all"]
         await asyncio.sleep(0.1)
-    probe.transport.resume_reading()
-    closed = await probe.wait_closed(WAIT)
-    probe.abort()
-    return [] if closed else [f"connection still open: {probe.summary()}"]
+    problems = []
+    for probe in probes:
+        assert probe.transport is not None
+        probe.transport.resume_reading()
+        if not await probe.wait_closed(WAIT):
+            problems.append(f"connection still open: {probe.summary()}")
+        probe.abort()
+    return problems
 
 
 async def even_stream_id(lb: Raftlb) -> list[str]:
@@ -611,9 +618,13 @@ async def test_a_connection_hogging_all_its_streams_does_not_hold_up_another(raf
 
 
 async def test_memory_stays_bounded_through_every_attack(raftlb: Raftlb) -> None:
-    """Every attack twice over (those that hold streams on four connections at once) and the fuzz again:
-    raftlb's RSS grows by less than 64 MiB, its connections go back to the healthy clients' own. (Were the
-    shut windows' answers held whole, the four connections of one round alone would hold 4 x 32 x 1 MiB.)"""
+    """Every attack twice over (those that hold answers on four connections at once) and the fuzz again:
+    raftlb's RSS grows by less than 96 MiB, and its connections go back to the healthy clients' own.
+
+    What the stream-holding attacks may cost is bounded per connection by its streams times
+    (`write_buffer_high` plus one read from the node in flight): measured, +10 to +48 MB in all,
+    most of it the first round (the allocator's high-water mark). Were the answers held whole instead, one
+    round of either of them alone would hold 4 x 32 x 1 MiB = 128 MiB."""
     async with healthy_clients(raftlb, at_least=20):  # warm up: pools, parsers, allocator arenas
         pass
     baseline_connections = await asyncio.to_thread(raftlb.metric, "raftlb_downstream_connections")
@@ -622,7 +633,7 @@ async def test_memory_stays_bounded_through_every_attack(raftlb: Raftlb) -> None
     async with healthy_clients(raftlb, at_least=20) as healthy:
         for _ in range(2):
             for name, attack in ATTACKS.items():
-                many = 4 if name.startswith(("window_", "connection_window", "socket_")) else 1
+                many = 4 if name.startswith(("window_", "connection_window")) else 1
                 results = await asyncio.gather(*(attack(raftlb) for _ in range(many)))
                 problems += [f"{name}: {p}" for result in results for p in result]
             problems += (await fuzz(raftlb.port, seed=1400 + len(rss), cases=100))[0]
@@ -630,7 +641,7 @@ async def test_memory_stays_bounded_through_every_attack(raftlb: Raftlb) -> None
     assert problems == [], problems[:5]
     assert_healthy(healthy, at_least=20)
     print(f"raftlb RSS (KiB): {rss[0]} before the attacks, {rss[1]} after one round, {rss[2]} after two")
-    assert max(rss) - rss[0] < 64 * 1024, rss
+    assert max(rss) - rss[0] < 96 * 1024, rss
     # Every attacker's connection is gone (the healthy clients have closed theirs too by now).
     deadline = time.monotonic() + WAIT
     while await asyncio.to_thread(raftlb.metric, "raftlb_downstream_connections") > baseline_connections:
