@@ -582,8 +582,11 @@ async def test_random_bytes_after_the_preface_end_cleanly_and_other_clients_are_
     async with healthy_clients(raftlb) as healthy:
         problems, outcomes = await fuzz(raftlb.port, seed=14)
     assert problems == [], problems[:5]
-    # Not vacuous: most cases are protocol errors, answered with GOAWAY PROTOCOL_ERROR before the close.
-    assert outcomes.get(f"GOAWAY {ErrorCodes.PROTOCOL_ERROR}", 0) > FUZZ_CASES // 3, outcomes
+    # Not vacuous: most cases are connection errors, their GOAWAY before the close (seed 14: 146 frames too
+    # long, 102 protocol errors, 52 clean closes of what ends without an error, such as unknown frames).
+    errors = (ErrorCodes.PROTOCOL_ERROR, ErrorCodes.FRAME_SIZE_ERROR)
+    codes = [outcomes.get(f"GOAWAY {code}", 0) for code in errors]
+    assert min(codes) > FUZZ_CASES // 10 and sum(codes) > FUZZ_CASES // 2, outcomes
     assert_healthy(healthy)
     assert raftlb.proc.poll() is None and raftlb.tracebacks() == ""
 
