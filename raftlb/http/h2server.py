@@ -14,9 +14,10 @@ for the answer, ours for the request body) is what `writing_paused` and `pause_r
 Limits: concurrent streams, header list size (`limits.max_header_bytes`, `limits.max_headers`), body size,
 idle timeout, the send timeout (per stream, for an answer the client's windows hold back); frames longer
 than SETTINGS_MAX_FRAME_SIZE are refused as soon as their header arrives. Streams reset by the client, or
-reset because of it, and control frames (SETTINGS, PING) are rate bounded (the "rapid reset" and flood
-attacks end in GOAWAY ENHANCE_YOUR_CALM). After a connection error the GOAWAY goes out before the close
-(see `_close_on_error`). Graceful drain sends GOAWAY and finishes the streams already open.
+reset because of it, and frames that are work for nothing (SETTINGS, PING, PRIORITY, unknown types, empty
+DATA) are rate bounded (the "rapid reset" and flood attacks end in GOAWAY ENHANCE_YOUR_CALM). After a
+connection error the GOAWAY goes out before the close (see `_close_on_error`). Graceful drain sends GOAWAY
+and finishes the streams already open.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from h2.events import (
     ConnectionTerminated,
     DataReceived,
     PingReceived,
+    PriorityUpdated,
     RemoteSettingsChanged,
     RequestReceived,
     StreamEnded,
     StreamReset,
     TrailersReceived,
+    UnknownFrameReceived,
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError
@@ -370,10 +373,14 @@ class H2ServerConnection(asyncio.Protocol):
             log.debug("HTTP/2 protocol error from %s: %s", self.peer_host, exc)
             self._close_on_error()  # (h2 has queued a GOAWAY)
             return
+        request_priority: PriorityUpdated | None = None
         for event in events:
             if isinstance(event, DataReceived):
+                if not event.flow_controlled_length and event.stream_ended is None:
+                    self._count_control()  # (an empty DATA frame that ends nothing: no work but ours)
                 self._on_data(event)
             elif isinstance(event, RequestReceived):
+                request_priority = event.priority_updated
                 self._on_request(event)
             elif isinstance(event, StreamEnded):
                 self._on_stream_ended(event.stream_id)
@@ -381,8 +388,13 @@ class H2ServerConnection(asyncio.Protocol):
                 self._on_window(event.stream_id)
             elif isinstance(event, StreamReset):
                 self._on_reset(event)
-            elif isinstance(event, (PingReceived, RemoteSettingsChanged)):
+            elif isinstance(event, (PingReceived, RemoteSettingsChanged, UnknownFrameReceived)):
                 self._count_control()
+            elif isinstance(event, PriorityUpdated):
+                # A PRIORITY frame of its own (not a request's HEADERS' priority): legal on any stream, even
+                # idle ones, and work for nothing; counted with the control frames, or a flood is free.
+                if event is not request_priority:
+                    self._count_control()
             elif isinstance(event, TrailersReceived):
                 # Request trailers cannot be passed on to an HTTP/1 node: the body ends here.
                 self._on_stream_ended(event.stream_id)

@@ -28,6 +28,7 @@ from hyperframe.frame import (
     GoAwayFrame,
     HeadersFrame,
     PingFrame,
+    PriorityFrame,
     RstStreamFrame,
     SettingsFrame,
 )
@@ -588,3 +589,41 @@ async def test_after_a_connection_error_goaway_goes_out_and_input_is_drained_bef
     assert len(t.out) == sent and conn in server.connections
     conn.connection_lost(None)  # (the client closes once it has read the GOAWAY)
     assert conn not in server.connections
+
+
+@pytest.mark.parametrize("kind", ["priority", "empty-data", "unknown"])
+async def test_frames_that_are_work_for_nothing_are_rate_bounded(kind: str) -> None:
+    handler = Handler(hold=True)
+    c = Client(handler, h2=H2Config(max_control_frames_per_second=100))
+    await c.events()
+    if kind == "empty-data":
+        sid = c.h2.get_next_available_stream_id()
+        c.h2.send_headers(sid, [(":method", "PUT"), (":path", "/w"), (":scheme", "http"),
+                                (":authority", "x")])
+        c.send()
+        one = DataFrame(sid).serialize()
+    elif kind == "priority":
+        one = PriorityFrame(101, depends_on=0, stream_weight=15).serialize()
+    else:
+        one = b"\x00\x00\x01\x42\x00\x00\x00\x00\x00x"  # (type 0x42: unknown, to be ignored)
+    for _ in range(1000):
+        c.conn.data_received(one)
+        if c.transport.closed:
+            break
+    term = goaway(await c.events())
+    assert term is not None and term.error_code == ErrorCodes.ENHANCE_YOUR_CALM and c.transport.closed
+
+
+async def test_a_request_with_priority_is_not_a_control_frame() -> None:
+    # (HEADERS with the PRIORITY flag, as browsers send: h2 reports a PriorityUpdated with each request)
+    handler = Handler()
+    c = Client(handler, h2=H2Config(max_control_frames_per_second=10))
+    await c.events()
+    enc = Encoder()
+    for sid in range(1, 61, 2):
+        frame = HeadersFrame(sid, flags=["END_HEADERS", "END_STREAM", "PRIORITY"], depends_on=0,
+                             stream_weight=200)
+        frame.data = enc.encode([(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"),
+                                 (b":authority", b"x")])
+        c.conn.data_received(frame.serialize())
+    assert len(handler.exchanges) == 30 and not c.transport.closed

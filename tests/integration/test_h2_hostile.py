@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import struct
 import subprocess
 import sys
 import time
@@ -312,6 +313,28 @@ async def ping_flood(lb: Raftlb) -> list[str]:
     return await _goaway(probe, {ErrorCodes.ENHANCE_YOUR_CALM})
 
 
+async def priority_flood(lb: Raftlb) -> list[str]:
+    """PRIORITY frames on 20,000 idle streams: legal, and work for nothing (CVE-2019-9513's frames)."""
+    probe = await H2Probe.open(lb.port)
+    probe.send(b"".join(raw_frame(PRIORITY, 0, sid, struct.pack(">IB", 0, 15)) for sid in range(1, 40001, 2)))
+    return await _goaway(probe, {ErrorCodes.ENHANCE_YOUR_CALM})
+
+
+async def empty_frames_flood(lb: Raftlb) -> list[str]:
+    """An upload that never ends, as 20,000 empty DATA frames (CVE-2019-9518)."""
+    probe = await H2Probe.open(lb.port)
+    probe.send(header_block_frames(1, probe.encode(request_headers("/kv/empty", "PUT")), end_stream=False))
+    probe.send(raw_frame(DATA, 0, 1) * 20000)
+    return await _goaway(probe, {ErrorCodes.ENHANCE_YOUR_CALM})
+
+
+async def unknown_frames_flood(lb: Raftlb) -> list[str]:
+    """20,000 frames of an unknown type, which a server must ignore (RFC 9113 §5.5)."""
+    probe = await H2Probe.open(lb.port)
+    probe.send(raw_frame(0x42, 0, 0, b"x") * 20000)
+    return await _goaway(probe, {ErrorCodes.ENHANCE_YOUR_CALM})
+
+
 async def continuation_flood(lb: Raftlb) -> list[str]:
     """A HEADERS without END_HEADERS, then CONTINUATIONs that never end it (small ones: many of them)."""
     probe = await H2Probe.open(lb.port)
@@ -491,6 +514,9 @@ ATTACKS: dict[str, Attack] = {
     "made_you_reset": made_you_reset,
     "settings_flood": settings_flood,
     "ping_flood": ping_flood,
+    "priority_flood": priority_flood,
+    "empty_frames_flood": empty_frames_flood,
+    "unknown_frames_flood": unknown_frames_flood,
     "continuation_flood": continuation_flood,
     "continuation_flood_big": continuation_flood_big,
     "one_huge_header": one_huge_header,
