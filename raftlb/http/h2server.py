@@ -12,8 +12,11 @@ here; the stream object (`H2Stream`) is the exchange's `Connection`: its flow co
 for the answer, ours for the request body) is what `writing_paused` and `pause_reading` mean for it.
 
 Limits: concurrent streams, header list size (`limits.max_header_bytes`, `limits.max_headers`), body size,
-idle timeout, the send timeout; streams reset by the client and control frames (SETTINGS, PING) are rate
-bounded (the "rapid reset" and flood attacks end in GOAWAY ENHANCE_YOUR_CALM). Graceful drain sends GOAWAY
+idle timeout, the send timeout (per stream, for an answer the client's windows hold back); frames longer
+than SETTINGS_MAX_FRAME_SIZE are refused as soon as their header arrives. Streams reset by the client, or
+reset because of it, and frames that are work for nothing (SETTINGS, PING, PRIORITY, unknown types, empty
+DATA) are rate bounded (the "rapid reset" and flood attacks end in GOAWAY ENHANCE_YOUR_CALM). After a
+connection error the GOAWAY goes out before the close (see `_close_on_error`). Graceful drain sends GOAWAY
 and finishes the streams already open.
 """
 
@@ -31,11 +34,13 @@ from h2.events import (
     ConnectionTerminated,
     DataReceived,
     PingReceived,
+    PriorityUpdated,
     RemoteSettingsChanged,
     RequestReceived,
     StreamEnded,
     StreamReset,
     TrailersReceived,
+    UnknownFrameReceived,
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError
@@ -70,6 +75,7 @@ _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"tr
 _REQUEST_DROP = frozenset({b"expect", b"te"})
 
 RATE_WINDOW = 1.0  # seconds over which stream resets and control frames are counted
+LINGER_TIMEOUT = 2.0  # after a connection error, what the client still sends is read and dropped this long
 
 
 class StreamHandler(Protocol):
@@ -292,9 +298,12 @@ class H2ServerConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.deadline_kind = DL_NONE
         self._flush_scheduled = False
+        self._linger: asyncio.TimerHandle | None = None
         self._window_start = 0.0
         self._resets = 0
         self._controls = 0
+        self._frame_left = len(PREFACE)  # bytes of the preface, then of the current frame, still to come
+        self._frame_head = b""  # a frame header received in pieces
         self.requests = 0
 
     def __repr__(self) -> str:
@@ -348,6 +357,8 @@ class H2ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._linger is not None:
+            self._linger.cancel()
         self.server.connections.discard(self)
         for stream in list(self.streams.values()):
             self._client_gone(stream, "client_closed")
@@ -358,7 +369,7 @@ class H2ServerConnection(asyncio.Protocol):
         # answer into a buffer that does not drain), and pause every stream's upstream.
         self.writing_paused = True
         self.stalled_since = time.monotonic()
-        if self.transport is not None:
+        if self.transport is not None and not self.closed:  # (closed: lingering, the input is drained)
             self.transport.pause_reading()
         for stream in list(self.streams.values()):
             self._update_paused(stream)
@@ -374,17 +385,25 @@ class H2ServerConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if not self._frame_sizes_ok(data):
+            log.debug("HTTP/2 client %s: frame larger than SETTINGS_MAX_FRAME_SIZE", self.peer_host)
+            self.h2.close_connection(ErrorCodes.FRAME_SIZE_ERROR)
+            self._close_on_error()
+            return
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as exc:
             log.debug("HTTP/2 protocol error from %s: %s", self.peer_host, exc)
-            self._flush()  # (h2 has queued a GOAWAY)
-            self._close()
+            self._close_on_error()  # (h2 has queued a GOAWAY)
             return
+        request_priority: PriorityUpdated | None = None
         for event in events:
             if isinstance(event, DataReceived):
+                if not event.flow_controlled_length and event.stream_ended is None:
+                    self._count_control()  # (an empty DATA frame that ends nothing: no work but ours)
                 self._on_data(event)
             elif isinstance(event, RequestReceived):
+                request_priority = event.priority_updated
                 self._on_request(event)
             elif isinstance(event, StreamEnded):
                 self._on_stream_ended(event.stream_id)
@@ -392,8 +411,13 @@ class H2ServerConnection(asyncio.Protocol):
                 self._on_window(event.stream_id)
             elif isinstance(event, StreamReset):
                 self._on_reset(event)
-            elif isinstance(event, (PingReceived, RemoteSettingsChanged)):
+            elif isinstance(event, (PingReceived, RemoteSettingsChanged, UnknownFrameReceived)):
                 self._count_control()
+            elif isinstance(event, PriorityUpdated):
+                # A PRIORITY frame of its own (not a request's HEADERS' priority): legal on any stream, even
+                # idle ones, and work for nothing; counted with the control frames, or a flood is free.
+                if event is not request_priority:
+                    self._count_control()
             elif isinstance(event, TrailersReceived):
                 # Request trailers cannot be passed on to an HTTP/1 node: the body ends here.
                 self._on_stream_ended(event.stream_id)
@@ -403,6 +427,28 @@ class H2ServerConnection(asyncio.Protocol):
             if self.closed:
                 return
         self._flush()
+
+    def _frame_sizes_ok(self, data: bytes) -> bool:
+        """Whether each frame header in `data` announces a length within SETTINGS_MAX_FRAME_SIZE. (h2 checks
+        a frame's length only once it has buffered the whole frame: a header announcing 16 MB would have it
+        buffer 16 MB first.)"""
+        i, size, limit = 0, len(data), self.h2.max_inbound_frame_size
+        while i < size:
+            if self._frame_left:
+                step = min(self._frame_left, size - i)
+                self._frame_left -= step
+                i += step
+                continue
+            head = self._frame_head + data[i:i + 9 - len(self._frame_head)]
+            i += len(head) - len(self._frame_head)
+            if len(head) < 9:
+                self._frame_head = head
+                break
+            self._frame_head = b""
+            self._frame_left = int.from_bytes(head[:3], "big")
+            if self._frame_left > limit:
+                return False
+        return True
 
     # -- events ---------------------------------------------------------------------------------------------
 
@@ -483,8 +529,10 @@ class H2ServerConnection(asyncio.Protocol):
 
     def _on_reset(self, event: StreamReset) -> None:
         stream = self.streams.pop(event.stream_id, None)
-        if event.remote_reset:
-            self._count_reset()
+        # Resets the client makes h2 send (a frame the stream's state forbids, such as DATA after its
+        # END_STREAM: RFC 9113 §5.1) count as its own: they cost a request each just the same ("MadeYouReset",
+        # the rapid reset with resets the server is made to send).
+        self._count_reset()
         if stream is not None:
             # Like a client that disconnects mid-request on HTTP/1: the request is aborted.
             self._client_gone(stream, "client_closed")
@@ -541,8 +589,7 @@ class H2ServerConnection(asyncio.Protocol):
     def _calm(self, why: str) -> None:
         log.info("HTTP/2 client %s: %s, closing", self.peer_host, why)
         self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
-        self._flush()
-        self._close()
+        self._close_on_error()
 
     # -- sending ------------------------------------------------------------------------------------
 
@@ -566,7 +613,7 @@ class H2ServerConnection(asyncio.Protocol):
         h2 = self.h2
         sid = stream.stream_id
         pending = stream.pending
-        ended = False
+        ended = sent = False
         try:
             while pending:
                 window = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
@@ -581,6 +628,7 @@ class H2ServerConnection(asyncio.Protocol):
                 stream.pending_bytes -= len(chunk)
                 ended = not pending and stream.pending_end and stream.trailers is None
                 h2.send_data(sid, chunk, end_stream=ended)
+                sent = True
             if not pending and stream.pending_end and not ended:
                 if not stream.head_sent:
                     h2.send_headers(sid, [(b":status", b"200")], end_stream=stream.trailers is None)
@@ -595,8 +643,16 @@ class H2ServerConnection(asyncio.Protocol):
         if ended:
             stream.closed = True
             self._retire(stream)
-        else:
-            self._update_paused(stream)
+            return
+        if not pending:
+            stream.stalled_at = 0.0
+        elif sent or not stream.stalled_at:
+            # The client's windows hold the rest back: `send_timeout` without taking a byte and the stream
+            # is reset (see _stream_deadlines), whatever the size of what waits (a small answer held in a
+            # shut window would otherwise keep its stream, and the connection, forever).
+            stream.stalled_at = time.monotonic()
+            self._arm(stream.stalled_at + self.limits.send_timeout)
+        self._update_paused(stream)
 
     def _retire(self, stream: H2Stream) -> None:
         """The stream's answer is all out: forget it. A request body still arriving is not wanted any more
@@ -619,12 +675,6 @@ class H2ServerConnection(asyncio.Protocol):
         if paused == stream.writing_paused:
             return
         stream.writing_paused = paused
-        if paused and not self.writing_paused:
-            # (the stream's own window: the connection's stall is the send timeout's, see pause_writing)
-            stream.stalled_at = time.monotonic()
-            self._arm(stream.stalled_at + self.limits.send_timeout)
-        else:
-            stream.stalled_at = 0.0
         ex = stream.ex
         cb = ex.on_pause_writing if paused else ex.on_resume_writing
         if cb is not None:
@@ -687,6 +737,24 @@ class H2ServerConnection(asyncio.Protocol):
             self.transport.close()
         self.closed = True
         self.server.connections.discard(self)
+
+    def _close_on_error(self) -> None:
+        """A connection error, its GOAWAY queued by h2: send it, serve nothing more, half-close, and close
+        once the client does or after LINGER_TIMEOUT, reading and dropping what it still sends meanwhile.
+        (Closing with unread bytes, as a flood always leaves, makes the kernel reset the connection, and the
+        reset can destroy the GOAWAY on its way: the client would never learn why, RFC 9113 §5.4.1.)"""
+        self._flush()
+        transport = self.transport
+        if transport is None or self.closed or not transport.can_write_eof():
+            self._close()
+            return
+        self.closed = True  # (nothing is read or sent any more: data_received drops what comes)
+        for stream in list(self.streams.values()):
+            self._client_gone(stream, "client_closed")
+        self.streams.clear()
+        transport.write_eof()
+        transport.resume_reading()
+        self._linger = asyncio.get_running_loop().call_later(LINGER_TIMEOUT, transport.close)
 
     # -- what the listener calls --------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from hyperframe.frame import (
     GoAwayFrame,
     HeadersFrame,
     PingFrame,
+    PriorityFrame,
     RstStreamFrame,
     SettingsFrame,
 )
@@ -517,3 +518,125 @@ async def test_tls_h2_connections_count_against_max_connections() -> None:
     client.initiate_connection()
     term = goaway(client.receive_data(bytes(t.out)))
     assert term is not None and term.error_code == ErrorCodes.REFUSED_STREAM
+
+
+async def test_resets_the_client_makes_the_server_send_count_against_the_limit() -> None:
+    # "MadeYouReset": DATA after END_STREAM is a stream error h2 answers with RST_STREAM; each such request
+    # reaches the handler like a rapid reset's, and is bounded the same way.
+    handler = Handler(hold=True)
+    c = Client(handler, h2=H2Config(max_resets_per_second=50))
+    await c.events()
+    enc = Encoder()
+    for sid in range(1, 401, 2):
+        frame = HeadersFrame(sid, flags=["END_HEADERS", "END_STREAM"])
+        frame.data = enc.encode([(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"),
+                                 (b":authority", b"x")])
+        c.conn.data_received(frame.serialize() + DataFrame(sid, data=b"x").serialize())
+        if c.transport.closed:
+            break
+    got = frames(bytes(c.transport.out[c.read:]))
+    away = [f for f in got if isinstance(f, GoAwayFrame)]
+    assert [f.error_code for f in away] == [ErrorCodes.ENHANCE_YOUR_CALM]
+    assert c.transport.closed and len(handler.exchanges) <= 51
+
+
+async def test_a_small_answer_held_back_by_a_shut_window_is_reset_after_the_send_timeout() -> None:
+    # Smaller than write_buffer_high: the upstream is never paused, yet the stream (and the connection,
+    # never idle while it is open) would be held forever.
+    handler = Handler()
+    c = Client(handler, LimitsConfig(write_buffer_high=1000),
+               client_settings={SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    await c.events()
+    sid = c.request("/small")
+    events = await c.events()
+    assert answers(events)[sid][1] == b"" and c.conn.streams  # (the head went out, the body waits)
+    c.conn.on_deadline(c.conn.deadline)
+    events = await c.events()
+    assert any(isinstance(e, StreamReset) and e.stream_id == sid and e.error_code == ErrorCodes.CANCEL
+               for e in events)
+    assert c.server.send_timeouts == 1 and not c.conn.streams and not c.transport.closed
+
+
+async def test_a_frame_longer_than_max_frame_size_is_refused_at_its_header() -> None:
+    handler = Handler(hold=True)
+    c = Client(handler)
+    await c.events()
+    sid = c.h2.get_next_available_stream_id()
+    c.h2.send_headers(sid, [(":method", "PUT"), (":path", "/w"), (":scheme", "http"), (":authority", "x")])
+    c.send()
+    # (h2 alone would buffer the whole 16 MB before looking at the length)
+    c.conn.data_received(b"\xff\xff\xff\x00\x00" + sid.to_bytes(4, "big") + b"z" * 100)
+    term = goaway(await c.events())
+    assert term is not None and term.error_code == ErrorCodes.FRAME_SIZE_ERROR and c.transport.closed
+
+
+class EofTransport(Transport):
+    """A transport that can half-close, as TCP's can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.eof = False
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+
+async def test_after_a_connection_error_goaway_goes_out_and_input_is_drained_before_the_close() -> None:
+    # Closing with the flood still unread would make the kernel reset the connection, and the reset can
+    # destroy the GOAWAY on its way.
+    server = HttpServer(Handler(hold=True), LimitsConfig(), h2=H2Config(max_control_frames_per_second=10))
+    t = EofTransport()
+    conn = H2ServerConnection(server)
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    conn.adopt(t, "10.0.0.1", client.data_to_send())
+    conn.data_received(PingFrame(0, opaque_data=b"12345678").serialize() * 20)
+    term = goaway(client.receive_data(bytes(t.out)))
+    assert term is not None and term.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert t.eof and not t.closed and t.reading  # half-closed, still reading (and dropping)
+    sent = len(t.out)
+    conn.data_received(PingFrame(0, opaque_data=b"12345678").serialize() * 20)
+    assert len(t.out) == sent and conn in server.connections
+    conn.connection_lost(None)  # (the client closes once it has read the GOAWAY)
+    assert conn not in server.connections
+
+
+@pytest.mark.parametrize("kind", ["priority", "empty-data", "unknown"])
+async def test_frames_that_are_work_for_nothing_are_rate_bounded(kind: str) -> None:
+    handler = Handler(hold=True)
+    c = Client(handler, h2=H2Config(max_control_frames_per_second=100))
+    await c.events()
+    if kind == "empty-data":
+        sid = c.h2.get_next_available_stream_id()
+        c.h2.send_headers(sid, [(":method", "PUT"), (":path", "/w"), (":scheme", "http"),
+                                (":authority", "x")])
+        c.send()
+        one = DataFrame(sid).serialize()
+    elif kind == "priority":
+        one = PriorityFrame(101, depends_on=0, stream_weight=15).serialize()
+    else:
+        one = b"\x00\x00\x01\x42\x00\x00\x00\x00\x00x"  # (type 0x42: unknown, to be ignored)
+    for _ in range(1000):
+        c.conn.data_received(one)
+        if c.transport.closed:
+            break
+    term = goaway(await c.events())
+    assert term is not None and term.error_code == ErrorCodes.ENHANCE_YOUR_CALM and c.transport.closed
+
+
+async def test_a_request_with_priority_is_not_a_control_frame() -> None:
+    # (HEADERS with the PRIORITY flag, as browsers send: h2 reports a PriorityUpdated with each request)
+    handler = Handler()
+    c = Client(handler, h2=H2Config(max_control_frames_per_second=10))
+    await c.events()
+    enc = Encoder()
+    for sid in range(1, 61, 2):
+        frame = HeadersFrame(sid, flags=["END_HEADERS", "END_STREAM", "PRIORITY"], depends_on=0,
+                             stream_weight=200)
+        frame.data = enc.encode([(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"),
+                                 (b":authority", b"x")])
+        c.conn.data_received(frame.serialize())
+    assert len(handler.exchanges) == 30 and not c.transport.closed
