@@ -1,6 +1,6 @@
 """`make bench-h2`: HTTP/2 through raftlb against HTTP/2 through HAProxy, on this machine.
 
-    .venv/bin/python bench/h2bench.py [--upstream http2|http1] [--loads 8x1,32x10] [--rounds 3]
+    .venv/bin/python bench/h2bench.py [--upstream http2|http1] [--loads 8x1,64x1,32x10] [--rounds 3]
                                       [--duration 6] [--quick] [--profile FILE] [--json PATH]
 
 The HTTP/2 sibling of `make bench` (bench/run.py), built from the same pieces and measured the same way:
@@ -66,7 +66,7 @@ from run import BODY, Bench
 from run import parse_args as run_parse_args
 
 HERE = Path(__file__).resolve().parent
-LOADS = "8x1,32x10"
+LOADS = "8x1,64x1,32x10"
 INSTALL_HINT = ("bench: h2load not found. It is in Debian's nghttp2-client package:\n"
                 "    sudo apt-get install -y nghttp2-client")
 TARGET_RATIO = 0.5  # issue 14: raftlb's req/s at least half HAProxy's
@@ -281,15 +281,39 @@ class H2Bench(Bench):
         with open(os.devnull, "w") as devnull:
             stats = pstats.Stats(a.profile, stream=devnull)
         total = stats.total_tt  # type: ignore[attr-defined]
-        lines = [f"raftlb under cProfile, {r['requests']:,} requests at {label}: {total:.2f} s of profiled "
-                 f"time, {total / max(r['requests'], 1) * 1e6:.0f} µs per request; by own time:"]
         rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)  # type: ignore[attr-defined]
+        per_req = 1e6 / max(r["requests"], 1)
+        groups: dict[str, float] = {}
+        for (file, _line, func), (_cc, _calls, tottime, _cum, _callers) in rows:
+            key = profile_group(file, func)
+            groups[key] = groups.get(key, 0.0) + tottime
+        lines = [f"raftlb under cProfile, {r['requests']:,} requests at {label}: {total:.2f} s of profiled "
+                 f"time, {total * per_req:.0f} µs per request; own time by package:"]
+        lines += [f"  {t / total:6.1%}  {t * per_req:6.1f} µs/req  {name}"
+                  for name, t in sorted(groups.items(), key=lambda kv: kv[1], reverse=True)[:15]]
+        lines.append("functions, by own time:")
         for (file, line, func), (_cc, calls, tottime, cumtime, _callers) in rows[:a.profile_top]:
             where = f"{Path(file).parent.name}/{Path(file).name}:{line}" if line else file
-            lines.append(f"  {tottime / total:6.1%}  {tottime / max(r['requests'], 1) * 1e6:6.1f} µs/req  "
-                         f"{calls / max(r['requests'], 1):6.2f} calls/req  cum {cumtime / total:6.1%}  "
+            lines.append(f"  {tottime / total:6.1%}  {tottime * per_req:6.1f} µs/req  "
+                         f"{calls * per_req / 1e6:6.2f} calls/req  cum {cumtime / total:6.1%}  "
                          f"{func}  {where}")
         return "\n".join(lines)
+
+
+def profile_group(file: str, func: str) -> str:
+    """Where a profiled function belongs: a raftlb module, a library (h2, hpack...), the standard library, or
+    the event loop itself (uvloop's C code and the system calls it makes, which cProfile cannot see into,
+    count as the own time of asyncio's `run`)."""
+    path = Path(file)
+    if file == "~":
+        return "C built-ins called from Python"
+    if "raftlb" in path.parts:
+        return "raftlb/" + "/".join(path.parts[path.parts.index("raftlb") + 1:])
+    if "site-packages" in path.parts:
+        return path.parts[path.parts.index("site-packages") + 1].removesuffix(".py")
+    if func == "run" and path.name == "runners.py":
+        return "event loop (uvloop, C) and system calls"
+    return f"stdlib {path.name}"
 
 
 # -- the run -------------------------------------------------------------------------------------------------
