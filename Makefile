@@ -43,6 +43,12 @@ demo: $(BIN)/.installed-demo
 bench: install
 	$(BIN)/python bench/run.py --json bench/results/latest.json
 
+# HTTP/2 beside it: h2load (h2c) against raftlb and HAProxy (`proto h2` both sides), nginx h2c backend, one core
+# each; bench/h2bench.py. UPSTREAM=http1 while raftlb's clusters speak HTTP/1.1 to their nodes only.
+.PHONY: bench-h2
+bench-h2: install
+	$(BIN)/python bench/h2bench.py --upstream $(or $(UPSTREAM),http2)
+
 # Failover (SIGKILL the leader under writes) and read scaling (fenced reads vs leader-only), raftlb against
 # HAProxy: docs/failover.md. Not part of `make test`; each takes a few minutes and installs haproxy if missing.
 .PHONY: bench-failover bench-readscale
