@@ -59,6 +59,8 @@ NOT_RUN: dict[str, str] = {
     "raftlb bench --url http://127.0.0.1:8080 --consistency any --no-token":
         "a control run expected to find violations, which depends on timing",
     "raftlb bench --url http://127.0.0.1:8080   ": "10 s of load; the README's tour runs it for 5 s",
+    "raftlb bench --url http://127.0.0.1:8080 --http2": "10 s of HTTP/2 load; tests/integration/"
+                                                         "test_bench_cli.py runs --http2 --streams 4",
     "docker ": "builds or runs a container image",
     "kubectl ": "needs a Kubernetes cluster",
 }
